@@ -1,0 +1,1 @@
+//! CNI protocol types and the agent client (filled by the CNI issue).

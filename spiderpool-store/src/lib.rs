@@ -1,0 +1,1 @@
+//! LeaseStore backends (filled by the store issue).
