@@ -371,7 +371,10 @@ mod tests {
     #[test]
     fn skips_holes_between_ranges() {
         let mut a = Allocator::new(space(&["10.0.0.1", "10.0.0.10"]), 1);
-        assert_eq!(a.take().map(|i| i.to_string()).as_deref(), Some("10.0.0.10"));
+        assert_eq!(
+            a.take().map(|i| i.to_string()).as_deref(),
+            Some("10.0.0.10")
+        );
         assert_eq!(a.take().map(|i| i.to_string()).as_deref(), Some("10.0.0.1"));
         assert!(!a.mark_used("10.0.0.5".parse().expect("ip")));
     }

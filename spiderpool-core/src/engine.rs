@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bitmap::Allocator;
 use crate::range::{IpFamily, IpSet};
-use crate::select::{self, Plan, SelectionError, SelectionInput};
+use crate::select::{self, Plan, RouteRequest, SelectionError, SelectionInput};
 use crate::store::{Conflict, Filter, Lease, LeaseStore, Outcome, Owner, Release, StoreError, Txn};
 use crate::validate::{Pool, PoolSet};
 
@@ -228,7 +228,11 @@ impl<S: LeaseStore> Engine<S> {
     }
 
     /// Used/total of a pool as the engine sees it (after a refresh from the store).
-    pub async fn usage(&self, pools: &PoolSet, pool: &str) -> Result<Option<(u128, u128)>, EngineError> {
+    pub async fn usage(
+        &self,
+        pools: &PoolSet,
+        pool: &str,
+    ) -> Result<Option<(u128, u128)>, EngineError> {
         let Some(p) = pools.pools.get(pool) else {
             return Ok(None);
         };
@@ -304,13 +308,17 @@ impl<S: LeaseStore> Engine<S> {
     ) -> Result<Allocation, EngineError> {
         let pod = format!("{}/{}", input.pod_namespace, input.pod_name);
         for _round in 0..MAX_CONFLICT_ROUNDS {
-            let existing = self.store.list(Filter::Container(&att.container_id)).await?;
-            let plan = if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
+            let existing = self
+                .store
+                .list(Filter::Container(&att.container_id))
+                .await?;
+            if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
                 self.bump(|s| s.replays += 1);
-                return Ok(self.describe(pools, &existing.leases));
-            } else {
-                select::resolve(pools, input, &att.ifname)?
-            };
+                let routes = select::pod_routes(input)?;
+                let described = self.describe(pools, &existing.leases);
+                return attach_routes(&routes, described, &pod);
+            }
+            let plan = select::resolve(pools, input, &att.ifname)?;
             let done: HashSet<&str> = existing
                 .leases
                 .iter()
@@ -347,13 +355,16 @@ impl<S: LeaseStore> Engine<S> {
             let mut all = existing.leases.clone();
             all.extend(claims.iter().cloned());
             let described = self.describe(pools, &all);
-            if let Err(e) = self.attach_routes(pools, &plan, described.clone(), &pod) {
-                for p in &picks {
-                    self.uncache(&p.pool, p.ip);
+            let answer = match attach_routes(&plan.routes, described, &pod) {
+                Ok(a) => a,
+                Err(e) => {
+                    for p in &picks {
+                        self.uncache(&p.pool, p.ip);
+                    }
+                    self.bump(|s| s.failures += 1);
+                    return Err(e);
                 }
-                self.bump(|s| s.failures += 1);
-                return Err(e);
-            }
+            };
             let outcome = match self
                 .store
                 .commit(Txn {
@@ -374,7 +385,7 @@ impl<S: LeaseStore> Engine<S> {
             match outcome {
                 Outcome::Committed { .. } => {
                     self.bump(|s| s.allocations += 1);
-                    return self.attach_routes(pools, &plan, described, &pod);
+                    return Ok(answer);
                 }
                 Outcome::Conflict(conflicts) => {
                     self.bump(|s| s.conflicts += conflicts.len() as u64);
@@ -448,11 +459,7 @@ impl<S: LeaseStore> Engine<S> {
                     }
                 }
                 match got {
-                    Some((pool, ip)) => picks.push(Pick {
-                        nic: i,
-                        pool,
-                        ip,
-                    }),
+                    Some((pool, ip)) => picks.push(Pick { nic: i, pool, ip }),
                     None => {
                         return Err(EngineError::NoAvailablePool {
                             pod: pod.to_string(),
@@ -485,15 +492,17 @@ impl<S: LeaseStore> Engine<S> {
                 .map(|p| p.subnet.prefix_len())
                 .unwrap_or(l.family().bits());
             let info = AddressInfo {
-                address: IpNet::new(l.ip, prefix)
-                    .unwrap_or_else(|_| IpNet::from(l.ip)),
+                address: IpNet::new(l.ip, prefix).unwrap_or_else(|_| IpNet::from(l.ip)),
                 pool: l.pool.clone(),
                 gateway: pool.and_then(|p| p.gateway),
                 vlan: pool.and_then(|p| p.vlan),
             };
             if let Some(p) = pool {
                 for r in &p.routes {
-                    nic.routes.push(RouteInfo { dst: r.dst, gw: r.gw });
+                    nic.routes.push(RouteInfo {
+                        dst: r.dst,
+                        gw: r.gw,
+                    });
                 }
             }
             match l.family() {
@@ -506,44 +515,16 @@ impl<S: LeaseStore> Engine<S> {
         }
     }
 
-    /// Adds the pod's annotation routes to the NIC whose subnet holds the gateway.
-    fn attach_routes(
-        &self,
-        _pools: &PoolSet,
-        plan: &Plan,
-        mut alloc: Allocation,
-        pod: &str,
-    ) -> Result<Allocation, EngineError> {
-        for r in &plan.routes {
-            let (Ok(dst), Ok(gw)) = (r.dst.parse::<IpNet>(), r.gw.parse::<IpAddr>()) else {
-                continue; // validated when the annotation was parsed
-            };
-            let nic = alloc.nics.iter_mut().find(|n| {
-                [&n.ipv4, &n.ipv6]
-                    .into_iter()
-                    .flatten()
-                    .any(|a| a.address.trunc().contains(&gw))
-            });
-            match nic {
-                Some(n) => n.routes.push(RouteInfo {
-                    dst: dst.trunc(),
-                    gw,
-                }),
-                None => {
-                    return Err(EngineError::UnroutableRoute {
-                        pod: pod.to_string(),
-                        dst: r.dst.clone(),
-                        gw: r.gw.clone(),
-                    })
-                }
-            }
-        }
-        Ok(alloc)
-    }
-
     /// What is recorded for an attachment (CNI CHECK). Errors when nothing is.
-    pub async fn check(&self, pools: &PoolSet, att: &Attachment) -> Result<Allocation, EngineError> {
-        let listing = self.store.list(Filter::Container(&att.container_id)).await?;
+    pub async fn check(
+        &self,
+        pools: &PoolSet,
+        att: &Attachment,
+    ) -> Result<Allocation, EngineError> {
+        let listing = self
+            .store
+            .list(Filter::Container(&att.container_id))
+            .await?;
         if !listing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
             return Err(EngineError::NotFound {
                 container_id: att.container_id.clone(),
@@ -609,9 +590,46 @@ impl<S: LeaseStore> Engine<S> {
         is_garbage: impl Fn(&Lease) -> bool,
     ) -> Result<Vec<Lease>, EngineError> {
         let listing = self.store.list(filter).await?;
-        let victims: Vec<Lease> = listing.leases.into_iter().filter(|l| is_garbage(l)).collect();
+        let victims: Vec<Lease> = listing
+            .leases
+            .into_iter()
+            .filter(|l| is_garbage(l))
+            .collect();
         self.release_leases(&victims).await
     }
+}
+
+/// Adds the pod's annotation routes to the NIC whose subnet holds the gateway.
+fn attach_routes(
+    routes: &[RouteRequest],
+    mut alloc: Allocation,
+    pod: &str,
+) -> Result<Allocation, EngineError> {
+    for r in routes {
+        let (Ok(dst), Ok(gw)) = (r.dst.parse::<IpNet>(), r.gw.parse::<IpAddr>()) else {
+            continue; // validated when the annotation was parsed
+        };
+        let nic = alloc.nics.iter_mut().find(|n| {
+            [&n.ipv4, &n.ipv6]
+                .into_iter()
+                .flatten()
+                .any(|a| a.address.trunc().contains(&gw))
+        });
+        match nic {
+            Some(n) => n.routes.push(RouteInfo {
+                dst: dst.trunc(),
+                gw,
+            }),
+            None => {
+                return Err(EngineError::UnroutableRoute {
+                    pod: pod.to_string(),
+                    dst: r.dst.clone(),
+                    gw: r.gw.clone(),
+                })
+            }
+        }
+    }
+    Ok(alloc)
 }
 
 /// Moves the cursor of `old` into `new` (same space) so next-fit order continues.

@@ -18,7 +18,10 @@
 //! - [`engine`]: [`engine::Engine`]: allocate, release, check and GC through a store.
 //! - [`manifest`]: multi-document YAML/JSON manifests to objects (used by `spiderctl`).
 
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![warn(missing_docs)]
 
 pub mod bitmap;

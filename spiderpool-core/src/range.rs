@@ -407,7 +407,10 @@ impl IpSet {
 
     /// The `index`-th address (0-based) in ascending order.
     pub fn nth(&self, index: u128) -> Option<u128> {
-        let i = self.prefix.partition_point(|&p| p <= index).checked_sub(1)?;
+        let i = self
+            .prefix
+            .partition_point(|&p| p <= index)
+            .checked_sub(1)?;
         let (s, e) = self.ranges[i];
         let n = s.checked_add(index - self.prefix[i])?;
         (n <= e).then_some(n)
@@ -573,7 +576,10 @@ mod tests {
     #[test]
     fn subtract_and_index() {
         let s = v4("10.0.0.0-10.0.0.255").subtract(&v4("10.0.0.0,10.0.0.1,10.0.0.100-10.0.0.110"));
-        assert_eq!(s.to_strings(), vec!["10.0.0.2-10.0.0.99", "10.0.0.111-10.0.0.255"]);
+        assert_eq!(
+            s.to_strings(),
+            vec!["10.0.0.2-10.0.0.99", "10.0.0.111-10.0.0.255"]
+        );
         assert_eq!(s.count(), 98 + 145);
         let ip: IpAddr = "10.0.0.111".parse().expect("ip");
         assert_eq!(s.index_of_ip(ip), Some(98));
@@ -584,8 +590,11 @@ mod tests {
 
     #[test]
     fn huge_v6_counts_saturate_for_spiderpool() {
-        let all = IpSet::parse(IpFamily::V6, &["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"])
-            .expect("whole space");
+        let all = IpSet::parse(
+            IpFamily::V6,
+            &["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"],
+        )
+        .expect("whole space");
         assert_eq!(all.count(), u128::MAX);
         assert_eq!(all.count_i64(), i64::MAX);
         let small = IpSet::parse(IpFamily::V6, &["fd00::-fd00::ffff:ffff:ffff:ffff"]).expect("/64");

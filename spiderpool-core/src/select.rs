@@ -278,7 +278,9 @@ struct SubnetEntry {
 }
 
 /// Parses the `ipam.spidernet.io/ippool` value.
-pub fn parse_ippool_annotation(v: &str) -> Result<(Vec<String>, Vec<String>, Option<bool>), String> {
+pub fn parse_ippool_annotation(
+    v: &str,
+) -> Result<(Vec<String>, Vec<String>, Option<bool>), String> {
     let e: PoolsEntry = serde_json::from_str(v).map_err(|e| e.to_string())?;
     if e.ipv4.is_empty() && e.ipv6.is_empty() {
         return Err("names no pool: give \"ipv4\" and/or \"ipv6\" lists".into());
@@ -454,6 +456,18 @@ fn is_wildcard(name: &str) -> bool {
     name.contains(['*', '?', '['])
 }
 
+/// The pod's `ipam.spidernet.io/routes`, parsed (empty when absent).
+pub fn pod_routes(input: &SelectionInput<'_>) -> Result<Vec<RouteRequest>, SelectionError> {
+    match input.pod_annotations.and_then(|a| a.get(ANNO_ROUTES)) {
+        Some(v) => parse_routes_annotation(v).map_err(|reason| SelectionError::BadAnnotation {
+            pod: format!("{}/{}", input.pod_namespace, input.pod_name),
+            key: ANNO_ROUTES.to_string(),
+            reason,
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Resolves the pools for `ifname` (and, with `ippools`, for every NIC listed) of one pod.
 pub fn resolve(
     pools: &PoolSet,
@@ -468,10 +482,7 @@ pub fn resolve(
         key: key.to_string(),
         reason,
     };
-    let routes = match annos.get(ANNO_ROUTES) {
-        Some(v) => parse_routes_annotation(v).map_err(|r| bad(ANNO_ROUTES, r))?,
-        None => Vec::new(),
-    };
+    let routes = pod_routes(input)?;
     let cni_clean = input.cni.is_some_and(|c| c.clean_gateway);
     // (interface, v4 names, v6 names, clean gateway), source
     let (entries, source): (Vec<PoolsAnnotationEntry>, Source) =
@@ -891,9 +902,11 @@ mod tests {
         let ok = parse_ippools_annotation(r#"[{"ipv4":["a"]},{"ipv4":["b"]}]"#).expect("ok");
         assert_eq!(ok[0].interface, "eth0");
         assert_eq!(ok[1].interface, "net1");
-        assert!(parse_ippools_annotation(r#"[{"interface":"eth0","ipv4":["a"]},{"ipv4":["b"]}]"#)
-            .expect_err("mixed")
-            .contains("every entry or on none"));
+        assert!(
+            parse_ippools_annotation(r#"[{"interface":"eth0","ipv4":["a"]},{"ipv4":["b"]}]"#)
+                .expect_err("mixed")
+                .contains("every entry or on none")
+        );
         assert!(parse_ippools_annotation(
             r#"[{"interface":"eth0","ipv4":["a"]},{"interface":"eth0","ipv4":["b"]}]"#
         )
@@ -908,13 +921,19 @@ mod tests {
     #[test]
     fn multus_positional_and_json() {
         let mut annos = BTreeMap::new();
-        annos.insert(ANNO_MULTUS_NETWORKS.to_string(), "kube-system/a, b@net5".to_string());
+        annos.insert(
+            ANNO_MULTUS_NETWORKS.to_string(),
+            "kube-system/a, b@net5".to_string(),
+        );
         let input = SelectionInput {
             pod_namespace: "ns",
             pod_annotations: Some(&annos),
             ..Default::default()
         };
-        assert_eq!(multus_network(&input, "net1").as_deref(), Some("kube-system/a"));
+        assert_eq!(
+            multus_network(&input, "net1").as_deref(),
+            Some("kube-system/a")
+        );
         assert_eq!(multus_network(&input, "net5").as_deref(), Some("b"));
         assert!(multus_matches("ns/b", "b", "ns"));
         assert!(multus_matches("b", "other/b", "ns"));

@@ -214,12 +214,16 @@ mod tests {
     #[test]
     fn match_labels_and_expressions_are_anded() {
         let mut s = sel(vec![expr("rack", "Exists", &[])]);
-        s.match_labels.insert("node-subnet".into(), "subnet-6".into());
+        s.match_labels
+            .insert("node-subnet".into(), "subnet-6".into());
         assert_eq!(
             s.matches(&labels(&[("node-subnet", "subnet-6"), ("rack", "1")])),
             Ok(true)
         );
-        assert_eq!(s.matches(&labels(&[("node-subnet", "subnet-6")])), Ok(false));
+        assert_eq!(
+            s.matches(&labels(&[("node-subnet", "subnet-6")])),
+            Ok(false)
+        );
         assert_eq!(s.matches(&labels(&[("rack", "1")])), Ok(false));
     }
 
@@ -246,6 +250,9 @@ mod tests {
             expr("gone", "DoesNotExist", &[]),
         ]);
         s.match_labels.insert("a".into(), "b".into());
-        assert_eq!(s.to_string(), "a=b,node-subnet In [subnet-6 subnet-7],!gone");
+        assert_eq!(
+            s.to_string(),
+            "a=b,node-subnet In [subnet-6 subnet-7],!gone"
+        );
     }
 }

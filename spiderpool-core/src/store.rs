@@ -288,7 +288,11 @@ impl LeaseTable {
 
     fn index(&mut self, l: &Lease) {
         self.by_attachment.insert(
-            (l.owner.container_id.clone(), l.owner.ifname.clone(), l.family()),
+            (
+                l.owner.container_id.clone(),
+                l.owner.ifname.clone(),
+                l.family(),
+            ),
             l.ip,
         );
         self.by_container

@@ -130,13 +130,25 @@ pub struct IpPoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolStatus {
     /// JSON string: bare IP -> `{"pod":"ns/name","podUid":"..."}`.
-    #[serde(default, rename = "allocatedIPs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ips: Option<String>,
     /// Number of allocated addresses.
-    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ip_count: Option<i64>,
     /// ips minus excludeIPs, saturating at i64::MAX.
-    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "totalIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub total_ip_count: Option<i64>,
 }
 
@@ -193,13 +205,25 @@ pub struct SubnetSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SubnetStatus {
     /// JSON string: pool name -> `{ips, application}`.
-    #[serde(default, rename = "controlledIPPools", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "controlledIPPools",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub controlled_ip_pools: Option<String>,
     /// Total addresses.
-    #[serde(default, rename = "totalIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "totalIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub total_ip_count: Option<i64>,
     /// Addresses given to pools.
-    #[serde(default, rename = "allocatedIPCount", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "allocatedIPCount",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allocated_ip_count: Option<i64>,
 }
 
@@ -273,10 +297,18 @@ pub struct EndpointIp {
     #[serde(default, rename = "ipv6Pool", skip_serializing_if = "Option::is_none")]
     pub ipv6_pool: Option<String>,
     /// IPv4 gateway.
-    #[serde(default, rename = "ipv4Gateway", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv4Gateway",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_gateway: Option<String>,
     /// IPv6 gateway.
-    #[serde(default, rename = "ipv6Gateway", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv6Gateway",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv6_gateway: Option<String>,
     /// Whether the default route is suppressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -235,7 +235,14 @@ pub fn reserved_ips(obj: &SpiderReservedIp) -> Result<IpSet, Vec<ValidationError
     Ok(IpSet::from_ranges(family, ranges))
 }
 
-type Common = (IpFamily, IpNet, IpSet, IpSet, Option<IpAddr>, Vec<PoolRoute>);
+type Common = (
+    IpFamily,
+    IpNet,
+    IpSet,
+    IpSet,
+    Option<IpAddr>,
+    Vec<PoolRoute>,
+);
 
 /// Rules shared by pools and subnets. Pushes errors; returns the parts when the subnet parsed.
 fn check_common(
@@ -359,10 +366,7 @@ fn check_common(
             }
         };
         if !seen.insert(dst) {
-            errs.push(
-                format!("{field}.dst"),
-                format!("duplicate route dst {dst}"),
-            );
+            errs.push(format!("{field}.dst"), format!("duplicate route dst {dst}"));
             continue;
         }
         match r.gw.parse::<IpAddr>() {
@@ -776,7 +780,10 @@ mod tests {
         };
         let objs = vec![Object::IpPool(a), Object::IpPool(b), Object::Subnet(sub)];
         let set = PoolSet::build(&objs).expect("valid");
-        assert_eq!(set.pools["a"].gateway, Some("10.6.0.254".parse().expect("ip")));
+        assert_eq!(
+            set.pools["a"].gateway,
+            Some("10.6.0.254".parse().expect("ip"))
+        );
     }
 
     #[test]
