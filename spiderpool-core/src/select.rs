@@ -50,6 +50,46 @@ pub struct CniDefaults {
     pub network_name: Option<String>,
 }
 
+impl CniDefaults {
+    /// Reads the defaults from a CNI network configuration (a single plugin config or a
+    /// `.conflist` with `plugins`): the `ipam` section whose `type` is `spiderpool`.
+    pub fn from_netconf(conf: &serde_json::Value) -> Result<CniDefaults, String> {
+        let name = conf.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        let ipam = match conf.get("plugins") {
+            Some(serde_json::Value::Array(plugins)) => plugins
+                .iter()
+                .filter_map(|p| p.get("ipam"))
+                .find(|i| i.get("type").and_then(|t| t.as_str()) == Some("spiderpool")),
+            Some(_) => return Err("\"plugins\" must be a list".into()),
+            None => conf.get("ipam"),
+        };
+        let Some(ipam) = ipam else {
+            return Err("no \"ipam\" section of type \"spiderpool\"".into());
+        };
+        if ipam.get("type").and_then(|t| t.as_str()) != Some("spiderpool") {
+            return Err("ipam.type is not \"spiderpool\"".into());
+        }
+        let list = |key: &str| -> Result<Vec<String>, String> {
+            match ipam.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|e| format!("ipam.{key} must be a list of pool names: {e}")),
+            }
+        };
+        let clean_gateway = match ipam.get("clean_gateway") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => return Err("ipam.clean_gateway must be true or false".into()),
+        };
+        Ok(CniDefaults {
+            default_ipv4_ippool: list("default_ipv4_ippool")?,
+            default_ipv6_ippool: list("default_ipv6_ippool")?,
+            clean_gateway,
+            network_name: name,
+        })
+    }
+}
+
 /// What the selection reads about the pod, its namespace and its node.
 #[derive(Debug, Clone, Default)]
 pub struct SelectionInput<'a> {

@@ -1,0 +1,304 @@
+//! `spiderctl` subcommands that need no daemon: `validate` and `explain`.
+//!
+//! Both read manifests (multi-document YAML, as `kubectl apply -f` takes them) and work on
+//! `spiderpool-core` directly, so an operator can check pools and predict pool selection before
+//! anything is applied to a cluster.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::select::{self, CniDefaults, Families, NicPlan, SelectionInput};
+use spiderpool_core::types::{Namespace, Node, Object, Pod};
+use spiderpool_core::PoolSet;
+
+/// What `validate` found.
+#[derive(Debug, Default)]
+pub struct ValidateReport {
+    /// One line per problem: `FILE: Kind/name: field: message` (or a document-level error).
+    pub errors: Vec<String>,
+    /// Objects read, by kind.
+    pub counts: BTreeMap<&'static str, usize>,
+}
+
+/// Objects read from manifest files, each remembered with the file it came from.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Every object, with its source file.
+    pub objects: Vec<(PathBuf, Object)>,
+    /// File-level and document-level errors.
+    pub errors: Vec<String>,
+}
+
+/// Reads manifest files. Unreadable files, non-YAML text and undecodable documents become errors.
+pub fn load(paths: &[PathBuf]) -> Loaded {
+    let mut out = Loaded::default();
+    for path in paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                out.errors
+                    .push(format!("{}: cannot read: {e}", path.display()));
+                continue;
+            }
+        };
+        match parse_documents(&text) {
+            Ok(docs) => {
+                for d in docs {
+                    match d.object {
+                        Ok(o) => out.objects.push((path.clone(), o)),
+                        Err(e) => out
+                            .errors
+                            .push(format!("{}: document {}: {e}", path.display(), d.index)),
+                    }
+                }
+            }
+            Err(e) => out.errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    out
+}
+
+/// `spiderctl validate`: every object on its own and the whole set across files.
+pub fn validate(paths: &[PathBuf]) -> ValidateReport {
+    let loaded = load(paths);
+    let mut report = ValidateReport {
+        errors: loaded.errors,
+        ..Default::default()
+    };
+    let file_of: BTreeMap<String, &Path> = loaded
+        .objects
+        .iter()
+        .map(|(p, o)| (o.describe(), p.as_path()))
+        .collect();
+    for (_, o) in &loaded.objects {
+        let kind = match o {
+            Object::IpPool(_) => "SpiderIPPool",
+            Object::Subnet(_) => "SpiderSubnet",
+            Object::ReservedIp(_) => "SpiderReservedIP",
+            Object::Endpoint(_) => "SpiderEndpoint",
+            Object::Node(_) => "Node",
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+        };
+        *report.counts.entry(kind).or_default() += 1;
+    }
+    if let Err(errors) = PoolSet::build(loaded.objects.iter().map(|(_, o)| o)) {
+        for e in errors {
+            let file = file_of
+                .get(&e.object)
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default();
+            report.errors.push(format!("{file}{e}"));
+        }
+    }
+    report
+}
+
+/// Output format of `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON document.
+    Json,
+    /// Aligned table.
+    Table,
+}
+
+/// `explain`'s JSON shape.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Node name.
+    pub node: String,
+    /// Per NIC.
+    pub nics: Vec<NicPlan>,
+}
+
+impl Explanation {
+    /// Whether every requested family of every NIC has a selected pool.
+    pub fn complete(&self) -> bool {
+        self.nics.iter().all(|n| {
+            [&n.ipv4, &n.ipv6]
+                .into_iter()
+                .flatten()
+                .all(|f| f.selected.is_some())
+        })
+    }
+
+    /// Renders the explanation as a table.
+    pub fn table(&self) -> String {
+        let mut rows = vec![[
+            "IFNAME".to_string(),
+            "FAMILY".into(),
+            "POOL".into(),
+            "ELIGIBLE".into(),
+            "REASON".into(),
+        ]];
+        for nic in &self.nics {
+            for (fam, plan) in [("IPv4", &nic.ipv4), ("IPv6", &nic.ipv6)] {
+                let Some(plan) = plan else { continue };
+                if plan.candidates.is_empty() {
+                    rows.push([
+                        nic.ifname.clone(),
+                        fam.into(),
+                        "<none>".into(),
+                        "no".into(),
+                        "no candidate pool".into(),
+                    ]);
+                }
+                for c in &plan.candidates {
+                    let selected = plan.selected.as_deref() == Some(c.pool.as_str());
+                    rows.push([
+                        nic.ifname.clone(),
+                        fam.into(),
+                        c.pool.clone(),
+                        if selected {
+                            "yes (selected)".into()
+                        } else if c.eligible {
+                            "yes (backup)".into()
+                        } else {
+                            "no".into()
+                        },
+                        c.reason.clone().unwrap_or_default(),
+                    ]);
+                }
+            }
+        }
+        let mut out = String::new();
+        let _ = writeln!(out, "POD {}  NODE {}", self.pod, self.node);
+        for nic in &self.nics {
+            let _ = writeln!(
+                out,
+                "{}: source {}{}",
+                nic.ifname,
+                nic.source,
+                if nic.clean_gateway {
+                    ", cleangateway"
+                } else {
+                    ""
+                }
+            );
+        }
+        out.push_str(&crate::table::render(&rows));
+        out
+    }
+}
+
+/// Inputs of `explain`.
+#[derive(Debug, Clone)]
+pub struct ExplainArgs {
+    /// Manifest files.
+    pub manifests: Vec<PathBuf>,
+    /// Node name.
+    pub node: String,
+    /// `namespace/name`.
+    pub pod: String,
+    /// Interface.
+    pub ifname: String,
+    /// CNI network config file.
+    pub cni_config: Option<PathBuf>,
+    /// Families served by cluster default pools.
+    pub families: Families,
+}
+
+/// Why `explain` gave no explanation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    /// Unreadable or inconsistent input (files, node, pod, CNI config).
+    #[error("{0}")]
+    Input(String),
+    /// Pool selection failed for the pod (bad annotation, no source of pools).
+    #[error("{0}")]
+    Selection(String),
+}
+
+/// `spiderctl explain`: the dry-run pool choice for one pod's NIC.
+pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
+    explain_inner(args).map_err(ExplainError::Input)?
+}
+
+fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>, String> {
+    let loaded = load(&args.manifests);
+    if !loaded.errors.is_empty() {
+        return Err(loaded.errors.join("\n"));
+    }
+    let pools = PoolSet::build(loaded.objects.iter().map(|(_, o)| o)).map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        format!(
+            "manifests are not valid (fix them, or run spiderctl validate):\n{}",
+            lines.join("\n")
+        )
+    })?;
+    let (ns, name) = args
+        .pod
+        .split_once('/')
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
+        .ok_or_else(|| format!("--pod '{}' must be NAMESPACE/NAME", args.pod))?;
+    let mut node: Option<&Node> = None;
+    let mut namespace: Option<&Namespace> = None;
+    let mut pod: Option<&Pod> = None;
+    for (_, o) in &loaded.objects {
+        match o {
+            Object::Node(n) if n.metadata.name == args.node => node = Some(n),
+            Object::Namespace(n) if n.metadata.name == ns => namespace = Some(n),
+            Object::Pod(p)
+                if p.metadata.name == name
+                    && p.metadata.namespace.as_deref().unwrap_or("default") == ns =>
+            {
+                pod = Some(p)
+            }
+            _ => {}
+        }
+    }
+    let node = node.ok_or_else(|| {
+        format!(
+            "node {} is not in the manifests: add its Node object (kubectl get node {} -o yaml)",
+            args.node, args.node
+        )
+    })?;
+    let pod = pod.ok_or_else(|| {
+        format!(
+            "pod {} is not in the manifests: add its Pod object (kubectl get pod -n {ns} {name} -o yaml)",
+            args.pod
+        )
+    })?;
+    let cni = match &args.cni_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+            Some(CniDefaults::from_netconf(&v).map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.name.as_str());
+    let input = SelectionInput {
+        pod_namespace: ns,
+        pod_name: name,
+        pod_labels: Some(&pod.metadata.labels),
+        pod_annotations: Some(&pod.metadata.annotations),
+        namespace_labels: namespace.map(|n| &n.metadata.labels),
+        namespace_annotations: namespace.map(|n| &n.metadata.annotations),
+        node_name: &args.node,
+        node_labels: Some(&node.metadata.labels),
+        owner_name: owner,
+        cni: cni.as_ref(),
+        default_families: args.families,
+    };
+    Ok(select::resolve(&pools, &input, &args.ifname)
+        .map(|plan| Explanation {
+            pod: args.pod.clone(),
+            node: args.node.clone(),
+            nics: plan.nics,
+        })
+        .map_err(|e| ExplainError::Selection(e.to_string())))
+}

@@ -1,0 +1,41 @@
+//! Plain aligned tables, as `kubectl get` prints them.
+
+/// Renders rows (the first is the header) with columns padded to their widest cell and separated
+/// by three spaces; trailing spaces are trimmed.
+pub fn render<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if i + 1 < N {
+                let pad = widths[i] - cell.chars().count() + 3;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pads_like_kubectl() {
+        let rows = [
+            ["NAME".to_string(), "VERSION".to_string()],
+            ["test-ippool-6".to_string(), "4".to_string()],
+        ];
+        assert_eq!(
+            super::render(&rows),
+            "NAME            VERSION\ntest-ippool-6   4\n"
+        );
+    }
+}
