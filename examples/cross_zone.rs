@@ -1,1 +1,189 @@
-fn main() {}
+//! The seed scenario, end to end in one process: "IP allocation across network zones".
+//!
+//! Two SpiderIPPools with `nodeAffinity` (10.6.0.0/16 for nodes labelled `node-subnet=subnet-6`,
+//! 10.7.0.0/16 for `subnet-7`), two nodes, a DaemonSet whose pods name both pools in
+//! `ipam.spidernet.io/ippool`. Each node's agent allocates for its own pod through the engine; the
+//! pods land in their node's zone. Then everything is released again.
+//!
+//! Run: `cargo run --example cross_zone`
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use futures::executor::block_on;
+use spiderpool_core::engine::{count_by_pool, Attachment, Engine};
+use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::select::{Families, SelectionInput, ANNO_IPPOOL};
+use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
+use spiderpool_core::table;
+use spiderpool_core::PoolSet;
+
+const POOLS: &str = include_str!("../testdata/seed-pools.yaml");
+
+struct Node {
+    name: &'static str,
+    internal_ip: &'static str,
+    labels: BTreeMap<String, String>,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cross_zone failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    println!("~# cat <<EOF | kubectl apply -f -   (the seed's two SpiderIPPools)");
+    let objects: Vec<_> = parse_documents(POOLS)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|d| d.object.map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let pools = PoolSet::build(&objects).map_err(|errs| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    for name in pools.pools.keys() {
+        println!("spiderippool.spiderpool.spidernet.io/{name} created");
+    }
+
+    let nodes = [
+        Node {
+            name: "controller-node-1",
+            internal_ip: "10.6.168.71",
+            labels: [("node-subnet".to_string(), "subnet-6".to_string())].into(),
+        },
+        Node {
+            name: "worker-node-1",
+            internal_ip: "10.7.168.73",
+            labels: [("node-subnet".to_string(), "subnet-7".to_string())].into(),
+        },
+    ];
+    println!("\n~# kubectl get nodes --show-labels");
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "STATUS".into(),
+        "INTERNAL-IP".into(),
+        "LABELS".into(),
+    ]];
+    for n in &nodes {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push([
+            n.name.to_string(),
+            "Ready".into(),
+            n.internal_ip.into(),
+            labels.join(","),
+        ]);
+    }
+    print!("{}", table::render(&rows));
+
+    // One lease store shared by every node's agent; one engine (agent) per node.
+    let store = Arc::new(MemoryStore::new());
+    let engines: Vec<Engine<Arc<MemoryStore>>> = nodes
+        .iter()
+        .map(|n| Engine::new(store.clone(), n.name))
+        .collect();
+
+    // The DaemonSet's pod template annotation, exactly as in the seed's text.
+    let annotations: BTreeMap<String, String> = [(
+        ANNO_IPPOOL.to_string(),
+        r#"{"ipv4": ["test-ippool-6", "test-ippool-7"]}"#.to_string(),
+    )]
+    .into();
+    let pod_labels: BTreeMap<String, String> = [("app".to_string(), "test-app".to_string())].into();
+    let pod_names = ["test-app-j9ftl", "test-app-nkq5h"];
+
+    let mut pod_rows = vec![[
+        "NAME".to_string(),
+        "READY".into(),
+        "STATUS".into(),
+        "RESTARTS".into(),
+        "AGE".into(),
+        "IP".into(),
+        "NODE".into(),
+        "NOMINATED NODE".into(),
+        "READINESS GATES".into(),
+    ]];
+    let mut attachments = Vec::new();
+    for ((node, engine), pod) in nodes.iter().zip(&engines).zip(pod_names) {
+        let input = SelectionInput {
+            pod_namespace: "default",
+            pod_name: pod,
+            pod_labels: Some(&pod_labels),
+            pod_annotations: Some(&annotations),
+            node_name: node.name,
+            node_labels: Some(&node.labels),
+            default_families: Families::default(),
+            ..Default::default()
+        };
+        let att = Attachment {
+            container_id: format!("sandbox-{pod}"),
+            ifname: "eth0".into(),
+        };
+        let alloc = block_on(engine.allocate(&pools, &input, &att, &format!("uid-{pod}"), 0))
+            .map_err(|e| e.to_string())?;
+        let ip = alloc
+            .nic("eth0")
+            .and_then(|n| n.ipv4.as_ref())
+            .ok_or("no IPv4 address allocated")?;
+        pod_rows.push([
+            pod.to_string(),
+            "1/1".into(),
+            "Running".into(),
+            "0".into(),
+            "45s".into(),
+            ip.address.addr().to_string(),
+            node.name.to_string(),
+            "<none>".into(),
+            "<none>".into(),
+        ]);
+        // The pod's IP must come from its own node's zone.
+        let zone = &node.labels["node-subnet"];
+        let want = format!("test-ippool-{}", zone.trim_start_matches("subnet-"));
+        if ip.pool != want {
+            return Err(format!(
+                "{pod} on {} got {} from {}",
+                node.name, ip.address, ip.pool
+            ));
+        }
+        attachments.push((engine, att));
+    }
+    println!("\n~# kubectl get po -l app=test-app -o wide");
+    print!("{}", table::render(&pod_rows));
+
+    let print_pools = |title: &str| -> Result<(), String> {
+        let listing = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
+        println!("\n~# kubectl get spiderippool{title}");
+        print!(
+            "{}",
+            table::ippools(&pools, &count_by_pool(&listing.leases))
+        );
+        Ok(())
+    };
+    print_pools("")?;
+
+    println!("\n~# kubectl delete ds test-app   (CNI DEL for every pod)");
+    for (engine, att) in &attachments {
+        let freed = block_on(engine.release(&att.container_id, Some(&att.ifname)))
+            .map_err(|e| e.to_string())?;
+        for l in freed {
+            println!(
+                "released {} ({}/{} on {}) back to {}",
+                l.ip, l.owner.pod_namespace, l.owner.pod_name, l.owner.node, l.pool
+            );
+        }
+    }
+    print_pools("   (after release)")?;
+    let left = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
+    if !left.leases.is_empty() {
+        return Err(format!("{} addresses leaked", left.leases.len()));
+    }
+    Ok(())
+}

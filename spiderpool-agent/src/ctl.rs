@@ -49,9 +49,11 @@ pub fn load(paths: &[PathBuf]) -> Loaded {
                 for d in docs {
                     match d.object {
                         Ok(o) => out.objects.push((path.clone(), o)),
-                        Err(e) => out
-                            .errors
-                            .push(format!("{}: document {}: {e}", path.display(), d.index)),
+                        Err(e) => out.errors.push(format!(
+                            "{}: document {}: {e}",
+                            path.display(),
+                            d.index
+                        )),
                     }
                 }
             }
@@ -182,7 +184,7 @@ impl Explanation {
                 }
             );
         }
-        out.push_str(&crate::table::render(&rows));
+        out.push_str(&spiderpool_core::table::render(&rows));
         out
     }
 }

@@ -4,8 +4,6 @@
 //!
 //! # Layout
 //! - [`ctl`]: offline `spiderctl` subcommands (`validate`, `explain`) over manifests.
-//! - [`table`]: `kubectl`-style aligned tables.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ctl;
-pub mod table;

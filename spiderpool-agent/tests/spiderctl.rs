@@ -99,9 +99,15 @@ fn validate_reports_one_line_per_problem_naming_object_and_field() {
 
 #[test]
 fn validate_checks_across_files_and_reports_unreadable_input() {
-    let out = spiderctl(&["validate", &data("seed-pools.yaml"), &data("seed-pools.yaml")]);
+    let out = spiderctl(&[
+        "validate",
+        &data("seed-pools.yaml"),
+        &data("seed-pools.yaml"),
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout(&out).contains("SpiderIPPool/test-ippool-6: metadata.name: defined more than once"));
+    assert!(
+        stdout(&out).contains("SpiderIPPool/test-ippool-6: metadata.name: defined more than once")
+    );
     let out = spiderctl(&["validate", "/nonexistent/pools.yaml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("/nonexistent/pools.yaml: cannot read"));
@@ -112,19 +118,35 @@ fn explain_seed_picks_each_nodes_own_zone() {
     let pools = data("seed-pools.yaml");
     let cluster = data("seed-cluster.yaml");
     for (node, pod, want) in [
-        ("controller-node-1", "default/test-app-j9ftl", "test-ippool-6"),
+        (
+            "controller-node-1",
+            "default/test-app-j9ftl",
+            "test-ippool-6",
+        ),
         ("worker-node-1", "default/test-app-nkq5h", "test-ippool-7"),
     ] {
         let out = spiderctl(&[
-            "explain", "--manifests", &pools, "--manifests", &cluster, "--node", node, "--pod", pod,
-            "-o", "json",
+            "explain",
+            "--manifests",
+            &pools,
+            "--manifests",
+            &cluster,
+            "--node",
+            node,
+            "--pod",
+            pod,
+            "-o",
+            "json",
         ]);
         assert_eq!(out.status.code(), Some(0));
         let v: Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(v["pod"], pod);
         assert_eq!(v["node"], node);
         assert_eq!(v["nics"][0]["ifname"], "eth0");
-        assert_eq!(v["nics"][0]["source"], "pod annotation ipam.spidernet.io/ippool");
+        assert_eq!(
+            v["nics"][0]["source"],
+            "pod annotation ipam.spidernet.io/ippool"
+        );
         assert_eq!(v["nics"][0]["ipv4"]["selected"], want);
         assert_eq!(v["nics"][0]["ipv6"], Value::Null);
         let skipped = v["nics"][0]["ipv4"]["candidates"]
@@ -140,11 +162,22 @@ fn explain_seed_picks_each_nodes_own_zone() {
     }
     // The table form shows the same choice.
     let out = spiderctl(&[
-        "explain", "--manifests", &pools, "--manifests", &cluster, "--node", "worker-node-1",
-        "--pod", "default/test-app-nkq5h",
+        "explain",
+        "--manifests",
+        &pools,
+        "--manifests",
+        &cluster,
+        "--node",
+        "worker-node-1",
+        "--pod",
+        "default/test-app-nkq5h",
     ]);
     let t = stdout(&out);
-    assert!(t.lines().any(|l| l.contains("test-ippool-7") && l.contains("yes (selected)")), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.contains("test-ippool-7") && l.contains("yes (selected)")),
+        "{t}"
+    );
 }
 
 #[test]
@@ -182,8 +215,15 @@ fn explain_dual_stack_and_multi_nic() {
     assert_eq!(nics[1]["cleanGateway"], true);
     // An interface the annotation does not list is an error (exit 1).
     let out = spiderctl(&[
-        "explain", "--manifests", &data("tricky.yaml"), "--node", "n1", "--pod", "plain/multi-nic",
-        "--ifname", "net2",
+        "explain",
+        "--manifests",
+        &data("tricky.yaml"),
+        "--node",
+        "n1",
+        "--pod",
+        "plain/multi-nic",
+        "--ifname",
+        "net2",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("interface net2 is not listed"));
@@ -195,8 +235,14 @@ fn explain_expands_wildcards_in_place_sorted_by_name() {
     assert_eq!(code, 0);
     let names: Vec<String> = pools_of(&v, 0, "ipv4").into_iter().map(|p| p.0).collect();
     assert_eq!(names, vec!["b-v4", "c-v4", "nope-*", "a-v4", "a-v6"]);
-    assert_eq!(v["nics"][0]["ipv4"]["candidates"][2]["reason"], "wildcard matches no pool");
-    assert_eq!(v["nics"][0]["ipv4"]["candidates"][4]["reason"], "pool is IPv6, wanted IPv4");
+    assert_eq!(
+        v["nics"][0]["ipv4"]["candidates"][2]["reason"],
+        "wildcard matches no pool"
+    );
+    assert_eq!(
+        v["nics"][0]["ipv4"]["candidates"][4]["reason"],
+        "pool is IPv6, wanted IPv4"
+    );
 }
 
 #[test]
@@ -238,12 +284,22 @@ fn explain_default_sources_in_precedence_order() {
     assert_eq!(v["nics"][0]["ipv4"]["selected"], "cni-default");
     assert_eq!(v["nics"][0]["cleanGateway"], true);
     let (_, v) = explain_json("plain/no-annotation", &[]);
-    assert_eq!(v["nics"][0]["source"], "cluster default pools (spec.default: true)");
+    assert_eq!(
+        v["nics"][0]["source"],
+        "cluster default pools (spec.default: true)"
+    );
     assert_eq!(v["nics"][0]["ipv4"]["selected"], "cluster-default");
     // IPv6-only cluster defaults, but no IPv6 default pool: nothing to choose from (exit 1).
     let out = spiderctl(&[
-        "explain", "--manifests", &data("tricky.yaml"), "--node", "n1", "--pod",
-        "plain/no-annotation", "--default-families", "v6",
+        "explain",
+        "--manifests",
+        &data("tricky.yaml"),
+        "--node",
+        "n1",
+        "--pod",
+        "plain/no-annotation",
+        "--default-families",
+        "v6",
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no pool is configured for eth0"));
@@ -253,16 +309,34 @@ fn explain_default_sources_in_precedence_order() {
 fn explain_bad_input_is_exit_2_and_bad_annotation_exit_1() {
     let tricky = data("tricky.yaml");
     let out = spiderctl(&[
-        "explain", "--manifests", &tricky, "--node", "n9", "--pod", "plain/dual",
+        "explain",
+        "--manifests",
+        &tricky,
+        "--node",
+        "n9",
+        "--pod",
+        "plain/dual",
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node n9 is not in the manifests"));
     let out = spiderctl(&[
-        "explain", "--manifests", &tricky, "--node", "n1", "--pod", "dual",
+        "explain",
+        "--manifests",
+        &tricky,
+        "--node",
+        "n1",
+        "--pod",
+        "dual",
     ]);
     assert_eq!(out.status.code(), Some(2));
     let out = spiderctl(&[
-        "explain", "--manifests", &tricky, "--node", "n1", "--pod", "plain/bad-annotation",
+        "explain",
+        "--manifests",
+        &tricky,
+        "--node",
+        "n1",
+        "--pod",
+        "plain/bad-annotation",
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -17,6 +17,7 @@
 //! - [`store`]: the [`store::LeaseStore`] contract and [`store::MemoryStore`].
 //! - [`engine`]: [`engine::Engine`]: allocate, release, check and GC through a store.
 //! - [`manifest`]: multi-document YAML/JSON manifests to objects (used by `spiderctl`).
+//! - [`table`]: `kubectl`-style aligned tables for tools and examples.
 
 #![cfg_attr(
     not(test),
@@ -31,6 +32,7 @@ pub mod range;
 pub mod select;
 pub mod selector;
 pub mod store;
+pub mod table;
 pub mod types;
 pub mod validate;
 

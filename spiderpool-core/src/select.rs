@@ -54,7 +54,10 @@ impl CniDefaults {
     /// Reads the defaults from a CNI network configuration (a single plugin config or a
     /// `.conflist` with `plugins`): the `ipam` section whose `type` is `spiderpool`.
     pub fn from_netconf(conf: &serde_json::Value) -> Result<CniDefaults, String> {
-        let name = conf.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        let name = conf
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
         let ipam = match conf.get("plugins") {
             Some(serde_json::Value::Array(plugins)) => plugins
                 .iter()
@@ -307,6 +310,17 @@ struct PoolsEntry {
     cleangateway: Option<bool>,
 }
 
+impl From<SubnetEntry> for PoolsEntry {
+    fn from(e: SubnetEntry) -> Self {
+        PoolsEntry {
+            interface: e.interface,
+            ipv4: e.ipv4,
+            ipv6: e.ipv6,
+            cleangateway: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 struct SubnetEntry {
     #[serde(default)]
@@ -317,15 +331,28 @@ struct SubnetEntry {
     ipv6: Vec<String>,
 }
 
+/// The `ipam.spidernet.io/ippool` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpPoolAnnotation {
+    /// IPv4 pools in order.
+    pub ipv4: Vec<String>,
+    /// IPv6 pools in order.
+    pub ipv6: Vec<String>,
+    /// cleangateway.
+    pub clean_gateway: Option<bool>,
+}
+
 /// Parses the `ipam.spidernet.io/ippool` value.
-pub fn parse_ippool_annotation(
-    v: &str,
-) -> Result<(Vec<String>, Vec<String>, Option<bool>), String> {
+pub fn parse_ippool_annotation(v: &str) -> Result<IpPoolAnnotation, String> {
     let e: PoolsEntry = serde_json::from_str(v).map_err(|e| e.to_string())?;
     if e.ipv4.is_empty() && e.ipv6.is_empty() {
         return Err("names no pool: give \"ipv4\" and/or \"ipv6\" lists".into());
     }
-    Ok((e.ipv4, e.ipv6, e.cleangateway))
+    Ok(IpPoolAnnotation {
+        ipv4: e.ipv4,
+        ipv6: e.ipv6,
+        clean_gateway: e.cleangateway,
+    })
 }
 
 /// One NIC's entry of the `ipam.spidernet.io/ippools` annotation, interface name resolved.
@@ -345,27 +372,21 @@ pub struct PoolsAnnotationEntry {
 /// is `eth0` for 0 and `net{i}` after), no duplicate interface, each entry names a pool.
 pub fn parse_ippools_annotation(v: &str) -> Result<Vec<PoolsAnnotationEntry>, String> {
     let entries: Vec<PoolsEntry> = serde_json::from_str(v).map_err(|e| e.to_string())?;
-    name_interfaces(
-        entries
-            .into_iter()
-            .map(|e| (e.interface, e.ipv4, e.ipv6, e.cleangateway))
-            .collect(),
-    )
+    name_interfaces(entries)
 }
 
-fn name_interfaces(
-    entries: Vec<(Option<String>, Vec<String>, Vec<String>, Option<bool>)>,
-) -> Result<Vec<PoolsAnnotationEntry>, String> {
+fn name_interfaces(entries: Vec<PoolsEntry>) -> Result<Vec<PoolsAnnotationEntry>, String> {
     if entries.is_empty() {
         return Err("empty list".into());
     }
-    let named = entries.iter().filter(|e| e.0.is_some()).count();
+    let named = entries.iter().filter(|e| e.interface.is_some()).count();
     if named != 0 && named != entries.len() {
         return Err("set \"interface\" on every entry or on none".into());
     }
     let mut out: Vec<PoolsAnnotationEntry> = Vec::with_capacity(entries.len());
-    for (i, (iface, v4, v6, cg)) in entries.into_iter().enumerate() {
-        let interface = iface.unwrap_or_else(|| {
+    for (i, e) in entries.into_iter().enumerate() {
+        let (v4, v6, cg) = (e.ipv4, e.ipv6, e.cleangateway);
+        let interface = e.interface.unwrap_or_else(|| {
             if i == 0 {
                 "eth0".to_string()
             } else {
@@ -529,35 +550,27 @@ pub fn resolve(
         if let Some(v) = annos.get(ANNO_SUBNETS) {
             let list: Vec<SubnetEntry> =
                 serde_json::from_str(v).map_err(|e| bad(ANNO_SUBNETS, e.to_string()))?;
-            let named = name_interfaces(
-                list.into_iter()
-                    .map(|e| (e.interface, e.ipv4, e.ipv6, None))
-                    .collect(),
-            )
-            .map_err(|r| bad(ANNO_SUBNETS, r))?;
+            let named = name_interfaces(list.into_iter().map(PoolsEntry::from).collect())
+                .map_err(|r| bad(ANNO_SUBNETS, r))?;
             (auto_pool_entries(named, input), Source::SubnetsAnnotation)
         } else if let Some(v) = annos.get(ANNO_SUBNET) {
             let e: SubnetEntry =
                 serde_json::from_str(v).map_err(|e| bad(ANNO_SUBNET, e.to_string()))?;
-            let named = name_interfaces(vec![(
-                Some(e.interface.unwrap_or_else(|| ifname.to_string())),
-                e.ipv4,
-                e.ipv6,
-                None,
-            )])
-            .map_err(|r| bad(ANNO_SUBNET, r))?;
+            let mut entry = PoolsEntry::from(e);
+            entry.interface = Some(entry.interface.unwrap_or_else(|| ifname.to_string()));
+            let named = name_interfaces(vec![entry]).map_err(|r| bad(ANNO_SUBNET, r))?;
             (auto_pool_entries(named, input), Source::SubnetAnnotation)
         } else if let Some(v) = annos.get(ANNO_IPPOOLS) {
             let list = parse_ippools_annotation(v).map_err(|r| bad(ANNO_IPPOOLS, r))?;
             (list, Source::IpPoolsAnnotation)
         } else if let Some(v) = annos.get(ANNO_IPPOOL) {
-            let (v4, v6, cg) = parse_ippool_annotation(v).map_err(|r| bad(ANNO_IPPOOL, r))?;
+            let a = parse_ippool_annotation(v).map_err(|r| bad(ANNO_IPPOOL, r))?;
             (
                 vec![PoolsAnnotationEntry {
                     interface: ifname.to_string(),
-                    ipv4: v4,
-                    ipv6: v6,
-                    clean_gateway: cg,
+                    ipv4: a.ipv4,
+                    ipv6: a.ipv6,
+                    clean_gateway: a.clean_gateway,
                 }],
                 Source::IpPoolAnnotation,
             )

@@ -430,8 +430,10 @@ fn kind_endpoint() -> String {
     "SpiderEndpoint".to_string()
 }
 
-/// One object of a manifest, by `kind`.
+/// One object of a manifest, by `kind`. (Variants differ in size; manifests hold few objects, so
+/// boxing would only add indirection.)
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Object {
     /// SpiderIPPool.
     IpPool(SpiderIpPool),

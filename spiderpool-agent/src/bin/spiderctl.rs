@@ -99,9 +99,18 @@ fn main() -> ExitCode {
             output,
         } => {
             let families = match default_families {
-                FamilyArg::V4 => Families { ipv4: true, ipv6: false },
-                FamilyArg::V6 => Families { ipv4: false, ipv6: true },
-                FamilyArg::Dual => Families { ipv4: true, ipv6: true },
+                FamilyArg::V4 => Families {
+                    ipv4: true,
+                    ipv6: false,
+                },
+                FamilyArg::V6 => Families {
+                    ipv4: false,
+                    ipv6: true,
+                },
+                FamilyArg::Dual => Families {
+                    ipv4: true,
+                    ipv6: true,
+                },
             };
             let args = ExplainArgs {
                 manifests,

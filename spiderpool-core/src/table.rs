@@ -25,6 +25,35 @@ pub fn render<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
+/// `kubectl get spiderippool` as Spiderpool prints it:
+/// `NAME VERSION SUBNET ALLOCATED-IP-COUNT TOTAL-IP-COUNT DEFAULT DISABLE`.
+pub fn ippools(
+    pools: &crate::validate::PoolSet,
+    allocated: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "VERSION".into(),
+        "SUBNET".into(),
+        "ALLOCATED-IP-COUNT".into(),
+        "TOTAL-IP-COUNT".into(),
+        "DEFAULT".into(),
+        "DISABLE".into(),
+    ]];
+    for p in pools.pools.values() {
+        rows.push([
+            p.name.clone(),
+            p.family.version().to_string(),
+            p.subnet.to_string(),
+            allocated.get(&p.name).copied().unwrap_or(0).to_string(),
+            p.total().count_i64().to_string(),
+            p.default.to_string(),
+            p.disable.to_string(),
+        ]);
+    }
+    render(&rows)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
