@@ -34,4 +34,6 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps -q
 echo "== the seed scenario: cargo run --example cross_zone"
 cargo run -q --example cross_zone >/dev/null
+echo "== fuzz smoke run (10 s per target; longer: scripts/fuzz.sh 600)"
+./scripts/fuzz.sh 10
 echo "== all tests passed"
