@@ -150,6 +150,9 @@ impl EngineError {
 
 struct PoolCache {
     alloc: Allocator,
+    /// Picked but not yet committed or given back: kept used across refreshes so concurrent
+    /// requests of this engine never pick the same address.
+    pending: HashSet<IpAddr>,
 }
 
 /// Tally kept by the engine for metrics.
@@ -251,13 +254,19 @@ impl<S: LeaseStore> Engine<S> {
             alloc.mark_used(l.ip);
         }
         let mut caches = self.caches();
-        // Keep the cursor of the old allocator so next-fit order survives a refresh.
-        if let Some(old) = caches.get(&pool.name) {
+        let mut pending = HashSet::new();
+        if let Some(old) = caches.remove(&pool.name) {
+            // Keep the cursor so next-fit order survives a refresh, and the in-flight picks.
             if old.alloc.space() == alloc.space() {
-                alloc = rebase(alloc, &old.alloc);
+                alloc.set_cursor(old.alloc.cursor());
+            }
+            for ip in &old.pending {
+                if alloc.mark_used(*ip) || alloc.is_used(*ip) {
+                    pending.insert(*ip);
+                }
             }
         }
-        caches.insert(pool.name.clone(), PoolCache { alloc });
+        caches.insert(pool.name.clone(), PoolCache { alloc, pending });
         Ok(())
     }
 
@@ -280,17 +289,25 @@ impl<S: LeaseStore> Engine<S> {
     }
 
     fn take_cached(&self, pool: &str) -> Option<IpAddr> {
-        self.caches().get_mut(pool).and_then(|c| c.alloc.take())
+        let mut caches = self.caches();
+        let c = caches.get_mut(pool)?;
+        let ip = c.alloc.take()?;
+        c.pending.insert(ip);
+        Some(ip)
     }
 
+    /// Gives a pick back (not committed, or released).
     fn uncache(&self, pool: &str, ip: IpAddr) {
         if let Some(c) = self.caches().get_mut(pool) {
+            c.pending.remove(&ip);
             c.alloc.release(ip);
         }
     }
 
+    /// Records that `ip` is held in the store (committed by us, or taken by someone else).
     fn mark_cached(&self, pool: &str, ip: IpAddr) {
         if let Some(c) = self.caches().get_mut(pool) {
+            c.pending.remove(&ip);
             c.alloc.mark_used(ip);
         }
     }
@@ -384,6 +401,9 @@ impl<S: LeaseStore> Engine<S> {
             };
             match outcome {
                 Outcome::Committed { .. } => {
+                    for p in &picks {
+                        self.mark_cached(&p.pool, p.ip);
+                    }
                     self.bump(|s| s.allocations += 1);
                     return Ok(answer);
                 }
@@ -630,12 +650,6 @@ fn attach_routes(
         }
     }
     Ok(alloc)
-}
-
-/// Moves the cursor of `old` into `new` (same space) so next-fit order continues.
-fn rebase(mut new: Allocator, old: &Allocator) -> Allocator {
-    new.set_cursor(old.cursor());
-    new
 }
 
 /// Used addresses per pool from a listing: for `ALLOCATED-IP-COUNT`.

@@ -15,6 +15,7 @@
 //!   cluster defaults, with the reason each candidate was skipped.
 //! - [`bitmap`]: the per-pool allocator (next-fit over a hierarchical bitmap).
 //! - [`store`]: the [`store::LeaseStore`] contract and [`store::MemoryStore`].
+//! - [`conformance`] (feature `conformance`): the suite every store backend runs.
 //! - [`engine`]: [`engine::Engine`]: allocate, release, check and GC through a store.
 //! - [`manifest`]: multi-document YAML/JSON manifests to objects (used by `spiderctl`).
 //! - [`table`]: `kubectl`-style aligned tables for tools and examples.
@@ -26,6 +27,8 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod engine;
 pub mod manifest;
 pub mod range;

@@ -1,1 +1,149 @@
-//! LeaseStore backends (filled by the store issue).
+//! # spiderpool-store
+//!
+//! [`LeaseStore`] backends for `spiderpool-core`. Backends store; the core decides.
+//!
+//! # Layout
+//! - [`embedded`] (feature `embedded`, default): one redb file, durable on commit, group commit.
+//! - [`etcd`] (feature `etcd`): one etcd shared by every node, one key per address.
+//! - [`AnyStore`]: one type over every backend, chosen at run time from a [`StoreConfig`].
+//! - `testing` (feature `testing`): a real etcd server on loopback for tests.
+//!
+//! The in-memory store lives in the core crate ([`MemoryStore`]) and is re-exported here.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![warn(missing_docs)]
+
+#[cfg(feature = "embedded")]
+pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::Arc;
+
+pub use spiderpool_core::store::{
+    Filter, LeaseStore, Listing, MemoryStore, Outcome, StoreError, Txn,
+};
+
+/// Which backend to open.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// In process memory (tests; nothing survives a restart).
+    Memory,
+    /// The embedded durable store in this file.
+    #[cfg(feature = "embedded")]
+    Embedded(std::path::PathBuf),
+    /// etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd::EtcdConfig),
+}
+
+impl StoreConfig {
+    /// Parses `memory`, `embedded:PATH` or `etcd:URL[,URL...][#PREFIX]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "memory" {
+            return Ok(StoreConfig::Memory);
+        }
+        if let Some(path) = s.strip_prefix("embedded:") {
+            #[cfg(feature = "embedded")]
+            return Ok(StoreConfig::Embedded(path.into()));
+            #[cfg(not(feature = "embedded"))]
+            return Err(format!(
+                "store 'embedded:{path}': built without the embedded feature"
+            ));
+        }
+        if let Some(rest) = s.strip_prefix("etcd:") {
+            #[cfg(feature = "etcd")]
+            {
+                let (urls, prefix) = match rest.split_once('#') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (rest, None),
+                };
+                let mut cfg = etcd::EtcdConfig::new(
+                    urls.split(',')
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                );
+                if let Some(p) = prefix {
+                    cfg.prefix = p.to_string();
+                }
+                return Ok(StoreConfig::Etcd(cfg));
+            }
+            #[cfg(not(feature = "etcd"))]
+            return Err(format!(
+                "store 'etcd:{rest}': built without the etcd feature"
+            ));
+        }
+        Err(format!(
+            "unknown store '{s}': use memory, embedded:PATH or etcd:URL[,URL...][#PREFIX]"
+        ))
+    }
+}
+
+/// Any backend, dispatched by an enum (no trait objects on the hot path).
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    /// In-memory.
+    Memory(Arc<MemoryStore>),
+    /// Embedded durable.
+    #[cfg(feature = "embedded")]
+    Embedded(embedded::EmbeddedStore),
+    /// etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd::EtcdStore),
+}
+
+impl AnyStore {
+    /// Opens the configured backend.
+    pub async fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
+        match cfg {
+            StoreConfig::Memory => Ok(AnyStore::Memory(Arc::new(MemoryStore::new()))),
+            #[cfg(feature = "embedded")]
+            StoreConfig::Embedded(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(path))
+                    .await
+                    .map_err(|e| StoreError::failed("opening the embedded store panicked", e))?
+                    .map(AnyStore::Embedded)
+            }
+            #[cfg(feature = "etcd")]
+            StoreConfig::Etcd(c) => etcd::EtcdStore::connect(c.clone())
+                .await
+                .map(AnyStore::Etcd),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for AnyStore {
+    fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Memory(s) => s.backend(),
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.backend(),
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.backend(),
+        }
+    }
+
+    async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.list(filter).await,
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.list(filter).await,
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.list(filter).await,
+        }
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.commit(txn).await,
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.commit(txn).await,
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.commit(txn).await,
+        }
+    }
+}

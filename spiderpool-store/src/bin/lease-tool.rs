@@ -1,0 +1,257 @@
+//! `lease-tool`: drives the engine over a real store from its own OS process. Tests use it to run
+//! several allocating processes against one etcd and to SIGKILL a process in the middle of a
+//! stream of commits; the store benchmark uses it for its multi-process figures.
+//!
+//! `lease-tool alloc --store STORE --pool-size N --count K --node NODE [--concurrency C]`
+//! allocates K addresses for containers `<node>-c<i>` from pool `bench` (10.32.0.1 onwards, N
+//! addresses) and prints one JSON line per outcome as soon as it is known (an `ok` line only after
+//! the store acknowledged the commit), then a summary line.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use spiderpool_core::engine::{Attachment, Engine, EngineError};
+use spiderpool_core::select::{SelectionInput, ANNO_IPPOOL};
+use spiderpool_core::types::{IpPoolSpec, Object, ObjectMeta, SpiderIpPool};
+use spiderpool_core::PoolSet;
+use spiderpool_store::{AnyStore, StoreConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "lease-tool",
+    about = "Drive spiderpool's engine over a real lease store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Allocate addresses from the `bench` pool and report each outcome.
+    Alloc {
+        /// `memory`, `embedded:PATH` or `etcd:URL[,URL][#PREFIX]`.
+        #[arg(long)]
+        store: String,
+        /// Pool size (addresses 10.32.0.1 onwards; at most 65,000).
+        #[arg(long)]
+        pool_size: u32,
+        /// Allocations to attempt.
+        #[arg(long)]
+        count: usize,
+        /// Node name (also the container id prefix).
+        #[arg(long)]
+        node: String,
+        /// Concurrent requests inside this process.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Keep retrying retryable errors for up to this many seconds per allocation.
+        #[arg(long, default_value_t = 30)]
+        retry_secs: u64,
+        /// Release every address at the end (and report the release rate).
+        #[arg(long)]
+        release: bool,
+        /// Print only the summary, not one line per allocation.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// The benchmark/test pool: `n` addresses from 10.32.0.1.
+pub fn bench_pool(n: u32) -> Result<PoolSet> {
+    if n == 0 || n > 65_000 {
+        bail!("--pool-size must be 1..=65000");
+    }
+    let first = u32::from(std::net::Ipv4Addr::new(10, 32, 0, 1));
+    let last = std::net::Ipv4Addr::from(first + n - 1);
+    let pool = SpiderIpPool {
+        metadata: ObjectMeta {
+            name: "bench".into(),
+            ..Default::default()
+        },
+        spec: IpPoolSpec {
+            subnet: "10.32.0.0/16".into(),
+            ips: vec![format!("10.32.0.1-{last}")],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    PoolSet::build(&[Object::IpPool(pool)]).map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+fn emit(line: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn alloc(
+    store: String,
+    pool_size: u32,
+    count: usize,
+    node: String,
+    concurrency: usize,
+    retry_secs: u64,
+    release: bool,
+    quiet: bool,
+) -> Result<()> {
+    let cfg = StoreConfig::parse(&store).map_err(anyhow::Error::msg)?;
+    let store = AnyStore::open(&cfg).await.context("opening the store")?;
+    let pools = Arc::new(bench_pool(pool_size)?);
+    let engine = Arc::new(Engine::new(store, node.clone()));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (engine, pools, next, node) =
+            (engine.clone(), pools.clone(), next.clone(), node.clone());
+        tasks.push(tokio::spawn(async move {
+            let annos = [(ANNO_IPPOOL.to_string(), r#"{"ipv4":["bench"]}"#.to_string())].into();
+            let mut lat = Vec::new();
+            let (mut exhausted, mut failed, mut retries) = (0usize, 0usize, 0usize);
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let cid = format!("{node}-c{i}");
+                let pod = format!("pod-{i}");
+                let input = SelectionInput {
+                    pod_namespace: "bench",
+                    pod_name: &pod,
+                    pod_annotations: Some(&annos),
+                    node_name: &node,
+                    ..Default::default()
+                };
+                let att = Attachment { container_id: cid.clone(), ifname: "eth0".into() };
+                let t0 = Instant::now();
+                let deadline = t0 + Duration::from_secs(retry_secs);
+                loop {
+                    match engine.allocate(&pools, &input, &att, "uid", 0).await {
+                        Ok(a) => {
+                            lat.push(t0.elapsed().as_micros() as u64);
+                            if !quiet {
+                                let ip = a.nics[0].ipv4.as_ref().map(|x| x.address.addr().to_string());
+                                emit(json!({"cid": cid, "ip": ip}));
+                            }
+                            break;
+                        }
+                        Err(EngineError::NoAvailablePool { .. }) => {
+                            exhausted += 1;
+                            if !quiet {
+                                emit(json!({"cid": cid, "exhausted": true}));
+                            }
+                            break;
+                        }
+                        Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                            retries += 1;
+                            if !quiet {
+                                emit(json!({"cid": cid, "retry": e.to_string()}));
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            emit(json!({"cid": cid, "error": e.to_string(), "retryable": e.is_retryable()}));
+                            break;
+                        }
+                    }
+                }
+            }
+            (lat, exhausted, failed, retries)
+        }));
+    }
+    let mut lat = Vec::new();
+    let (mut exhausted, mut failed, mut retries) = (0, 0, 0);
+    for t in tasks {
+        let (l, x, f, r) = t.await.context("allocation task panicked")?;
+        lat.extend(l);
+        exhausted += x;
+        failed += f;
+        retries += r;
+    }
+    let alloc_secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let mut release_secs = 0.0;
+    let mut released = 0usize;
+    if release {
+        let t0 = Instant::now();
+        let mut rel_tasks = Vec::new();
+        let per = count.div_ceil(concurrency.max(1));
+        for w in 0..concurrency.max(1) {
+            let (engine, node) = (engine.clone(), node.clone());
+            rel_tasks.push(tokio::spawn(async move {
+                let mut n = 0usize;
+                for i in (w * per)..((w + 1) * per).min(count) {
+                    n += engine
+                        .release(&format!("{node}-c{i}"), Some("eth0"))
+                        .await?
+                        .len();
+                }
+                Ok::<usize, EngineError>(n)
+            }));
+        }
+        for t in rel_tasks {
+            released += t.await.context("release task panicked")??;
+        }
+        release_secs = t0.elapsed().as_secs_f64();
+    }
+    let stats = engine.stats();
+    emit(json!({
+        "summary": true,
+        "node": node,
+        "ok": lat.len(),
+        "exhausted": exhausted,
+        "failed": failed,
+        "retries": retries,
+        "conflicts": stats.conflicts,
+        "alloc_secs": alloc_secs,
+        "p50_us": percentile(&lat, 0.50),
+        "p99_us": percentile(&lat, 0.99),
+        "lat_us": lat,
+        "released": released,
+        "release_secs": release_secs,
+    }));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Alloc {
+            store,
+            pool_size,
+            count,
+            node,
+            concurrency,
+            retry_secs,
+            release,
+            quiet,
+        } => {
+            alloc(
+                store,
+                pool_size,
+                count,
+                node,
+                concurrency,
+                retry_secs,
+                release,
+                quiet,
+            )
+            .await
+        }
+    }
+}

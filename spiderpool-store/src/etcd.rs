@@ -1,0 +1,416 @@
+//! The etcd backend (feature `etcd`): many agents on many nodes share one etcd (API v3).
+//!
+//! # Key layout (under a prefix, default `/spiderpool/v1/`)
+//! | key | value | purpose |
+//! |---|---|---|
+//! | `ips/<ip>` | record (JSON) | the claim: one key per allocated address, unique cluster-wide |
+//! | `att/<container id>/<ifname>/<4\|6>` | record | the attachment slot; its prefix lists a container |
+//! | `pool/<pool>/<ip>` | record | lists one pool with one range read |
+//! | `node/<node>/<ip>` | record | lists one node's records (GC) with one range read |
+//!
+//! Nodes allocating from one pool touch only the keys of the addresses they claim, so they contend
+//! only when they pick the very same address (rare: each node's search starts elsewhere in the
+//! pool). A claim is one transaction: `create_revision == 0` on the address key and the slot key,
+//! then four puts. A release is one transaction: `mod_revision == <read>` on the address key, then
+//! four deletes. Every key of a record is written and deleted together.
+//!
+//! # Failures
+//! Connection loss, timeouts and an unavailable cluster become [`StoreError::Unavailable`]
+//! (retryable; the CNI reports code 11). The outcome of a transaction in flight when the
+//! connection dropped is unknown, but a retry is safe: re-claiming an address for the same
+//! attachment is a no-op, and a release of what is already gone is a no-op.
+//!
+//! etcd refuses transactions of more than 128 operations (`--max-txn-ops`); a transaction with
+//! more than 32 releases (GC of many records) is applied in atomic chunks of 32.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, Txn as EtcdTxn,
+    TxnOp, TxnOpResponse,
+};
+use spiderpool_core::store::{
+    Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Release, StoreError, Txn,
+};
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "/spiderpool/v1/";
+/// Records per etcd transaction (4 keys each, under etcd's 128-operation limit).
+pub const CHUNK: usize = 32;
+/// How often a transaction is re-tried when only benign races (idempotent re-claims, records
+/// changed between read and release) stood in its way.
+const MAX_ROUNDS: usize = 16;
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix (ends with `/`).
+    pub prefix: String,
+    /// Time limit of one request.
+    pub request_timeout: Duration,
+    /// Time limit to connect.
+    pub connect_timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// Settings for `endpoints` with the default prefix and timeouts (5 s request, 2 s connect).
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_string(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The etcd store. Cheap to clone (clones share one connection).
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    prefix: String,
+    timeout: Duration,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn family_tag(ip: &IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "4",
+        IpAddr::V6(_) => "6",
+    }
+}
+
+fn map_err(endpoints: &str, e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    let retryable = match &e {
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic_code::Unavailable
+                | tonic_code::DeadlineExceeded
+                | tonic_code::Cancelled
+                | tonic_code::Aborted
+                | tonic_code::ResourceExhausted
+                | tonic_code::Unknown
+        ),
+        E::TransportError(_) | E::IoError(_) => true,
+        _ => false,
+    };
+    let message = format!("etcd at {endpoints}");
+    if retryable {
+        StoreError::unavailable(message, e)
+    } else {
+        StoreError::failed(message, e)
+    }
+}
+
+/// gRPC status codes of etcd-client errors.
+mod tonic_code {
+    pub use tonic::Code::*;
+}
+
+impl EtcdStore {
+    /// Connects to etcd. Fails with a retryable error when no endpoint answers.
+    pub async fn connect(cfg: EtcdConfig) -> Result<Self, StoreError> {
+        let endpoints = cfg.endpoints.join(",");
+        if cfg.endpoints.is_empty() {
+            return Err(StoreError::Failed {
+                message: "no etcd endpoint given".into(),
+                source: None,
+            });
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(cfg.connect_timeout)
+            .with_timeout(cfg.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let connect = Client::connect(cfg.endpoints.clone(), Some(opts));
+        let client = tokio::time::timeout(cfg.connect_timeout + Duration::from_secs(1), connect)
+            .await
+            .map_err(|e| {
+                StoreError::unavailable(format!("etcd at {endpoints}: connect timed out"), e)
+            })?
+            .map_err(|e| map_err(&endpoints, e))?;
+        let mut prefix = cfg.prefix;
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(EtcdStore {
+            kv: client.kv_client(),
+            prefix,
+            timeout: cfg.request_timeout,
+            endpoints,
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn ip_key(&self, ip: &IpAddr) -> String {
+        format!("{}ips/{ip}", self.prefix)
+    }
+    fn slot_key(&self, container: &str, ifname: &str, ip: &IpAddr) -> String {
+        format!("{}att/{container}/{ifname}/{}", self.prefix, family_tag(ip))
+    }
+    fn pool_key(&self, pool: &str, ip: &IpAddr) -> String {
+        format!("{}pool/{pool}/{ip}", self.prefix)
+    }
+    fn node_key(&self, node: &str, ip: &IpAddr) -> String {
+        format!("{}node/{node}/{ip}", self.prefix)
+    }
+    fn keys_of(&self, l: &Lease) -> [String; 4] {
+        [
+            self.ip_key(&l.ip),
+            self.slot_key(&l.owner.container_id, &l.owner.ifname, &l.ip),
+            self.pool_key(&l.pool, &l.ip),
+            self.node_key(&l.owner.node, &l.ip),
+        ]
+    }
+
+    async fn run(&self, txn: EtcdTxn) -> Result<etcd_client::TxnResponse, StoreError> {
+        let mut kv = self.kv.clone();
+        match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
+            Ok(r) => r.map_err(|e| map_err(&self.endpoints, e)),
+            Err(e) => Err(StoreError::unavailable(
+                format!("etcd at {}: request timed out", self.endpoints),
+                e,
+            )),
+        }
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<(u64, Vec<KeyValue>), StoreError> {
+        let mut kv = self.kv.clone();
+        let req = kv.get(prefix, Some(GetOptions::new().with_prefix()));
+        let mut resp = match tokio::time::timeout(self.timeout, req).await {
+            Ok(r) => r.map_err(|e| map_err(&self.endpoints, e))?,
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    format!("etcd at {}: request timed out", self.endpoints),
+                    e,
+                ))
+            }
+        };
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((u64::try_from(rev).unwrap_or(0), resp.take_kvs()))
+    }
+
+    /// The cluster's current revision (a read of an empty range).
+    async fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.get_prefix(&format!("{}rev/", self.prefix)).await?.0)
+    }
+
+    fn decode(kv: &KeyValue) -> Result<Lease, StoreError> {
+        let mut l: Lease = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            message: e.to_string(),
+        })?;
+        l.revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+        Ok(l)
+    }
+
+    /// Reads the current records of `ips` (by address key), in one consistent read.
+    async fn read_ips(&self, ips: &[IpAddr]) -> Result<Vec<Option<Lease>>, StoreError> {
+        if ips.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<TxnOp> = ips
+            .iter()
+            .map(|ip| TxnOp::get(self.ip_key(ip), None))
+            .collect();
+        let resp = self.run(EtcdTxn::new().and_then(ops)).await?;
+        let mut out = Vec::with_capacity(ips.len());
+        for r in resp.op_responses() {
+            match r {
+                TxnOpResponse::Get(g) => out.push(g.kvs().first().map(Self::decode).transpose()?),
+                _ => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One atomic etcd transaction: the claims and at most [`CHUNK`] releases.
+    async fn commit_chunk(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        let mut claims = txn.claims;
+        for _ in 0..MAX_ROUNDS {
+            // Which releases hit a record still owned as stated, at which revision.
+            let targets: Vec<IpAddr> = txn.releases.iter().map(|r| r.ip).collect();
+            let current = self.read_ips(&targets).await?;
+            let mut victims: Vec<Lease> = Vec::new();
+            for (r, cur) in txn.releases.iter().zip(current) {
+                if let Some(cur) = cur {
+                    if owned(&cur, r) && !victims.iter().any(|v| v.ip == cur.ip) {
+                        victims.push(cur);
+                    }
+                }
+            }
+            let mut compares = Vec::new();
+            let mut success = Vec::new();
+            let mut failure = Vec::new();
+            for c in &claims {
+                let [ipk, slot, poolk, nodek] = self.keys_of(c);
+                compares.push(Compare::create_revision(ipk.clone(), CompareOp::Equal, 0));
+                compares.push(Compare::create_revision(slot.clone(), CompareOp::Equal, 0));
+                let mut rec = c.clone();
+                rec.revision = 0;
+                let json = serde_json::to_vec(&rec)
+                    .map_err(|e| StoreError::failed("cannot encode a record", e))?;
+                for k in [&ipk, &slot, &poolk, &nodek] {
+                    success.push(TxnOp::put(k.as_str(), json.clone(), None));
+                }
+                failure.push(TxnOp::get(ipk, None));
+                failure.push(TxnOp::get(slot, None));
+            }
+            for v in &victims {
+                let keys = self.keys_of(v);
+                compares.push(Compare::mod_revision(
+                    keys[0].clone(),
+                    CompareOp::Equal,
+                    i64::try_from(v.revision).unwrap_or(i64::MAX),
+                ));
+                for k in keys {
+                    success.push(TxnOp::delete(k, None));
+                }
+            }
+            if success.is_empty() {
+                return Ok(Outcome::Committed {
+                    revision: self.revision().await?,
+                    released: Vec::new(),
+                });
+            }
+            let resp = self
+                .run(
+                    EtcdTxn::new()
+                        .when(compares)
+                        .and_then(success)
+                        .or_else(failure),
+                )
+                .await?;
+            let rev = resp
+                .header()
+                .map(|h| u64::try_from(h.revision()).unwrap_or(0))
+                .unwrap_or(0);
+            if resp.succeeded() {
+                return Ok(Outcome::Committed {
+                    revision: rev,
+                    released: victims,
+                });
+            }
+            // Find out what stood in the way of each claim.
+            let mut gets = resp.op_responses().into_iter().map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(Self::decode).transpose(),
+                _ => Ok(None),
+            });
+            let mut conflicts = Vec::new();
+            let mut keep = Vec::new();
+            for c in claims {
+                let at_ip = gets.next().transpose()?.flatten();
+                let at_slot = gets.next().transpose()?.flatten();
+                let mut noop = false;
+                match at_ip {
+                    Some(cur) if cur.owner.same_attachment(&c.owner) => noop = true,
+                    Some(cur) => conflicts.push(Conflict::IpTaken(cur)),
+                    None => {}
+                }
+                match at_slot {
+                    Some(cur) if cur.ip == c.ip => {}
+                    Some(cur) => {
+                        noop = false;
+                        conflicts.push(Conflict::AttachmentBound(cur));
+                    }
+                    None => {}
+                }
+                if !noop {
+                    keep.push(c);
+                }
+            }
+            if !conflicts.is_empty() {
+                return Ok(Outcome::Conflict(conflicts));
+            }
+            // Only idempotent re-claims or changed release targets: drop the no-ops, re-read.
+            claims = keep;
+        }
+        Err(StoreError::Unavailable {
+            message: format!(
+                "etcd at {}: records kept changing under the transaction",
+                self.endpoints
+            ),
+            source: None,
+        })
+    }
+}
+
+fn owned(cur: &Lease, r: &Release) -> bool {
+    cur.owner.container_id == r.container_id && cur.owner.ifname == r.ifname
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for EtcdStore {
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
+        let prefix = match filter {
+            Filter::All => format!("{}ips/", self.prefix),
+            Filter::Pool(p) => format!("{}pool/{p}/", self.prefix),
+            Filter::Container(c) => format!("{}att/{c}/", self.prefix),
+            Filter::Node(n) => format!("{}node/{n}/", self.prefix),
+        };
+        let (revision, kvs) = self.get_prefix(&prefix).await?;
+        let mut leases = kvs
+            .iter()
+            .map(Self::decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        leases.retain(|l| filter.matches(l));
+        leases.sort_by_key(|l| l.ip);
+        Ok(Listing { revision, leases })
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        if txn.claims.len() > CHUNK {
+            return Err(StoreError::Failed {
+                message: format!(
+                    "one transaction claims {} addresses; etcd allows at most {CHUNK}",
+                    txn.claims.len()
+                ),
+                source: None,
+            });
+        }
+        if txn.releases.len() <= CHUNK {
+            return self.commit_chunk(txn).await;
+        }
+        // Large releases (GC): claims go with the first chunk, every chunk is atomic.
+        let mut released = Vec::new();
+        let mut revision = 0;
+        let mut claims = Some(txn.claims);
+        for chunk in txn.releases.chunks(CHUNK) {
+            let part = Txn {
+                claims: claims.take().unwrap_or_default(),
+                releases: chunk.to_vec(),
+            };
+            match self.commit_chunk(part).await? {
+                Outcome::Committed {
+                    revision: r,
+                    released: mut rel,
+                } => {
+                    revision = r;
+                    released.append(&mut rel);
+                }
+                conflict @ Outcome::Conflict(_) => return Ok(conflict),
+            }
+        }
+        Ok(Outcome::Committed { revision, released })
+    }
+}

@@ -1,0 +1,126 @@
+//! The one conformance suite (spiderpool_core::conformance), run against every backend:
+//! memory, embedded (redb files in a temp dir) and etcd (a real etcd server on loopback).
+
+use std::sync::Arc;
+
+use spiderpool_core::conformance;
+use spiderpool_store::embedded::EmbeddedStore;
+use spiderpool_store::{AnyStore, MemoryStore};
+
+#[tokio::test]
+async fn memory_conforms() {
+    conformance::run_all(|| async { AnyStore::Memory(Arc::new(MemoryStore::new())) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_conforms() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let dir_path = dir.path().to_path_buf();
+    conformance::run_all(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir_path.join(format!("store-{i}.redb"));
+        async move { EmbeddedStore::open(path).expect("open") }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_persists_across_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("leases.redb");
+    conformance::persistence(|| {
+        let path = path.clone();
+        async move { EmbeddedStore::open(path).expect("open") }
+    })
+    .await;
+}
+
+#[test]
+fn embedded_refuses_a_corrupt_file_instead_of_forgetting_records() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("garbage.redb");
+    std::fs::write(
+        &path,
+        b"this is not a redb file at all, but it is long enough to look like one",
+    )
+    .expect("write");
+    let err = EmbeddedStore::open(&path).expect_err("must refuse");
+    assert!(err.to_string().contains("garbage.redb"), "{err}");
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use spiderpool_core::conformance;
+    use spiderpool_core::store::{Filter, LeaseStore};
+    use spiderpool_store::etcd::{EtcdConfig, EtcdStore};
+    use spiderpool_store::testing::{require_etcd, unique_prefix, EtcdServer};
+
+    async fn connect(url: &str, prefix: &str) -> EtcdStore {
+        let mut cfg = EtcdConfig::new(vec![url.to_string()]);
+        cfg.prefix = prefix.to_string();
+        EtcdStore::connect(cfg).await.expect("connect to etcd")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn etcd_conforms() {
+        let Some(bin) = require_etcd() else { return };
+        let server = EtcdServer::start(&bin).expect("etcd starts");
+        let url = server.url();
+        conformance::run_all(|| {
+            let url = url.clone();
+            async move { connect(&url, &unique_prefix("conformance")).await }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_persists_across_reconnect_and_server_restart() {
+        let Some(bin) = require_etcd() else { return };
+        let mut server = EtcdServer::start(&bin).expect("etcd starts");
+        let url = server.url();
+        let prefix = unique_prefix("persist");
+        conformance::persistence(|| {
+            let (url, prefix) = (url.clone(), prefix.clone());
+            async move { connect(&url, &prefix).await }
+        })
+        .await;
+        // Records survive a SIGKILL of etcd itself, too (etcd fsyncs its WAL per commit).
+        let before = connect(&url, &prefix)
+            .await
+            .list(Filter::All)
+            .await
+            .expect("list");
+        server.restart().expect("etcd restarts");
+        let after = connect(&url, &prefix)
+            .await
+            .list(Filter::All)
+            .await
+            .expect("list");
+        assert_eq!(before.leases, after.leases);
+        assert!(!after.leases.is_empty());
+    }
+
+    #[tokio::test]
+    async fn etcd_unreachable_is_a_clear_retryable_error() {
+        // Nothing listens on this port (bound and released just now).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let mut cfg = EtcdConfig::new(vec![format!("http://127.0.0.1:{port}")]);
+        cfg.connect_timeout = std::time::Duration::from_millis(500);
+        cfg.request_timeout = std::time::Duration::from_millis(500);
+        let result = match EtcdStore::connect(cfg).await {
+            Err(e) => Err(e),
+            Ok(s) => s.list(Filter::All).await.map(|_| ()),
+        };
+        let err = result.expect_err("no etcd there");
+        assert!(err.is_retryable(), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("try again"),
+            "{msg}"
+        );
+    }
+}
