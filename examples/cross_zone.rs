@@ -3,21 +3,23 @@
 //! Two SpiderIPPools with `nodeAffinity` (10.6.0.0/16 for nodes labelled `node-subnet=subnet-6`,
 //! 10.7.0.0/16 for `subnet-7`), two nodes, a DaemonSet whose pods name both pools in
 //! `ipam.spidernet.io/ippool`. Each node's agent allocates for its own pod through the engine; the
-//! pods land in their node's zone. Then everything is released again.
+//! pods land in their node's zone. The records live in the default embedded durable store (one
+//! redb file, in a temporary directory unless `SPIDERPOOL_STORE` names a file); the example closes
+//! and reopens it, as an agent restart would, before releasing everything.
 //!
 //! Run: `cargo run --example cross_zone`
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use futures::executor::block_on;
 use spiderpool_core::engine::{count_by_pool, Attachment, Engine};
 use spiderpool_core::manifest::parse_documents;
 use spiderpool_core::select::{Families, SelectionInput, ANNO_IPPOOL};
-use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
+use spiderpool_core::store::{Filter, LeaseStore};
 use spiderpool_core::table;
 use spiderpool_core::PoolSet;
+use spiderpool_store::embedded::EmbeddedStore;
 
 const POOLS: &str = include_str!("../testdata/seed-pools.yaml");
 
@@ -85,8 +87,13 @@ fn run() -> Result<(), String> {
     print!("{}", table::render(&rows));
 
     // One lease store shared by every node's agent; one engine (agent) per node.
-    let store = Arc::new(MemoryStore::new());
-    let engines: Vec<Engine<Arc<MemoryStore>>> = nodes
+    let tmp = std::env::temp_dir().join(format!("spiderpool-cross-zone-{}", std::process::id()));
+    let path = std::env::var_os("SPIDERPOOL_STORE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.join("leases.redb"));
+    println!("\n(lease store: embedded, {})", path.display());
+    let store = EmbeddedStore::open(&path).map_err(|e| e.to_string())?;
+    let engines: Vec<Engine<EmbeddedStore>> = nodes
         .iter()
         .map(|n| Engine::new(store.clone(), n.name))
         .collect();
@@ -153,12 +160,12 @@ fn run() -> Result<(), String> {
                 node.name, ip.address, ip.pool
             ));
         }
-        attachments.push((engine, att));
+        attachments.push(att);
     }
     println!("\n~# kubectl get po -l app=test-app -o wide");
     print!("{}", table::render(&pod_rows));
 
-    let print_pools = |title: &str| -> Result<(), String> {
+    let print_pools = |store: &EmbeddedStore, title: &str| -> Result<(), String> {
         let listing = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
         println!("\n~# kubectl get spiderippool{title}");
         print!(
@@ -167,10 +174,28 @@ fn run() -> Result<(), String> {
         );
         Ok(())
     };
-    print_pools("")?;
+    print_pools(&store, "")?;
+
+    // An agent restart: close the store, open the file again; every allocation is still there.
+    drop(engines);
+    drop(store);
+    let store = EmbeddedStore::open(&path).map_err(|e| e.to_string())?;
+    let engines: Vec<Engine<EmbeddedStore>> = nodes
+        .iter()
+        .map(|n| Engine::new(store.clone(), n.name))
+        .collect();
+    let kept = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
+    println!(
+        "\n(agent restarted: {} allocations read back from {})",
+        kept.leases.len(),
+        path.display()
+    );
+    if kept.leases.len() != attachments.len() {
+        return Err("allocations lost across the restart".into());
+    }
 
     println!("\n~# kubectl delete ds test-app   (CNI DEL for every pod)");
-    for (engine, att) in &attachments {
+    for (engine, att) in engines.iter().zip(&attachments) {
         let freed = block_on(engine.release(&att.container_id, Some(&att.ifname)))
             .map_err(|e| e.to_string())?;
         for l in freed {
@@ -180,10 +205,15 @@ fn run() -> Result<(), String> {
             );
         }
     }
-    print_pools("   (after release)")?;
+    print_pools(&store, "   (after release)")?;
     let left = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
     if !left.leases.is_empty() {
         return Err(format!("{} addresses leaked", left.leases.len()));
+    }
+    drop(engines);
+    drop(store);
+    if std::env::var_os("SPIDERPOOL_STORE").is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(())
 }

@@ -5,6 +5,9 @@
 //! they need); [`run_all`] runs every check that needs only one store, and [`persistence`] takes a
 //! function that reopens the same store.
 
+// A test suite: it reports contract violations by panicking, like any assertion.
+#![allow(clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;

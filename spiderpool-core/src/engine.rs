@@ -324,7 +324,7 @@ impl<S: LeaseStore> Engine<S> {
         now: u64,
     ) -> Result<Allocation, EngineError> {
         let pod = format!("{}/{}", input.pod_namespace, input.pod_name);
-        for _round in 0..MAX_CONFLICT_ROUNDS {
+        for round in 0..MAX_CONFLICT_ROUNDS {
             let existing = self
                 .store
                 .list(Filter::Container(&att.container_id))
@@ -424,6 +424,22 @@ impl<S: LeaseStore> Engine<S> {
                     for c in &conflicts {
                         if let Conflict::IpTaken(l) = c {
                             self.mark_cached(&l.pool, l.ip);
+                        }
+                    }
+                    // Lost twice in a row: other nodes are busy in the same part of the pool and
+                    // our cache is stale there. One read of the pool learns all their claims.
+                    if round >= 1 {
+                        let stale: HashSet<&str> = conflicts
+                            .iter()
+                            .filter_map(|c| match c {
+                                Conflict::IpTaken(l) => Some(l.pool.as_str()),
+                                Conflict::AttachmentBound(_) => None,
+                            })
+                            .collect();
+                        for name in stale {
+                            if let Some(pool) = pools.pools.get(name) {
+                                self.refresh(pool, pools).await?;
+                            }
                         }
                     }
                     // AttachmentBound: a concurrent request for the same attachment won; the next

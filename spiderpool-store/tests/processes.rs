@@ -103,7 +103,7 @@ async fn embedded_store_survives_sigkill_mid_stream() {
             absorb(&mut report, &line);
         }
         child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
-        // Lines already written before the kill were acknowledged too.
+                                        // Lines already written before the kill were acknowledged too.
         for line in lines.map_while(Result::ok) {
             absorb(&mut report, &line);
         }
@@ -236,9 +236,20 @@ mod etcd {
             absorb(&mut report, &line);
         }
         assert!(child.wait().expect("wait").success());
-        assert!(report.retries > 0, "the outage was seen as retryable errors");
-        assert!(report.errors.is_empty(), "no non-retryable error: {:?}", report.errors);
-        assert_eq!(report.ok.len(), 600, "every allocation eventually succeeded");
+        assert!(
+            report.retries > 0,
+            "the outage was seen as retryable errors"
+        );
+        assert!(
+            report.errors.is_empty(),
+            "no non-retryable error: {:?}",
+            report.errors
+        );
+        assert_eq!(
+            report.ok.len(),
+            600,
+            "every allocation eventually succeeded"
+        );
         let distinct: BTreeSet<&String> = report.ok.values().collect();
         assert_eq!(distinct.len(), 600, "no duplicate address");
         let stored = records(&server.url(), &prefix).await;
@@ -247,6 +258,9 @@ mod etcd {
             .map(|l| (l.owner.container_id.clone(), l.ip.to_string()))
             .collect();
         assert_eq!(stored.len(), 600, "no record leaked by a retried commit");
-        assert_eq!(by_cid, report.ok, "etcd holds exactly what was acknowledged");
+        assert_eq!(
+            by_cid, report.ok,
+            "etcd holds exactly what was acknowledged"
+        );
     }
 }
