@@ -785,39 +785,21 @@ fn ineligibility(
     if pool.family != family {
         return Some(format!("pool is {}, wanted {family}", pool.family));
     }
-    if !pool.node_name.is_empty() {
-        if !pool.node_name.iter().any(|n| n == input.node_name) {
-            return Some(format!(
-                "nodeName [{}] does not include node {}",
-                pool.node_name.join(" "),
-                input.node_name
-            ));
-        }
-    } else if let Some(sel) = &pool.node_affinity {
-        let labels = input.node_labels.unwrap_or(&empty);
-        if let Some(r) = selector_mismatch(sel, labels, "nodeAffinity", "node", input.node_name) {
-            return Some(r);
-        }
+    if let Some(r) = names_or_selector(
+        (&pool.node_name, "nodeName"),
+        (pool.node_affinity.as_ref(), "nodeAffinity"),
+        input.node_labels.unwrap_or(&empty),
+        ("node", input.node_name),
+    ) {
+        return Some(r);
     }
-    if !pool.namespace_name.is_empty() {
-        if !pool.namespace_name.iter().any(|n| n == input.pod_namespace) {
-            return Some(format!(
-                "namespaceName [{}] does not include namespace {}",
-                pool.namespace_name.join(" "),
-                input.pod_namespace
-            ));
-        }
-    } else if let Some(sel) = &pool.namespace_affinity {
-        let labels = input.namespace_labels.unwrap_or(&empty);
-        if let Some(r) = selector_mismatch(
-            sel,
-            labels,
-            "namespaceAffinity",
-            "namespace",
-            input.pod_namespace,
-        ) {
-            return Some(r);
-        }
+    if let Some(r) = names_or_selector(
+        (&pool.namespace_name, "namespaceName"),
+        (pool.namespace_affinity.as_ref(), "namespaceAffinity"),
+        input.namespace_labels.unwrap_or(&empty),
+        ("namespace", input.pod_namespace),
+    ) {
+        return Some(r);
     }
     if let Some(sel) = &pool.pod_affinity {
         let labels = input.pod_labels.unwrap_or(&empty);
@@ -849,6 +831,25 @@ fn ineligibility(
         }
     }
     None
+}
+
+/// The `nodeName`/`nodeAffinity` (and namespace) rule: a non-empty name list wins over the
+/// selector. Returns why the object does not match, if it does not.
+fn names_or_selector(
+    (names, names_field): (&[String], &str),
+    (selector, selector_field): (Option<&crate::selector::LabelSelector>, &str),
+    labels: &Labels,
+    (what, who): (&str, &str),
+) -> Option<String> {
+    if !names.is_empty() {
+        return (!names.iter().any(|n| n == who)).then(|| {
+            format!(
+                "{names_field} [{}] does not include {what} {who}",
+                names.join(" ")
+            )
+        });
+    }
+    selector.and_then(|sel| selector_mismatch(sel, labels, selector_field, what, who))
 }
 
 fn selector_mismatch(

@@ -33,32 +33,35 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Allocate addresses from the `bench` pool and report each outcome.
-    Alloc {
-        /// `memory`, `embedded:PATH` or `etcd:URL[,URL][#PREFIX]`.
-        #[arg(long)]
-        store: String,
-        /// Pool size (addresses 10.32.0.1 onwards; at most 65,000).
-        #[arg(long)]
-        pool_size: u32,
-        /// Allocations to attempt.
-        #[arg(long)]
-        count: usize,
-        /// Node name (also the container id prefix).
-        #[arg(long)]
-        node: String,
-        /// Concurrent requests inside this process.
-        #[arg(long, default_value_t = 1)]
-        concurrency: usize,
-        /// Keep retrying retryable errors for up to this many seconds per allocation.
-        #[arg(long, default_value_t = 30)]
-        retry_secs: u64,
-        /// Release every address at the end (and report the release rate).
-        #[arg(long)]
-        release: bool,
-        /// Print only the summary, not one line per allocation.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Alloc(AllocArgs),
+}
+
+#[derive(clap::Args)]
+struct AllocArgs {
+    /// `memory`, `embedded:PATH` or `etcd:URL[,URL][#PREFIX]`.
+    #[arg(long)]
+    store: String,
+    /// Pool size (addresses 10.32.0.1 onwards; at most 65,000).
+    #[arg(long)]
+    pool_size: u32,
+    /// Allocations to attempt.
+    #[arg(long)]
+    count: usize,
+    /// Node name (also the container id prefix).
+    #[arg(long)]
+    node: String,
+    /// Concurrent requests inside this process.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Keep retrying retryable errors for up to this many seconds per allocation.
+    #[arg(long, default_value_t = 30)]
+    retry_secs: u64,
+    /// Release every address at the end (and report the release rate).
+    #[arg(long)]
+    release: bool,
+    /// Print only the summary, not one line per allocation.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// The benchmark/test pool: `n` addresses from 10.32.0.1.
@@ -97,17 +100,17 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn alloc(
-    store: String,
-    pool_size: u32,
-    count: usize,
-    node: String,
-    concurrency: usize,
-    retry_secs: u64,
-    release: bool,
-    quiet: bool,
-) -> Result<()> {
+async fn alloc(args: AllocArgs) -> Result<()> {
+    let AllocArgs {
+        store,
+        pool_size,
+        count,
+        node,
+        concurrency,
+        retry_secs,
+        release,
+        quiet,
+    } = args;
     let cfg = StoreConfig::parse(&store).map_err(anyhow::Error::msg)?;
     let store = AnyStore::open(&cfg).await.context("opening the store")?;
     let pools = Arc::new(bench_pool(pool_size)?);
@@ -231,27 +234,6 @@ async fn alloc(
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Alloc {
-            store,
-            pool_size,
-            count,
-            node,
-            concurrency,
-            retry_secs,
-            release,
-            quiet,
-        } => {
-            alloc(
-                store,
-                pool_size,
-                count,
-                node,
-                concurrency,
-                retry_secs,
-                release,
-                quiet,
-            )
-            .await
-        }
+        Cmd::Alloc(args) => alloc(args).await,
     }
 }
