@@ -331,6 +331,10 @@ impl<S: LeaseStore> Engine<S> {
                 .await?;
             if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
                 self.bump(|s| s.replays += 1);
+                // A replay after a lost answer: make sure the cache knows these are held.
+                for l in &existing.leases {
+                    self.mark_cached(&l.pool, l.ip);
+                }
                 let routes = select::pod_routes(input)?;
                 let described = self.describe(pools, &existing.leases);
                 return attach_routes(&routes, described, &pod);

@@ -240,3 +240,58 @@ spec: {subnet: 10.0.0.0/16, ips: [10.0.1.1-10.0.1.2]}
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A pool built from random `ips`, `excludeIPs`, reserved IPs and gateway hands out exactly the
+    /// addresses of ips minus excludeIPs minus reserved minus gateway, each once, never another.
+    #[test]
+    fn pool_never_hands_out_excluded_reserved_or_gateway(
+        ips in prop::collection::vec(range_strategy(250), 1..5),
+        excl in prop::collection::vec(range_strategy(250), 0..4),
+        reserved in prop::collection::vec(range_strategy(250), 0..3),
+        gw in 0..250u32,
+        hint in any::<u64>(),
+    ) {
+        use spiderpool_core::types::{IpPoolSpec, ObjectMeta, SpiderIpPool};
+        use spiderpool_core::validate::Pool;
+        let fmt = |v: &[(u32, u32)]| v.iter().map(|&(s, e)| format!("{}-{}", ip(s), ip(e))).collect::<Vec<_>>();
+        let mut exclude = fmt(&excl);
+        // A gateway inside ips must be excluded (Spiderpool's rule): keep the spec valid.
+        if model_of(&ips).contains(&gw) {
+            exclude.push(ip(gw).to_string());
+        }
+        let spec = SpiderIpPool {
+            metadata: ObjectMeta { name: "p".into(), ..Default::default() },
+            spec: IpPoolSpec {
+                subnet: "10.0.0.0/24".into(),
+                ips: fmt(&ips),
+                exclude_ips: exclude,
+                gateway: Some(ip(gw).to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pool = Pool::from_spec(&spec).expect("valid pool");
+        let reserved_set = set_of(&reserved);
+        let mut expected = model_of(&ips);
+        for x in model_of(&excl).union(&model_of(&reserved)) {
+            expected.remove(x);
+        }
+        expected.remove(&gw);
+        let mut alloc = Allocator::new(pool.allocatable(&reserved_set), hint);
+        let mut got = BTreeSet::new();
+        while let Some(a) = alloc.take() {
+            let n = (ip_to_u128(a) as u32) - BASE;
+            prop_assert!(expected.contains(&n), "handed out {} (excluded, reserved, gateway or outside ips)", a);
+            prop_assert!(got.insert(n), "{} twice", a);
+        }
+        prop_assert_eq!(got, expected, "every allowed address is found");
+        // totalIPCount counts ips minus excludeIPs, as Spiderpool does.
+        let mut total = model_of(&ips);
+        for x in model_of(&excl) { total.remove(&x); }
+        if model_of(&ips).contains(&gw) { total.remove(&gw); }
+        prop_assert_eq!(pool.total().count(), total.len() as u128);
+    }
+}

@@ -41,8 +41,26 @@ struct Request {
     reply: Reply,
 }
 
+/// Counters of the writer thread.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+}
+
+/// How many commits the store applied and in how many durable redb transactions (fsyncs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitStats {
+    /// `LeaseStore::commit` calls answered.
+    pub commits: u64,
+    /// redb write transactions that carried them (one fsync each); fewer than `commits` when
+    /// group commit shared an fsync.
+    pub batches: u64,
+}
+
 struct Inner {
     path: PathBuf,
+    counters: Arc<Counters>,
     committed: Arc<RwLock<LeaseTable>>,
     tx: Mutex<Option<Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -98,12 +116,14 @@ impl EmbeddedStore {
         let db = Database::create(&path).map_err(|e| io_err("cannot open", &path, e))?;
         let table = load(&db, &path)?;
         let committed = Arc::new(RwLock::new(table.clone()));
+        let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db,
             path: path.clone(),
             working: table,
             committed: committed.clone(),
+            counters: counters.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("spiderpool-embedded-writer".into())
@@ -112,6 +132,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 path,
+                counters,
                 committed,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
@@ -122,6 +143,15 @@ impl EmbeddedStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Commits answered and the durable transactions that carried them.
+    pub fn commit_stats(&self) -> CommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CommitStats {
+            commits: self.inner.counters.commits.load(Relaxed),
+            batches: self.inner.counters.batches.load(Relaxed),
+        }
     }
 
     /// Number of records.
@@ -189,6 +219,7 @@ struct Writer {
     /// The writer's own copy: published state plus nothing else between batches.
     working: LeaseTable,
     committed: Arc<RwLock<LeaseTable>>,
+    counters: Arc<Counters>,
 }
 
 impl Writer {
@@ -226,6 +257,15 @@ impl Writer {
         } else {
             self.persist(&changes)
         };
+        if result.is_ok() {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.counters
+                .commits
+                .fetch_add(answers.len() as u64, Relaxed);
+            if !changes.is_empty() {
+                self.counters.batches.fetch_add(1, Relaxed);
+            }
+        }
         match result {
             Ok(()) => {
                 {
