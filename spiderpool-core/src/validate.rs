@@ -98,9 +98,7 @@ impl Pool {
     pub fn from_spec(obj: &SpiderIpPool) -> Result<Pool, Vec<ValidationError>> {
         let mut errs = Errors::new(format!("SpiderIPPool/{}", obj.metadata.name));
         let s = &obj.spec;
-        if obj.metadata.name.is_empty() {
-            errs.push("metadata.name", "must not be empty");
-        }
+        check_name(&mut errs, &obj.metadata.name);
         let common = check_common(
             &mut errs,
             s.ip_version,
@@ -184,6 +182,7 @@ impl Subnet {
     /// Checks and converts a SpiderSubnet.
     pub fn from_spec(obj: &SpiderSubnet) -> Result<Subnet, Vec<ValidationError>> {
         let mut errs = Errors::new(format!("SpiderSubnet/{}", obj.metadata.name));
+        check_name(&mut errs, &obj.metadata.name);
         let s = &obj.spec;
         let common = check_common(
             &mut errs,
@@ -233,6 +232,27 @@ pub fn reserved_ips(obj: &SpiderReservedIp) -> Result<IpSet, Vec<ValidationError
     }
     errs.finish()?;
     Ok(IpSet::from_ranges(family, ranges))
+}
+
+/// Kubernetes object names (DNS-1123 subdomain): the API server enforces it, and store keys rely
+/// on names holding no `/`.
+fn check_name(errs: &mut Errors, name: &str) {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.is_empty() {
+        errs.push("metadata.name", "must not be empty");
+    } else if name.len() > 253
+        || !name.chars().all(ok_char)
+        || !ends_ok(name.chars().next())
+        || !ends_ok(name.chars().last())
+    {
+        errs.push(
+            "metadata.name",
+            format!(
+                "'{name}' is not a valid name: use lowercase letters, digits, '-' and '.', start and end with a letter or digit, at most 253 characters"
+            ),
+        );
+    }
 }
 
 type Common = (
@@ -731,6 +751,18 @@ mod tests {
         assert!(m[1].contains("duplicate route dst 10.8.0.0/16"));
         assert!(m[2].contains("routes[3].gw"));
         assert!(m[3].contains("want a CIDR"));
+    }
+
+    #[test]
+    fn names_must_be_kubernetes_names() {
+        for bad in ["", "Pool-A", "a/b", "-a", "a-", "a_b"] {
+            let m = messages(Pool::from_spec(&pool(bad, "10.6.0.0/16", &["10.6.0.10"])));
+            assert!(
+                m.iter().any(|e| e.contains("metadata.name")),
+                "{bad:?} accepted: {m:?}"
+            );
+        }
+        assert!(Pool::from_spec(&pool("zone-a.v4", "10.6.0.0/16", &["10.6.0.10"])).is_ok());
     }
 
     #[test]

@@ -242,6 +242,12 @@ impl EtcdStore {
 
     /// One atomic etcd transaction: the claims and at most [`CHUNK`] releases.
     async fn commit_chunk(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        for c in &txn.claims {
+            check_key_part("pool", &c.pool)?;
+            check_key_part("container id", &c.owner.container_id)?;
+            check_key_part("interface", &c.owner.ifname)?;
+            check_key_part("node", &c.owner.node)?;
+        }
         let mut claims = txn.claims;
         for _ in 0..MAX_ROUNDS {
             // Which releases hit a record still owned as stated, at which revision.
@@ -349,6 +355,17 @@ impl EtcdStore {
             source: None,
         })
     }
+}
+
+/// Names become parts of keys: refuse what would make one key look like another's prefix.
+fn check_key_part(what: &str, v: &str) -> Result<(), StoreError> {
+    if v.is_empty() || v.contains('/') || v.chars().any(char::is_control) {
+        return Err(StoreError::Failed {
+            message: format!("{what} '{v}' cannot be stored: it must be non-empty, without '/' or control characters"),
+            source: None,
+        });
+    }
+    Ok(())
 }
 
 fn owned(cur: &Lease, r: &Release) -> bool {

@@ -145,6 +145,26 @@ mod etcd {
         assert!(!after.leases.is_empty());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_refuses_names_that_would_break_the_key_layout() {
+        use spiderpool_core::conformance::lease;
+        use spiderpool_core::store::Txn;
+        let Some(bin) = require_etcd() else { return };
+        let server = EtcdServer::start(&bin).expect("etcd starts");
+        let s = connect(&server.url(), &unique_prefix("names")).await;
+        let bad = lease("10.0.0.1", "p", "ctr/eth0", "eth0", "n1");
+        let err = s
+            .commit(Txn {
+                claims: vec![bad],
+                releases: vec![],
+            })
+            .await
+            .expect_err("refused");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("container id 'ctr/eth0'"), "{err}");
+        assert!(s.list(Filter::All).await.expect("list").leases.is_empty());
+    }
+
     #[tokio::test]
     async fn etcd_unreachable_is_a_clear_retryable_error() {
         // Nothing listens on this port (bound and released just now).
