@@ -169,7 +169,7 @@ pub enum StoreError {
     /// The store cannot be reached or is overloaded now; the same request may succeed later
     /// (CNI error code 11). The transaction may or may not have been applied: claims are
     /// idempotent, so retrying is safe.
-    #[error("lease store unavailable ({message}); try again")]
+    #[error("lease store unavailable ({message}{}); try again", cause(source))]
     Unavailable {
         /// What happened.
         message: String,
@@ -178,7 +178,7 @@ pub enum StoreError {
         source: Option<BoxError>,
     },
     /// The store failed in a way retrying will not fix.
-    #[error("lease store failed: {message}")]
+    #[error("lease store failed: {message}{}", cause(source))]
     Failed {
         /// What happened.
         message: String,
@@ -194,6 +194,14 @@ pub enum StoreError {
         /// Decoding error.
         message: String,
     },
+}
+
+/// `: <cause>` for messages that must stand alone (CNI error strings, logs without chains).
+fn cause(source: &Option<BoxError>) -> String {
+    source
+        .as_ref()
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
 }
 
 impl StoreError {

@@ -36,6 +36,8 @@ use spiderpool_core::store::{
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/spiderpool/v1/";
+/// Keys per page of a range read.
+pub const PAGE: i64 = 2000;
 /// Records per etcd transaction (4 keys each, under etcd's 128-operation limit).
 pub const CHUNK: usize = 32;
 /// How often a transaction is re-tried when only benign races (idempotent re-claims, records
@@ -190,20 +192,44 @@ impl EtcdStore {
         }
     }
 
+    /// Reads every key under `prefix` at one revision, in pages of [`PAGE`] keys (a whole pool
+    /// would not fit in one gRPC message).
     async fn get_prefix(&self, prefix: &str) -> Result<(u64, Vec<KeyValue>), StoreError> {
-        let mut kv = self.kv.clone();
-        let req = kv.get(prefix, Some(GetOptions::new().with_prefix()));
-        let mut resp = match tokio::time::timeout(self.timeout, req).await {
-            Ok(r) => r.map_err(|e| map_err(&self.endpoints, e))?,
-            Err(e) => {
-                return Err(StoreError::unavailable(
-                    format!("etcd at {}: request timed out", self.endpoints),
-                    e,
-                ))
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
             }
-        };
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((u64::try_from(rev).unwrap_or(0), resp.take_kvs()))
+            let mut kv = self.kv.clone();
+            let req = kv.get(start.clone(), Some(opts));
+            let mut resp = match tokio::time::timeout(self.timeout, req).await {
+                Ok(r) => r.map_err(|e| map_err(&self.endpoints, e))?,
+                Err(e) => {
+                    return Err(StoreError::unavailable(
+                        format!("etcd at {}: request timed out", self.endpoints),
+                        e,
+                    ))
+                }
+            };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((u64::try_from(revision).unwrap_or(0), out))
     }
 
     /// The cluster's current revision (a read of an empty range).
@@ -355,6 +381,18 @@ impl EtcdStore {
             source: None,
         })
     }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
 }
 
 /// Names become parts of keys: refuse what would make one key look like another's prefix.

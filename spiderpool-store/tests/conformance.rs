@@ -165,6 +165,54 @@ mod etcd {
         assert!(s.list(Filter::All).await.expect("list").leases.is_empty());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_lists_a_pool_larger_than_one_grpc_message() {
+        use spiderpool_core::conformance::lease;
+        use spiderpool_core::store::{Outcome, Txn};
+        let Some(bin) = require_etcd() else { return };
+        let server = EtcdServer::start(&bin).expect("etcd starts");
+        let s = connect(&server.url(), &unique_prefix("big")).await;
+        // 20,000 records of ~400 bytes: ~8 MB per listing, twice tonic's 4 MB message limit.
+        let n = 20_000u32;
+        let long = "x".repeat(120);
+        let all: Vec<_> = (0..n)
+            .map(|i| {
+                let mut l = lease(
+                    &std::net::Ipv4Addr::from(0x0a50_0000 + i).to_string(),
+                    "big",
+                    &format!("c{i}"),
+                    "eth0",
+                    "n1",
+                );
+                l.owner.pod_name = format!("{long}-{i}");
+                l
+            })
+            .collect();
+        let chunks: Vec<Vec<_>> = all.chunks(32).map(|c| c.to_vec()).collect();
+        let mut tasks = Vec::new();
+        for group in chunks.chunks(chunks.len() / 8 + 1) {
+            let (s, group) = (s.clone(), group.to_vec());
+            tasks.push(tokio::spawn(async move {
+                for c in group {
+                    let out = s
+                        .commit(Txn {
+                            claims: c,
+                            releases: vec![],
+                        })
+                        .await;
+                    assert!(matches!(out, Ok(Outcome::Committed { .. })), "{out:?}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("fill task");
+        }
+        let pool = s.list(Filter::Pool("big")).await.expect("paged listing");
+        assert_eq!(pool.leases.len(), n as usize);
+        let node = s.list(Filter::Node("n1")).await.expect("paged listing");
+        assert_eq!(node.leases.len(), n as usize);
+    }
+
     #[tokio::test]
     async fn etcd_unreachable_is_a_clear_retryable_error() {
         // Nothing listens on this port (bound and released just now).
