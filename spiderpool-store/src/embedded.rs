@@ -245,7 +245,10 @@ impl Writer {
                 Ok((writes, deletes)) => {
                     let revision = self.working.apply(writes.clone(), &deletes);
                     let released = deletes.clone();
-                    changes.push((writes, deletes));
+                    // Idempotent no-ops change nothing and need no write.
+                    if !writes.is_empty() || !deletes.is_empty() {
+                        changes.push((writes, deletes));
+                    }
                     Outcome::Committed { revision, released }
                 }
                 Err(c) => Outcome::Conflict(c),
