@@ -29,11 +29,17 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test (all crates, all features)"
-cargo test --workspace --all-features
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-features 2>&1 | tee "$log"
+passed=$(awk '/^test result:/ {p += $4} END {print p + 0}' "$log")
+failed=$(awk '/^test result:/ {f += $6} END {print f + 0}' "$log")
+skipped=$(grep -c 'SKIPPED:' "$log" || true)
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps -q
 echo "== the seed scenario: cargo run --example cross_zone"
 cargo run -q --example cross_zone >/dev/null
 echo "== fuzz smoke run (10 s per target; longer: scripts/fuzz.sh 600)"
 ./scripts/fuzz.sh 10
-echo "== all tests passed"
+echo "== all checks passed"
+echo "tests: $passed passed, $failed failed, $skipped skipped"

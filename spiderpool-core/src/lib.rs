@@ -19,6 +19,48 @@
 //! - [`engine`]: [`engine::Engine`]: allocate, release, check and GC through a store.
 //! - [`manifest`]: multi-document YAML/JSON manifests to objects (used by `spiderctl`).
 //! - [`table`]: `kubectl`-style aligned tables for tools and examples.
+//!
+//! # Example
+//! ```
+//! use std::collections::BTreeMap;
+//! use spiderpool_core::engine::{Attachment, Engine};
+//! use spiderpool_core::manifest::parse_documents;
+//! use spiderpool_core::select::SelectionInput;
+//! use spiderpool_core::{MemoryStore, PoolSet};
+//!
+//! let yaml = r#"
+//! kind: SpiderIPPool
+//! metadata: {name: zone-a}
+//! spec:
+//!   subnet: 10.6.0.0/16
+//!   ips: [10.6.168.60-10.6.168.69]
+//!   gateway: 10.6.0.1
+//!   nodeAffinity: {matchLabels: {node-subnet: subnet-6}}
+//! "#;
+//! let objects: Vec<_> = parse_documents(yaml).unwrap().into_iter().map(|d| d.object.unwrap()).collect();
+//! let pools = PoolSet::build(&objects).unwrap();
+//!
+//! let engine = Engine::new(MemoryStore::new(), "node-1");
+//! let node_labels = BTreeMap::from([("node-subnet".to_string(), "subnet-6".to_string())]);
+//! let annotations = BTreeMap::from([(
+//!     "ipam.spidernet.io/ippool".to_string(),
+//!     r#"{"ipv4": ["zone-a"]}"#.to_string(),
+//! )]);
+//! let pod = SelectionInput {
+//!     pod_namespace: "default",
+//!     pod_name: "web-0",
+//!     pod_annotations: Some(&annotations),
+//!     node_name: "node-1",
+//!     node_labels: Some(&node_labels),
+//!     ..Default::default()
+//! };
+//! let att = Attachment { container_id: "c1".into(), ifname: "eth0".into() };
+//! let got = futures::executor::block_on(engine.allocate(&pools, &pod, &att, "uid-1", 0)).unwrap();
+//! let v4 = got.nic("eth0").and_then(|n| n.ipv4.as_ref()).unwrap();
+//! assert_eq!(v4.pool, "zone-a");
+//! assert!(v4.address.to_string().starts_with("10.6.168."));
+//! assert_eq!(v4.gateway.unwrap().to_string(), "10.6.0.1");
+//! ```
 
 #![cfg_attr(
     not(test),

@@ -284,6 +284,16 @@ impl fmt::Display for IpRange {
 
 /// A set of addresses of one family: sorted, merged (neither overlapping nor adjacent) intervals,
 /// with prefix counts for O(log n) index <-> address conversion.
+///
+/// ```
+/// use spiderpool_core::range::{IpFamily, IpSet};
+/// let ips = IpSet::parse(IpFamily::V4, &["10.6.168.60-10.6.168.69", "10.6.168.70"]).unwrap();
+/// let excluded = IpSet::parse(IpFamily::V4, &["10.6.168.65"]).unwrap();
+/// let free = ips.subtract(&excluded);
+/// assert_eq!(free.to_strings(), ["10.6.168.60-10.6.168.64", "10.6.168.66-10.6.168.70"]);
+/// assert_eq!(free.count(), 10);
+/// assert_eq!(free.nth_ip(5).unwrap().to_string(), "10.6.168.66");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IpSet {
     family: IpFamily,

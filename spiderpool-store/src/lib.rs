@@ -40,6 +40,13 @@ pub enum StoreConfig {
 
 impl StoreConfig {
     /// Parses `memory`, `embedded:PATH` or `etcd:URL[,URL...][#PREFIX]`.
+    ///
+    /// ```
+    /// use spiderpool_store::StoreConfig;
+    /// assert!(matches!(StoreConfig::parse("memory"), Ok(StoreConfig::Memory)));
+    /// let err = StoreConfig::parse("redis:x").unwrap_err();
+    /// assert!(err.contains("use memory, embedded:PATH or etcd:URL"));
+    /// ```
     pub fn parse(s: &str) -> Result<Self, String> {
         if s == "memory" {
             return Ok(StoreConfig::Memory);
