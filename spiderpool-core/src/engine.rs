@@ -312,6 +312,17 @@ impl<S: LeaseStore> Engine<S> {
         }
     }
 
+    /// Gives back the picks of a request that failed before (or without knowing whether) they were
+    /// committed, counts the failure, and passes the error on. (If a commit was applied but its
+    /// answer lost, the cache learns the truth at the next conflict or refresh.)
+    fn abandon(&self, picks: &[Pick], e: EngineError) -> EngineError {
+        for p in picks {
+            self.uncache(&p.pool, p.ip);
+        }
+        self.bump(|s| s.failures += 1);
+        e
+    }
+
     /// Allocates addresses for the NIC `att.ifname` of a pod (and, with the `ippools` annotation,
     /// for every NIC it lists). Idempotent per `(container id, ifname)`: a repeated call returns
     /// what was recorded. Either every address of the request is committed, or none.
@@ -348,11 +359,7 @@ impl<S: LeaseStore> Engine<S> {
             let mut picks: Vec<Pick> = Vec::new();
             let result = self.pick_all(pools, &plan, &done, &pod, &mut picks).await;
             if let Err(e) = result {
-                for p in &picks {
-                    self.uncache(&p.pool, p.ip);
-                }
-                self.bump(|s| s.failures += 1);
-                return Err(e);
+                return Err(self.abandon(&picks, e));
             }
             let claims: Vec<Lease> = picks
                 .iter()
@@ -378,13 +385,7 @@ impl<S: LeaseStore> Engine<S> {
             let described = self.describe(pools, &all);
             let answer = match attach_routes(&plan.routes, described, &pod) {
                 Ok(a) => a,
-                Err(e) => {
-                    for p in &picks {
-                        self.uncache(&p.pool, p.ip);
-                    }
-                    self.bump(|s| s.failures += 1);
-                    return Err(e);
-                }
+                Err(e) => return Err(self.abandon(&picks, e)),
             };
             let outcome = match self
                 .store
@@ -395,13 +396,7 @@ impl<S: LeaseStore> Engine<S> {
                 .await
             {
                 Ok(o) => o,
-                Err(e) => {
-                    for p in &picks {
-                        self.uncache(&p.pool, p.ip);
-                    }
-                    self.bump(|s| s.failures += 1);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(self.abandon(&picks, e.into())),
             };
             match outcome {
                 Outcome::Committed { .. } => {
