@@ -23,21 +23,26 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn explain_json(pod: &str, extra: &[&str]) -> (i32, Value) {
+/// `spiderctl explain` on testdata/tricky.yaml.
+fn explain_tricky(node: &str, pod: &str, extra: &[&str]) -> Output {
     let tricky = data("tricky.yaml");
     let mut args = vec![
         "explain",
         "--manifests",
         &tricky,
         "--node",
-        "n1",
+        node,
         "--pod",
         pod,
-        "-o",
-        "json",
     ];
     args.extend_from_slice(extra);
-    let out = spiderctl(&args);
+    spiderctl(&args)
+}
+
+fn explain_json(pod: &str, extra: &[&str]) -> (i32, Value) {
+    let mut extra = extra.to_vec();
+    extra.extend_from_slice(&["-o", "json"]);
+    let out = explain_tricky("n1", pod, &extra);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "not JSON ({e}): {} / {}",
@@ -214,17 +219,7 @@ fn explain_dual_stack_and_multi_nic() {
     assert_eq!(nics[1]["ipv6"], Value::Null);
     assert_eq!(nics[1]["cleanGateway"], true);
     // An interface the annotation does not list is an error (exit 1).
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &data("tricky.yaml"),
-        "--node",
-        "n1",
-        "--pod",
-        "plain/multi-nic",
-        "--ifname",
-        "net2",
-    ]);
+    let out = explain_tricky("n1", "plain/multi-nic", &["--ifname", "net2"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("interface net2 is not listed"));
 }
@@ -290,54 +285,19 @@ fn explain_default_sources_in_precedence_order() {
     );
     assert_eq!(v["nics"][0]["ipv4"]["selected"], "cluster-default");
     // IPv6-only cluster defaults, but no IPv6 default pool: nothing to choose from (exit 1).
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &data("tricky.yaml"),
-        "--node",
-        "n1",
-        "--pod",
-        "plain/no-annotation",
-        "--default-families",
-        "v6",
-    ]);
+    let out = explain_tricky("n1", "plain/no-annotation", &["--default-families", "v6"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no pool is configured for eth0"));
 }
 
 #[test]
 fn explain_bad_input_is_exit_2_and_bad_annotation_exit_1() {
-    let tricky = data("tricky.yaml");
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &tricky,
-        "--node",
-        "n9",
-        "--pod",
-        "plain/dual",
-    ]);
+    let out = explain_tricky("n9", "plain/dual", &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node n9 is not in the manifests"));
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &tricky,
-        "--node",
-        "n1",
-        "--pod",
-        "dual",
-    ]);
+    let out = explain_tricky("n1", "dual", &[]);
     assert_eq!(out.status.code(), Some(2));
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &tricky,
-        "--node",
-        "n1",
-        "--pod",
-        "plain/bad-annotation",
-    ]);
+    let out = explain_tricky("n1", "plain/bad-annotation", &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(

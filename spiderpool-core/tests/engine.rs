@@ -11,33 +11,8 @@ use spiderpool_core::select::{CniDefaults, Families, SelectionInput};
 use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
 use spiderpool_core::PoolSet;
 
-const SEED_POOLS: &str = r#"
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: test-ippool-6
-spec:
-  subnet: 10.6.0.0/16
-  ips:
-    - 10.6.168.60-10.6.168.69
-  gateway: 10.6.0.1
-  nodeAffinity:
-    matchExpressions:
-    - {key: node-subnet, operator: In, values: [subnet-6]}
----
-apiVersion: spiderpool.spidernet.io/v2beta1
-kind: SpiderIPPool
-metadata:
-  name: test-ippool-7
-spec:
-  subnet: 10.7.0.0/16
-  ips:
-    - 10.7.168.60-10.7.168.69
-  gateway: 10.7.0.1
-  nodeAffinity:
-    matchExpressions:
-    - {key: node-subnet, operator: In, values: [subnet-7]}
-"#;
+/// The seed's two SpiderIPPools, unchanged.
+const SEED_POOLS: &str = include_str!("../../testdata/seed-pools.yaml");
 
 fn pools(yaml: &str) -> PoolSet {
     let objs: Vec<_> = parse_documents(yaml)
