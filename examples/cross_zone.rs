@@ -14,11 +14,10 @@ use std::process::ExitCode;
 
 use futures::executor::block_on;
 use spiderpool_core::engine::{count_by_pool, Attachment, Engine};
-use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{Families, SelectionInput, ANNO_IPPOOL};
 use spiderpool_core::store::{Filter, LeaseStore};
 use spiderpool_core::table;
-use spiderpool_core::PoolSet;
 use spiderpool_store::embedded::EmbeddedStore;
 
 const POOLS: &str = include_str!("../testdata/seed-pools.yaml");
@@ -41,17 +40,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     println!("~# cat <<EOF | kubectl apply -f -   (the seed's two SpiderIPPools)");
-    let objects: Vec<_> = parse_documents(POOLS)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|d| d.object.map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let pools = PoolSet::build(&objects).map_err(|errs| {
-        errs.iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    })?;
+    let pools = pool_set(POOLS).map_err(|problems| problems.join("\n"))?;
     for name in pools.pools.keys() {
         println!("spiderippool.spiderpool.spidernet.io/{name} created");
     }

@@ -12,10 +12,9 @@ use std::process::ExitCode;
 
 use futures::executor::block_on;
 use spiderpool_core::engine::{Attachment, Engine};
-use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{CniDefaults, SelectionInput};
 use spiderpool_core::store::{LeaseStore, MemoryStore};
-use spiderpool_core::PoolSet;
 
 /// The network config the runtime would hand the plugin on stdin.
 const NETCONF: &str = r#"{
@@ -58,11 +57,7 @@ fn cni_result(alloc: &spiderpool_core::Allocation, ifname: &str) -> serde_json::
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let conf: serde_json::Value = serde_json::from_str(NETCONF)?;
     let defaults = CniDefaults::from_netconf(&conf)?;
-    let objects = parse_documents(POOLS)?
-        .into_iter()
-        .map(|d| d.object)
-        .collect::<Result<Vec<_>, _>>()?;
-    let pools = PoolSet::build(&objects).map_err(|e| format!("{e:?}"))?;
+    let pools = pool_set(POOLS).map_err(|problems| problems.join("\n"))?;
 
     let engine = Engine::new(MemoryStore::new(), "host-a");
     let empty = BTreeMap::new();

@@ -39,6 +39,24 @@ fn explain_tricky(node: &str, pod: &str, extra: &[&str]) -> Output {
     spiderctl(&args)
 }
 
+/// `spiderctl explain` on the seed's pools and cluster.
+fn explain_seed(node: &str, pod: &str, extra: &[&str]) -> Output {
+    let (pools, cluster) = (data("seed-pools.yaml"), data("seed-cluster.yaml"));
+    let mut args = vec![
+        "explain",
+        "--manifests",
+        &pools,
+        "--manifests",
+        &cluster,
+        "--node",
+        node,
+        "--pod",
+        pod,
+    ];
+    args.extend_from_slice(extra);
+    spiderctl(&args)
+}
+
 fn explain_json(pod: &str, extra: &[&str]) -> (i32, Value) {
     let mut extra = extra.to_vec();
     extra.extend_from_slice(&["-o", "json"]);
@@ -120,8 +138,6 @@ fn validate_checks_across_files_and_reports_unreadable_input() {
 
 #[test]
 fn explain_seed_picks_each_nodes_own_zone() {
-    let pools = data("seed-pools.yaml");
-    let cluster = data("seed-cluster.yaml");
     for (node, pod, want) in [
         (
             "controller-node-1",
@@ -130,19 +146,7 @@ fn explain_seed_picks_each_nodes_own_zone() {
         ),
         ("worker-node-1", "default/test-app-nkq5h", "test-ippool-7"),
     ] {
-        let out = spiderctl(&[
-            "explain",
-            "--manifests",
-            &pools,
-            "--manifests",
-            &cluster,
-            "--node",
-            node,
-            "--pod",
-            pod,
-            "-o",
-            "json",
-        ]);
+        let out = explain_seed(node, pod, &["-o", "json"]);
         assert_eq!(out.status.code(), Some(0));
         let v: Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(v["pod"], pod);
@@ -166,17 +170,7 @@ fn explain_seed_picks_each_nodes_own_zone() {
             .starts_with("nodeAffinity node-subnet In ["));
     }
     // The table form shows the same choice.
-    let out = spiderctl(&[
-        "explain",
-        "--manifests",
-        &pools,
-        "--manifests",
-        &cluster,
-        "--node",
-        "worker-node-1",
-        "--pod",
-        "default/test-app-nkq5h",
-    ]);
+    let out = explain_seed("worker-node-1", "default/test-app-nkq5h", &[]);
     let t = stdout(&out);
     assert!(
         t.lines()

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::IpAddr;
 
 use crate::engine::{Attachment, Engine};
-use crate::manifest::parse_documents;
+use crate::manifest::pool_set;
 use crate::select::{SelectionInput, ANNO_IPPOOL};
 use crate::store::{Conflict, Filter, Lease, LeaseStore, Outcome, Owner, Release, Txn};
 use crate::PoolSet;
@@ -217,12 +217,7 @@ spec: {subnet: 10.9.0.0/16, ips: [10.9.0.1-10.9.0.20]}
 "#;
 
 fn small_pool() -> PoolSet {
-    let objs: Vec<_> = parse_documents(POOL)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .into_iter()
-        .filter_map(|d| d.object.ok())
-        .collect();
-    PoolSet::build(&objs).unwrap_or_else(|e| panic!("{e:?}"))
+    pool_set(POOL).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 /// Through the engine: idempotent allocate and release, GC frees exactly the unlisted.

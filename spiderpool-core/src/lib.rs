@@ -24,9 +24,9 @@
 //! ```
 //! use std::collections::BTreeMap;
 //! use spiderpool_core::engine::{Attachment, Engine};
-//! use spiderpool_core::manifest::parse_documents;
+//! use spiderpool_core::manifest::pool_set;
 //! use spiderpool_core::select::SelectionInput;
-//! use spiderpool_core::{MemoryStore, PoolSet};
+//! use spiderpool_core::MemoryStore;
 //!
 //! let yaml = r#"
 //! kind: SpiderIPPool
@@ -37,8 +37,7 @@
 //!   gateway: 10.6.0.1
 //!   nodeAffinity: {matchLabels: {node-subnet: subnet-6}}
 //! "#;
-//! let objects: Vec<_> = parse_documents(yaml).unwrap().into_iter().map(|d| d.object.unwrap()).collect();
-//! let pools = PoolSet::build(&objects).unwrap();
+//! let pools = pool_set(yaml).unwrap();
 //!
 //! let engine = Engine::new(MemoryStore::new(), "node-1");
 //! let node_labels = BTreeMap::from([("node-subnet".to_string(), "subnet-6".to_string())]);

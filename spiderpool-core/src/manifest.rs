@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::types::{Object, ObjectError};
+use crate::validate::PoolSet;
 
 /// One document of a manifest.
 #[derive(Debug)]
@@ -36,6 +37,24 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, ManifestError> {
         push_value(value, &mut out);
     }
     Ok(out)
+}
+
+/// Reads a manifest and checks it as a whole: the [`PoolSet`] of its pools, subnets and reserved
+/// IPs, or every problem found (YAML, decoding, validation), one line each.
+pub fn pool_set(text: &str) -> Result<PoolSet, Vec<String>> {
+    let docs = parse_documents(text).map_err(|e| vec![e.to_string()])?;
+    let mut objects = Vec::with_capacity(docs.len());
+    let mut problems = Vec::new();
+    for d in docs {
+        match d.object {
+            Ok(o) => objects.push(o),
+            Err(e) => problems.push(format!("document {}: {e}", d.index)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    PoolSet::build(&objects).map_err(|errs| errs.iter().map(|e| e.to_string()).collect())
 }
 
 fn push_value(value: serde_json::Value, out: &mut Vec<Document>) {
@@ -110,5 +129,13 @@ items:
         assert!(parse_documents("a: [").is_err());
         let docs = parse_documents("kind: Deployment\n").expect("yaml");
         assert!(docs[0].object.is_err());
+        let problems =
+            pool_set("kind: SpiderIPPool\nmetadata: {name: p}\nspec: {subnet: 10.6.0.1/16}\n")
+                .expect_err("unformatted subnet");
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("please change it to 10.6.0.0/16"),
+            "{problems:?}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::executor::block_on;
 use spiderpool_core::engine::{Attachment, Engine, EngineError};
-use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{CniDefaults, Families, SelectionInput};
 use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
 use spiderpool_core::PoolSet;
@@ -15,12 +15,7 @@ use spiderpool_core::PoolSet;
 const SEED_POOLS: &str = include_str!("../../testdata/seed-pools.yaml");
 
 fn pools(yaml: &str) -> PoolSet {
-    let objs: Vec<_> = parse_documents(yaml)
-        .expect("yaml")
-        .into_iter()
-        .map(|d| d.object.expect("object"))
-        .collect();
-    PoolSet::build(&objs).expect("valid pools")
+    pool_set(yaml).expect("valid pools")
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

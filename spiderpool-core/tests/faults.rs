@@ -11,10 +11,9 @@ use std::sync::Arc;
 use futures::executor::block_on;
 use proptest::prelude::*;
 use spiderpool_core::engine::{Attachment, Engine, EngineError};
-use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{SelectionInput, ANNO_IPPOOL};
 use spiderpool_core::store::{Filter, LeaseStore, Listing, MemoryStore, Outcome, StoreError, Txn};
-use spiderpool_core::PoolSet;
 
 /// Fails operations according to a fixed schedule: bit `n` of `plan` set = operation `n` fails.
 /// A failing commit is applied first (answer lost) when the matching bit of `applied` is set.
@@ -74,8 +73,7 @@ proptest! {
     #[test]
     fn faults_never_duplicate_or_leak(plan in any::<u64>(), applied in any::<u64>(),
                                       pods in prop::collection::vec((0..6u8, any::<bool>()), 1..40)) {
-        let objs: Vec<_> = parse_documents(POOL).expect("yaml").into_iter().map(|d| d.object.expect("obj")).collect();
-        let pools = PoolSet::build(&objs).expect("valid");
+        let pools = pool_set(POOL).expect("valid");
         let inner = Arc::new(MemoryStore::new());
         // At most half the operations fail, so work makes progress.
         let store = FaultyStore { inner: inner.clone(), plan: plan & 0x3333_3333_3333_3333, applied, op: AtomicU64::new(0) };

@@ -9,7 +9,7 @@ use futures::executor::block_on;
 use proptest::prelude::*;
 use spiderpool_core::bitmap::Allocator;
 use spiderpool_core::engine::{Attachment, Engine};
-use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::manifest::{parse_documents, pool_set};
 use spiderpool_core::range::{ip_to_u128, IpFamily, IpRange, IpSet};
 use spiderpool_core::select::{self, SelectionInput};
 use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
@@ -194,8 +194,7 @@ kind: SpiderIPPool
 metadata: {name: backup}
 spec: {subnet: 10.0.0.0/16, ips: [10.0.1.1-10.0.1.2]}
 "#;
-        let objs: Vec<_> = parse_documents(yaml).expect("yaml").into_iter().map(|d| d.object.expect("obj")).collect();
-        let set = PoolSet::build(&objs).expect("valid");
+        let set = pool_set(yaml).expect("valid");
         let store = Arc::new(MemoryStore::new());
         let engines = [Engine::new(store.clone(), "n0"), Engine::new(store.clone(), "n1")];
         let annos: BTreeMap<String, String> = [(select::ANNO_IPPOOL.to_string(), r#"{"ipv4":["main","backup"]}"#.to_string())].into();
