@@ -152,6 +152,7 @@ fn bench_engine(c: &mut Criterion) {
                     container_id: format!("filler-{n}"),
                     ifname: "eth0".into(),
                     node: "other".into(),
+                    network: "net".into(),
                     created: 0,
                 },
                 clean_gateway: false,

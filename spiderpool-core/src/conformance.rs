@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use crate::engine::{Attachment, Engine};
 use crate::manifest::pool_set;
-use crate::select::{SelectionInput, ANNO_IPPOOL};
+use crate::select::{CniDefaults, SelectionInput, ANNO_IPPOOL, ANNO_IPPOOLS};
 use crate::store::{Conflict, Filter, Lease, LeaseStore, Outcome, Owner, Release, Txn};
 use crate::PoolSet;
 
@@ -34,6 +34,7 @@ pub fn lease(addr: &str, pool: &str, container: &str, ifname: &str, node: &str) 
             container_id: container.into(),
             ifname: ifname.into(),
             node: node.into(),
+            network: "net-a".into(),
             created: 1_700_000_000,
         },
         clean_gateway: false,
@@ -127,6 +128,67 @@ pub async fn claim_semantics<S: LeaseStore>(s: &S) {
         matches!(commit(s, vec![v6], vec![]).await, Outcome::Committed { .. }),
         "{b}: IPv6 slot of the same NIC"
     );
+
+    // One transaction claiming one address (or one slot) twice: refused as a duplicate of the
+    // transaction's own claim, never as "taken", and nothing applied.
+    let d1 = lease("10.0.0.7", "p", "c7", "eth0", "n1");
+    let d2 = lease("10.0.0.7", "p", "c8", "eth0", "n1");
+    let d3 = lease("10.0.0.8", "p", "c7", "eth0", "n1");
+    for second in [d2, d3] {
+        match commit(s, vec![d1.clone(), second.clone()], vec![]).await {
+            Outcome::Conflict(c) => assert_eq!(
+                c,
+                vec![Conflict::DuplicateInTxn(second.clone())],
+                "{b}: duplicate claim in one transaction"
+            ),
+            x => panic!("{b}: duplicate claim in one transaction accepted: {x:?}"),
+        }
+    }
+    assert!(
+        all(s, Filter::Container("c7")).await.is_empty(),
+        "{b}: a refused transaction applied its first claim"
+    );
+}
+
+/// The pool revision moves exactly when the pool's records change, in the revision space of
+/// listings.
+pub async fn pool_revisions<S: LeaseStore>(s: &S) {
+    let b = s.backend();
+    let rev = |p: &'static str| async move {
+        s.pool_revision(p)
+            .await
+            .unwrap_or_else(|e| panic!("{b}: pool_revision: {e}"))
+    };
+    let a = lease("10.0.6.1", "pa", "c1", "eth0", "n1");
+    let committed = match commit(s, vec![a.clone()], vec![]).await {
+        Outcome::Committed { revision, .. } => revision,
+        x => panic!("{b}: {x:?}"),
+    };
+    let listed = s
+        .list(Filter::Pool("pa"))
+        .await
+        .unwrap_or_else(|e| panic!("{b}: {e}"))
+        .revision;
+    let pa = rev("pa").await;
+    assert!(
+        pa >= committed && pa <= listed,
+        "{b}: pool revision {pa} after a claim at {committed}, listing at {listed}"
+    );
+    let pb = rev("pb").await;
+    commit(s, vec![lease("10.0.6.2", "pb", "c2", "eth0", "n1")], vec![]).await;
+    assert!(rev("pb").await > pb, "{b}: a claim in pb moves pb");
+    assert_eq!(rev("pa").await, pa, "{b}: a claim in pb moved pa");
+    // A no-op (idempotent re-claim, release of nothing) does not move it.
+    commit(s, vec![a.clone()], vec![]).await;
+    commit(
+        s,
+        vec![],
+        vec![Release::from(&lease("10.0.6.9", "pa", "c9", "eth0", "n1"))],
+    )
+    .await;
+    assert_eq!(rev("pa").await, pa, "{b}: a no-op moved pa");
+    commit(s, vec![], vec![Release::from(&a)]).await;
+    assert!(rev("pa").await > pa, "{b}: a release in pa moves pa");
 }
 
 /// Releases delete only what the named attachment holds, are idempotent and never abort.
@@ -226,11 +288,13 @@ pub async fn engine_idempotency_and_gc<S: LeaseStore>(s: S) {
     let pools = small_pool();
     let engine = Engine::new(s, "node-a");
     let annos = [(ANNO_IPPOOL.to_string(), r#"{"ipv4":["small"]}"#.to_string())].into();
+    let cni = network("net-a");
     let input = SelectionInput {
         pod_namespace: "ns",
         pod_name: "p",
         pod_annotations: Some(&annos),
         node_name: "node-a",
+        cni: Some(&cni),
         ..Default::default()
     };
     let mut got = Vec::new();
@@ -268,7 +332,7 @@ pub async fn engine_idempotency_and_gc<S: LeaseStore>(s: S) {
         })
         .collect();
     let freed: BTreeSet<String> = engine
-        .gc(&valid)
+        .gc("net-a", &valid)
         .await
         .unwrap_or_else(|e| panic!("{b}: gc: {e}"))
         .into_iter()
@@ -288,6 +352,140 @@ pub async fn engine_idempotency_and_gc<S: LeaseStore>(s: S) {
         left,
         ["c1", "c3"].iter().map(|s| s.to_string()).collect(),
         "{b}"
+    );
+}
+
+fn network(name: &str) -> CniDefaults {
+    CniDefaults {
+        network_name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+const TWO_POOLS: &str = r#"
+kind: SpiderIPPool
+metadata: {name: primary}
+spec: {subnet: 10.9.0.0/16, ips: [10.9.0.1-10.9.0.20]}
+---
+kind: SpiderIPPool
+metadata: {name: backup}
+spec: {subnet: 10.10.0.0/16, ips: [10.10.0.1-10.10.0.200]}
+"#;
+
+/// CNI GC is scoped to one network and to containers: a container listed with any interface
+/// keeps every NIC it holds in that network (Multus lists a sandbox once while its first ADD
+/// allocated several NICs), and GC of a network never frees another network's records.
+pub async fn gc_is_scoped_to_network_and_container<S: LeaseStore>(s: S) {
+    let b = s.backend();
+    let pools = pool_set(TWO_POOLS).unwrap_or_else(|e| panic!("{e:?}"));
+    let engine = Engine::new(s, "node-a");
+    let annos = [(
+        ANNO_IPPOOLS.to_string(),
+        r#"[{"interface":"eth0","ipv4":["primary"]},{"interface":"net1","ipv4":["backup"]}]"#
+            .to_string(),
+    )]
+    .into();
+    let (net_a, net_b) = (network("net-a"), network("net-b"));
+    for (container, cni) in [("c1", &net_a), ("c2", &net_b)] {
+        let input = SelectionInput {
+            pod_namespace: "ns",
+            pod_name: container,
+            pod_annotations: Some(&annos),
+            node_name: "node-a",
+            cni: Some(cni),
+            ..Default::default()
+        };
+        let att = Attachment {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+        };
+        let got = engine
+            .allocate(&pools, &input, &att, "u", 0)
+            .await
+            .unwrap_or_else(|e| panic!("{b}: allocate: {e}"));
+        assert_eq!(got.nics.len(), 2, "{b}: eth0 and net1 on the first ADD");
+    }
+    let eth0 = |c: &str| Attachment {
+        container_id: c.into(),
+        ifname: "eth0".into(),
+    };
+    let gc = |net: &'static str, valid: Vec<Attachment>| {
+        let engine = &engine;
+        async move {
+            engine
+                .gc(net, &valid)
+                .await
+                .unwrap_or_else(|e| panic!("{b}: gc: {e}"))
+        }
+    };
+    assert!(
+        gc("net-a", vec![eth0("c1")]).await.is_empty(),
+        "{b}: GC of [(c1, eth0)] freed c1/net1 while c1 runs"
+    );
+    assert!(
+        gc("net-c", vec![]).await.is_empty(),
+        "{b}: GC of a network with no records freed another network's records"
+    );
+    let freed = gc("net-a", vec![]).await;
+    let freed: BTreeSet<(String, String)> = freed
+        .into_iter()
+        .map(|l| (l.owner.container_id, l.owner.ifname))
+        .collect();
+    assert_eq!(
+        freed,
+        [("c1", "eth0"), ("c1", "net1")]
+            .iter()
+            .map(|(c, i)| (c.to_string(), i.to_string()))
+            .collect(),
+        "{b}: GC of net-a with an empty list frees net-a's records, and only those"
+    );
+    let left = all(engine.store(), Filter::All).await;
+    assert!(
+        left.len() == 2 && left.iter().all(|l| l.owner.container_id == "c2"),
+        "{b}: net-b's records must stay: {left:?}"
+    );
+}
+
+/// A full primary pool is not re-read on every ADD: 40 ADDs that spill into the backup pool read
+/// the primary at most twice in all (its first read, and one re-read after our own last commit
+/// changed it), and read the backup once.
+pub async fn full_pool_is_not_reread_per_add<S: LeaseStore>(s: S) {
+    let b = s.backend();
+    let pools = pool_set(TWO_POOLS).unwrap_or_else(|e| panic!("{e:?}"));
+    let engine = Engine::new(s, "node-a");
+    let annos = [(
+        ANNO_IPPOOL.to_string(),
+        r#"{"ipv4":["primary","backup"]}"#.to_string(),
+    )]
+    .into();
+    let input = SelectionInput {
+        pod_namespace: "ns",
+        pod_name: "p",
+        pod_annotations: Some(&annos),
+        node_name: "node-a",
+        ..Default::default()
+    };
+    let mut in_backup = 0;
+    for i in 0..60 {
+        let att = Attachment {
+            container_id: format!("c{i}"),
+            ifname: "eth0".into(),
+        };
+        // The same second throughout: the re-read rate limit must not be what saves the reads.
+        let got = engine
+            .allocate(&pools, &input, &att, "u", 7)
+            .await
+            .unwrap_or_else(|e| panic!("{b}: allocate {i}: {e}"));
+        let pool = got.nics[0].ipv4.as_ref().map(|a| a.pool.clone());
+        if pool.as_deref() == Some("backup") {
+            in_backup += 1;
+        }
+    }
+    assert_eq!(in_backup, 40, "{b}: 20 in primary, then 40 in backup");
+    let reads = engine.stats().pool_reads;
+    assert!(
+        reads <= 3,
+        "{b}: {reads} pool listings for 60 ADDs (a full primary re-read per ADD?)"
     );
 }
 
@@ -349,7 +547,10 @@ where
     claim_semantics(&make().await).await;
     release_semantics(&make().await).await;
     listing(&make().await).await;
+    pool_revisions(&make().await).await;
     engine_idempotency_and_gc(make().await).await;
+    gc_is_scoped_to_network_and_container(make().await).await;
+    full_pool_is_not_reread_per_add(make().await).await;
     no_duplicates_under_concurrency(make().await).await;
 }
 
@@ -387,4 +588,125 @@ where
         x => panic!("{b}: attachment index lost on reopen: {x:?}"),
     }
     assert_eq!(all(&s, Filter::Container("c1")).await.len(), 2, "{b}");
+}
+
+/// A store wrapper that makes concurrency real on a single-threaded executor: every call yields
+/// to the executor a pseudo-random number of times before and after the inner store acts (so
+/// requests of several engines interleave at every await, as they do over a network store), and
+/// fails a chosen share of calls with a retryable error, a failing commit being applied first
+/// half of the time (the answer lost). Deterministic for a given seed.
+#[derive(Debug)]
+pub struct Interleaved<S> {
+    inner: S,
+    rng: std::sync::atomic::AtomicU64,
+    /// Calls that fail, per thousand.
+    fail_per_mille: u64,
+    /// Most yields around one call.
+    max_yields: u64,
+}
+
+impl<S> Interleaved<S> {
+    /// Wraps `inner`; `seed` fixes the schedule, `fail_per_mille` calls in a thousand fail.
+    pub fn new(inner: S, seed: u64, fail_per_mille: u64) -> Self {
+        Interleaved {
+            inner,
+            rng: std::sync::atomic::AtomicU64::new(seed | 1),
+            fail_per_mille,
+            max_yields: 4,
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn next(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // xorshift64*: no dependency, good enough for schedules.
+        let mut x = self.rng.load(Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Relaxed);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    async fn shuffle(&self) {
+        for _ in 0..self.next() % (self.max_yields + 1) {
+            YieldNow(false).await;
+        }
+    }
+
+    fn fails(&self) -> bool {
+        self.next() % 1000 < self.fail_per_mille
+    }
+}
+
+fn injected() -> crate::store::StoreError {
+    crate::store::StoreError::Unavailable {
+        message: "injected fault".into(),
+        source: None,
+    }
+}
+
+/// Returns `Pending` once (waking itself), then `Ready`.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: LeaseStore> LeaseStore for Interleaved<S> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn list(
+        &self,
+        filter: Filter<'_>,
+    ) -> Result<crate::store::Listing, crate::store::StoreError> {
+        self.shuffle().await;
+        if self.fails() {
+            return Err(injected());
+        }
+        let out = self.inner.list(filter).await;
+        self.shuffle().await;
+        out
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Outcome, crate::store::StoreError> {
+        self.shuffle().await;
+        let fail = self.fails();
+        if fail && self.next() % 2 == 0 {
+            return Err(injected());
+        }
+        let out = self.inner.commit(txn).await;
+        self.shuffle().await;
+        if fail {
+            return Err(injected()); // applied, answer lost
+        }
+        out
+    }
+
+    async fn pool_revision(&self, pool: &str) -> Result<u64, crate::store::StoreError> {
+        self.shuffle().await;
+        if self.fails() {
+            return Err(injected());
+        }
+        self.inner.pool_revision(pool).await
+    }
 }

@@ -4,7 +4,8 @@
 //! costs no round trip; the store's conditional commit is the only authority. When the cache is
 //! stale (another node took the address), the commit reports a conflict, the engine marks the
 //! address used and picks again. When a pool looks exhausted the cache is rebuilt from the store
-//! once before the pool is given up, so addresses freed elsewhere are found.
+//! before the pool is given up, but only if the store changed the pool since the cache's listing
+//! (see [`crate::cache`] for every cache rule).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -14,9 +15,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::Allocator;
+use crate::cache::Caches;
+pub use crate::cache::Usage;
 use crate::range::{IpFamily, IpSet};
 use crate::select::{self, Plan, RouteRequest, SelectionError, SelectionInput};
-use crate::store::{Conflict, Filter, Lease, LeaseStore, Outcome, Owner, Release, StoreError, Txn};
+use crate::store::{
+    Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Txn,
+};
 use crate::validate::{Pool, PoolSet};
 
 /// How many times a request re-picks after losing races before giving up (retryable error).
@@ -148,13 +153,6 @@ impl EngineError {
     }
 }
 
-struct PoolCache {
-    alloc: Allocator,
-    /// Picked but not yet committed or given back: kept used across refreshes so concurrent
-    /// requests of this engine never pick the same address.
-    pending: HashSet<IpAddr>,
-}
-
 /// Tally kept by the engine for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
@@ -168,13 +166,15 @@ pub struct EngineStats {
     pub failures: u64,
     /// Released records.
     pub releases: u64,
+    /// Pool listings read from the store to build or rebuild a cache.
+    pub pool_reads: u64,
 }
 
 /// Allocates for one node through a store.
 pub struct Engine<S> {
     store: S,
     node: String,
-    caches: Mutex<HashMap<String, PoolCache>>,
+    caches: Caches,
     stats: Mutex<EngineStats>,
 }
 
@@ -184,13 +184,23 @@ struct Pick {
     ip: IpAddr,
 }
 
+/// What one ADD asks for, besides the pod's selection input.
+struct Request<'a> {
+    input: &'a SelectionInput<'a>,
+    att: &'a Attachment,
+    pod_uid: &'a str,
+    now: u64,
+    pod: String,
+}
+
 impl<S: LeaseStore> Engine<S> {
     /// An engine for `node` over `store`.
     pub fn new(store: S, node: impl Into<String>) -> Self {
+        let node = node.into();
         Engine {
             store,
-            node: node.into(),
-            caches: Mutex::new(HashMap::new()),
+            caches: Caches::new(Allocator::hint_for(&node)),
+            node,
             stats: Mutex::new(EngineStats::default()),
         }
     }
@@ -214,102 +224,58 @@ impl<S: LeaseStore> Engine<S> {
         f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn caches(&self) -> std::sync::MutexGuard<'_, HashMap<String, PoolCache>> {
-        // Allocator updates cannot be left half-done by a panic elsewhere.
-        self.caches.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Forgets cached pool state (e.g. after the agent saw changes made by other nodes).
     pub fn invalidate(&self, pool: Option<&str>) {
-        let mut c = self.caches();
-        match pool {
-            Some(p) => {
-                c.remove(p);
-            }
-            None => c.clear(),
-        }
+        self.caches.invalidate(pool);
     }
 
     /// Used/total of a pool as the engine sees it (after a refresh from the store).
-    pub async fn usage(
-        &self,
-        pools: &PoolSet,
-        pool: &str,
-    ) -> Result<Option<(u128, u128)>, EngineError> {
+    pub async fn usage(&self, pools: &PoolSet, pool: &str) -> Result<Option<Usage>, EngineError> {
         let Some(p) = pools.pools.get(pool) else {
             return Ok(None);
         };
-        self.refresh(p, pools).await?;
-        Ok(self
-            .caches()
-            .get(pool)
-            .map(|c| (c.alloc.used(), c.alloc.capacity())))
+        self.refresh(p, pools, 0).await?;
+        Ok(self.caches.usage(pool))
     }
 
-    async fn refresh(&self, pool: &Pool, pools: &PoolSet) -> Result<(), EngineError> {
+    /// Rebuilds a pool's cache from one listing (see [`crate::cache`] for the rules).
+    async fn refresh(&self, pool: &Pool, pools: &PoolSet, now: u64) -> Result<(), EngineError> {
         let space = pool.allocatable(pools.reserved(pool.family));
+        let ticket = self.caches.begin_read(&pool.name);
         let listing = self.store.list(Filter::Pool(&pool.name)).await?;
-        let mut alloc = Allocator::new(space, Allocator::hint_for(&self.node));
-        for l in &listing.leases {
-            alloc.mark_used(l.ip);
-        }
-        let mut caches = self.caches();
-        let mut pending = HashSet::new();
-        if let Some(old) = caches.remove(&pool.name) {
-            // Keep the cursor so next-fit order survives a refresh, and the in-flight picks.
-            if old.alloc.space() == alloc.space() {
-                alloc.set_cursor(old.alloc.cursor());
-            }
-            for ip in &old.pending {
-                if alloc.mark_used(*ip) || alloc.is_used(*ip) {
-                    pending.insert(*ip);
-                }
-            }
-        }
-        caches.insert(pool.name.clone(), PoolCache { alloc, pending });
+        self.bump(|s| s.pool_reads += 1);
+        self.caches.install(ticket, space, &listing, now);
         Ok(())
     }
 
-    /// Takes a candidate address from the cache; builds the cache on first use.
-    async fn pick(&self, pool: &Pool, pools: &PoolSet) -> Result<Option<IpAddr>, EngineError> {
+    /// Takes a candidate address from the cache; builds the cache on first use. A pool that looks
+    /// full is re-read only when the store changed it since the cache's listing, and (unless
+    /// `force`) at most once a second (`now`).
+    async fn pick(
+        &self,
+        pool: &Pool,
+        pools: &PoolSet,
+        now: u64,
+        force: bool,
+    ) -> Result<Option<IpAddr>, EngineError> {
         let space = pool.allocatable(pools.reserved(pool.family));
-        let fresh = self
-            .caches()
-            .get(&pool.name)
-            .is_some_and(|c| *c.alloc.space() == space);
-        if !fresh {
-            self.refresh(pool, pools).await?;
+        if !self.caches.is_current(&pool.name, &space) {
+            self.refresh(pool, pools, now).await?;
         }
-        if let Some(ip) = self.take_cached(&pool.name) {
+        if let Some(ip) = self.caches.take(&pool.name) {
             return Ok(Some(ip));
         }
-        // Looks exhausted: others may have released addresses; look at the store once.
-        self.refresh(pool, pools).await?;
-        Ok(self.take_cached(&pool.name))
-    }
-
-    fn take_cached(&self, pool: &str) -> Option<IpAddr> {
-        let mut caches = self.caches();
-        let c = caches.get_mut(pool)?;
-        let ip = c.alloc.take()?;
-        c.pending.insert(ip);
-        Some(ip)
-    }
-
-    /// Gives a pick back (not committed, or released).
-    fn uncache(&self, pool: &str, ip: IpAddr) {
-        if let Some(c) = self.caches().get_mut(pool) {
-            c.pending.remove(&ip);
-            c.alloc.release(ip);
+        let Some(mark) = self.caches.read_mark(&pool.name) else {
+            return Ok(None);
+        };
+        if now <= mark.at && !force {
+            return Ok(None);
         }
-    }
-
-    /// Records that `ip` is held in the store (committed by us, or taken by someone else).
-    fn mark_cached(&self, pool: &str, ip: IpAddr) {
-        if let Some(c) = self.caches().get_mut(pool) {
-            c.pending.remove(&ip);
-            c.alloc.mark_used(ip);
+        if self.store.pool_revision(&pool.name).await? <= mark.revision {
+            return Ok(None);
         }
+        self.refresh(pool, pools, now).await?;
+        Ok(self.caches.take(&pool.name))
     }
 
     /// Gives back the picks of a request that failed before (or without knowing whether) they were
@@ -317,7 +283,7 @@ impl<S: LeaseStore> Engine<S> {
     /// answer lost, the cache learns the truth at the next conflict or refresh.)
     fn abandon(&self, picks: &[Pick], e: EngineError) -> EngineError {
         for p in picks {
-            self.uncache(&p.pool, p.ip);
+            self.caches.give_back(&p.pool, p.ip);
         }
         self.bump(|s| s.failures += 1);
         e
@@ -325,7 +291,9 @@ impl<S: LeaseStore> Engine<S> {
 
     /// Allocates addresses for the NIC `att.ifname` of a pod (and, with the `ippools` annotation,
     /// for every NIC it lists). Idempotent per `(container id, ifname)`: a repeated call returns
-    /// what was recorded. Either every address of the request is committed, or none.
+    /// what was recorded. Either every address of the request is committed, or none. The records
+    /// carry the network of `input.cni` (the CNI config `name`), which scopes [`Engine::gc`].
+    /// `now` is the caller's clock in seconds (record times, cache re-read rate).
     pub async fn allocate(
         &self,
         pools: &PoolSet,
@@ -334,21 +302,20 @@ impl<S: LeaseStore> Engine<S> {
         pod_uid: &str,
         now: u64,
     ) -> Result<Allocation, EngineError> {
-        let pod = format!("{}/{}", input.pod_namespace, input.pod_name);
+        let req = Request {
+            input,
+            att,
+            pod_uid,
+            now,
+            pod: format!("{}/{}", input.pod_namespace, input.pod_name),
+        };
         for round in 0..MAX_CONFLICT_ROUNDS {
             let existing = self
                 .store
                 .list(Filter::Container(&att.container_id))
                 .await?;
             if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
-                self.bump(|s| s.replays += 1);
-                // A replay after a lost answer: make sure the cache knows these are held.
-                for l in &existing.leases {
-                    self.mark_cached(&l.pool, l.ip);
-                }
-                let routes = select::pod_routes(input)?;
-                let described = self.describe(pools, &existing.leases);
-                return attach_routes(&routes, described, &pod);
+                return self.replay(pools, &req, &existing);
             }
             let plan = select::resolve(pools, input, &att.ifname)?;
             let done: HashSet<&str> = existing
@@ -357,92 +324,36 @@ impl<S: LeaseStore> Engine<S> {
                 .map(|l| l.owner.ifname.as_str())
                 .collect();
             let mut picks: Vec<Pick> = Vec::new();
-            let result = self.pick_all(pools, &plan, &done, &pod, &mut picks).await;
+            let result = self
+                .pick_all(pools, &plan, &done, &req, &mut picks)
+                .await;
             if let Err(e) = result {
                 return Err(self.abandon(&picks, e));
             }
-            let claims: Vec<Lease> = picks
-                .iter()
-                .map(|p| Lease {
-                    ip: p.ip,
-                    pool: p.pool.clone(),
-                    owner: Owner {
-                        pod_namespace: input.pod_namespace.to_string(),
-                        pod_name: input.pod_name.to_string(),
-                        pod_uid: pod_uid.to_string(),
-                        container_id: att.container_id.clone(),
-                        ifname: plan.nics[p.nic].ifname.clone(),
-                        node: self.node.clone(),
-                        created: now,
-                    },
-                    clean_gateway: plan.nics[p.nic].clean_gateway,
-                    revision: 0,
-                })
-                .collect();
+            let claims = self.claims(&req, &plan, &picks);
             // Check routes before committing anything.
             let mut all = existing.leases.clone();
             all.extend(claims.iter().cloned());
-            let described = self.describe(pools, &all);
-            let answer = match attach_routes(&plan.routes, described, &pod) {
+            let answer = match attach_routes(&plan.routes, self.describe(pools, &all), &req.pod) {
                 Ok(a) => a,
                 Err(e) => return Err(self.abandon(&picks, e)),
             };
-            let outcome = match self
-                .store
-                .commit(Txn {
-                    claims,
-                    releases: Vec::new(),
-                })
-                .await
-            {
-                Ok(o) => o,
-                Err(e) => return Err(self.abandon(&picks, e.into())),
+            let txn = Txn {
+                claims,
+                releases: Vec::new(),
             };
-            match outcome {
-                Outcome::Committed { .. } => {
+            match self.store.commit(txn).await {
+                Err(e) => return Err(self.abandon(&picks, e.into())),
+                Ok(Outcome::Committed { revision, .. }) => {
                     for p in &picks {
-                        self.mark_cached(&p.pool, p.ip);
+                        self.caches.learn(&p.pool, p.ip, revision, true);
                     }
                     self.bump(|s| s.allocations += 1);
                     return Ok(answer);
                 }
-                Outcome::Conflict(conflicts) => {
-                    self.bump(|s| s.conflicts += conflicts.len() as u64);
-                    let taken: HashSet<IpAddr> = conflicts
-                        .iter()
-                        .filter_map(|c| match c {
-                            Conflict::IpTaken(l) => Some(l.ip),
-                            Conflict::AttachmentBound(_) => None,
-                        })
-                        .collect();
-                    for p in &picks {
-                        if !taken.contains(&p.ip) {
-                            self.uncache(&p.pool, p.ip);
-                        }
-                    }
-                    for c in &conflicts {
-                        if let Conflict::IpTaken(l) = c {
-                            self.mark_cached(&l.pool, l.ip);
-                        }
-                    }
-                    // Lost twice in a row: other nodes are busy in the same part of the pool and
-                    // our cache is stale there. One read of the pool learns all their claims.
-                    if round >= 1 {
-                        let stale: HashSet<&str> = conflicts
-                            .iter()
-                            .filter_map(|c| match c {
-                                Conflict::IpTaken(l) => Some(l.pool.as_str()),
-                                Conflict::AttachmentBound(_) => None,
-                            })
-                            .collect();
-                        for name in stale {
-                            if let Some(pool) = pools.pools.get(name) {
-                                self.refresh(pool, pools).await?;
-                            }
-                        }
-                    }
-                    // AttachmentBound: a concurrent request for the same attachment won; the next
-                    // round finds its record and returns it.
+                Ok(Outcome::Conflict(conflicts)) => {
+                    self.lost_race(pools, &picks, &conflicts, round, now)
+                        .await?;
                 }
             }
         }
@@ -452,12 +363,115 @@ impl<S: LeaseStore> Engine<S> {
         })
     }
 
+    /// The answer to a repeated ADD: what the store recorded.
+    fn replay(
+        &self,
+        pools: &PoolSet,
+        req: &Request<'_>,
+        existing: &Listing,
+    ) -> Result<Allocation, EngineError> {
+        self.bump(|s| s.replays += 1);
+        // A replay after a lost answer: make sure the cache knows these are held.
+        for l in &existing.leases {
+            self.caches.learn(&l.pool, l.ip, l.revision, true);
+        }
+        let routes = select::pod_routes(req.input)?;
+        attach_routes(&routes, self.describe(pools, &existing.leases), &req.pod)
+    }
+
+    /// The records a request claims for its picks.
+    fn claims(&self, req: &Request<'_>, plan: &Plan, picks: &[Pick]) -> Vec<Lease> {
+        let network = req
+            .input
+            .cni
+            .and_then(|c| c.network_name.clone())
+            .unwrap_or_default();
+        picks
+            .iter()
+            .map(|p| Lease {
+                ip: p.ip,
+                pool: p.pool.clone(),
+                owner: Owner {
+                    pod_namespace: req.input.pod_namespace.to_string(),
+                    pod_name: req.input.pod_name.to_string(),
+                    pod_uid: req.pod_uid.to_string(),
+                    container_id: req.att.container_id.clone(),
+                    ifname: plan.nics[p.nic].ifname.clone(),
+                    node: self.node.clone(),
+                    network: network.clone(),
+                    created: req.now,
+                },
+                clean_gateway: plan.nics[p.nic].clean_gateway,
+                revision: 0,
+            })
+            .collect()
+    }
+
+    /// Learns from a refused claim: every address the store named as taken is held (in the pool
+    /// of our pick and in the pool the holder's record names, which differ after a pool change);
+    /// the other picks go back. After two lost races in a row the pools lost in are re-read: other
+    /// nodes are busy in the same part of the pool, and one read learns all their claims.
+    async fn lost_race(
+        &self,
+        pools: &PoolSet,
+        picks: &[Pick],
+        conflicts: &[Conflict],
+        round: usize,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        self.bump(|s| s.conflicts += conflicts.len() as u64);
+        let mut taken: HashMap<IpAddr, &Lease> = HashMap::new();
+        for c in conflicts {
+            match c {
+                Conflict::IpTaken(holder) => {
+                    taken.insert(holder.ip, holder);
+                }
+                // A concurrent request for the same attachment won; the next round finds its
+                // record and returns it.
+                Conflict::AttachmentBound(_) => {}
+                Conflict::DuplicateInTxn(l) => {
+                    let e = StoreError::Failed {
+                        message: format!(
+                            "the engine claimed {} twice in one transaction (a bug; please report)",
+                            l.ip
+                        ),
+                        source: None,
+                    };
+                    return Err(self.abandon(picks, e.into()));
+                }
+            }
+        }
+        for p in picks {
+            match taken.get(&p.ip) {
+                Some(holder) => self.caches.learn(&p.pool, p.ip, holder.revision, true),
+                None => self.caches.give_back(&p.pool, p.ip),
+            }
+        }
+        for holder in taken.values() {
+            self.caches
+                .learn(&holder.pool, holder.ip, holder.revision, true);
+        }
+        if round >= 1 {
+            let stale: HashSet<&str> = picks
+                .iter()
+                .filter(|p| taken.contains_key(&p.ip))
+                .map(|p| p.pool.as_str())
+                .collect();
+            for name in stale {
+                if let Some(pool) = pools.pools.get(name) {
+                    self.refresh(pool, pools, now).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn pick_all(
         &self,
         pools: &PoolSet,
         plan: &Plan,
         done: &HashSet<&str>,
-        pod: &str,
+        req: &Request<'_>,
         picks: &mut Vec<Pick>,
     ) -> Result<(), EngineError> {
         for (i, nic) in plan.nics.iter().enumerate() {
@@ -469,35 +483,12 @@ impl<S: LeaseStore> Engine<S> {
                     continue;
                 };
                 let mut report = fp.clone();
-                let mut got = None;
-                for cand in report.candidates.iter_mut() {
-                    if !cand.eligible {
-                        continue;
-                    }
-                    let Some(pool) = pools.pools.get(&cand.pool) else {
-                        continue;
-                    };
-                    match self.pick(pool, pools).await? {
-                        Some(ip) => {
-                            got = Some((pool.name.clone(), ip));
-                            break;
-                        }
-                        None => {
-                            let (used, cap) = self
-                                .caches()
-                                .get(&pool.name)
-                                .map(|c| (c.alloc.used(), c.alloc.capacity()))
-                                .unwrap_or((0, 0));
-                            cand.eligible = false;
-                            cand.reason = Some(format!("exhausted ({used}/{cap} allocated)"));
-                        }
-                    }
-                }
+                let got = self.pick_from_candidates(pools, &mut report, req.now).await?;
                 match got {
                     Some((pool, ip)) => picks.push(Pick { nic: i, pool, ip }),
                     None => {
                         return Err(EngineError::NoAvailablePool {
-                            pod: pod.to_string(),
+                            pod: req.pod.clone(),
                             ifname: nic.ifname.clone(),
                             family,
                             detail: report.explain_skips(),
@@ -507,6 +498,48 @@ impl<S: LeaseStore> Engine<S> {
             }
         }
         Ok(())
+    }
+
+    /// The first eligible candidate with a free address, in the user's order; marks the exhausted
+    /// ones in `report`. The first pass re-reads a full pool at most once a second, so spilling
+    /// into a backup pool costs no listing of the full primary; only when every candidate looks
+    /// full does a second pass re-read each one the store changed, so a request never fails while
+    /// an address freed elsewhere waits unseen.
+    async fn pick_from_candidates(
+        &self,
+        pools: &PoolSet,
+        report: &mut select::FamilyPlan,
+        now: u64,
+    ) -> Result<Option<(String, IpAddr)>, EngineError> {
+        let mut full: Vec<usize> = Vec::new();
+        for (idx, cand) in report.candidates.iter().enumerate() {
+            if !cand.eligible {
+                continue;
+            }
+            let Some(pool) = pools.pools.get(&cand.pool) else {
+                continue;
+            };
+            if let Some(ip) = self.pick(pool, pools, now, false).await? {
+                return Ok(Some((pool.name.clone(), ip)));
+            }
+            full.push(idx);
+        }
+        for &idx in &full {
+            let cand = &mut report.candidates[idx];
+            let Some(pool) = pools.pools.get(&cand.pool) else {
+                continue;
+            };
+            if let Some(ip) = self.pick(pool, pools, now, true).await? {
+                return Ok(Some((pool.name.clone(), ip)));
+            }
+            let u = self.caches.usage(&pool.name).unwrap_or(Usage {
+                used: 0,
+                capacity: 0,
+            });
+            cand.eligible = false;
+            cand.reason = Some(format!("exhausted ({}/{} allocated)", u.used, u.capacity));
+        }
+        Ok(None)
     }
 
     /// Turns records into per-NIC answers using the pools' current gateways and routes.
@@ -593,27 +626,44 @@ impl<S: LeaseStore> Engine<S> {
             claims: Vec::new(),
             releases: victims.iter().map(Release::from).collect(),
         };
-        match self.store.commit(txn).await? {
-            Outcome::Committed { released, .. } => {
-                for l in &released {
-                    self.uncache(&l.pool, l.ip);
-                }
-                self.bump(|s| s.releases += released.len() as u64);
+        match self.store.commit(txn).await {
+            Ok(Outcome::Committed { released, revision }) => {
+                self.released(&released, Some(revision));
                 Ok(released)
             }
             // Releases never conflict; a store that says otherwise changed nothing.
-            Outcome::Conflict(_) => Ok(Vec::new()),
+            Ok(Outcome::Conflict(_)) => Ok(Vec::new()),
+            Err(e) => {
+                // A large release applied in parts: what was freed is freed.
+                self.released(e.released(), None);
+                Err(e.into())
+            }
         }
     }
 
-    /// CNI GC: frees every record of this node whose attachment is not in `valid`.
-    pub async fn gc(&self, valid: &[Attachment]) -> Result<Vec<Lease>, EngineError> {
-        let keep: HashSet<(&str, &str)> = valid
-            .iter()
-            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
-            .collect();
+    /// Tells the cache that `leases` are free. Without the store revision of the release (a
+    /// partial release) the record's own revision is used: a listing newer than that may still
+    /// show the address held, which errs on the safe side (a wasted address until the next read).
+    fn released(&self, leases: &[Lease], revision: Option<u64>) {
+        for l in leases {
+            self.caches
+                .learn(&l.pool, l.ip, revision.unwrap_or(l.revision), false);
+        }
+        self.bump(|s| s.releases += leases.len() as u64);
+    }
+
+    /// CNI GC of one network: frees this node's records of `network` whose container is not in
+    /// `valid`. A record is live while its container id is listed with any interface (under
+    /// Multus the runtime lists a sandbox once, while its first ADD may have allocated several
+    /// NICs); records of other networks and other nodes are never touched.
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: &[Attachment],
+    ) -> Result<Vec<Lease>, EngineError> {
+        let live: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
         self.gc_where(Filter::Node(&self.node), |l| {
-            !keep.contains(&(l.owner.container_id.as_str(), l.owner.ifname.as_str()))
+            l.owner.network == network && !live.contains(l.owner.container_id.as_str())
         })
         .await
     }

@@ -68,6 +68,7 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+pub mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod engine;

@@ -393,7 +393,7 @@ fn gc_frees_exactly_the_attachments_not_listed_on_this_node() {
     }
     let q = Pod::new("b", "n7", &[("node-subnet", "subnet-7")], &annos);
     block_on(e7.allocate(&set, &q.input(), &att("other", "eth0"), "u", 1)).expect("ok");
-    let freed = block_on(e6.gc(&[att("c1", "eth0"), att("c3", "eth0")])).expect("gc");
+    let freed = block_on(e6.gc("", &[att("c1", "eth0"), att("c3", "eth0")])).expect("gc");
     let mut freed: Vec<String> = freed.into_iter().map(|l| l.owner.container_id).collect();
     freed.sort();
     assert_eq!(freed, vec!["c0", "c2"]);

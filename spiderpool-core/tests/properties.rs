@@ -227,7 +227,7 @@ spec: {subnet: 10.0.0.0/16, ips: [10.0.1.1-10.0.1.2]}
                 Op::Gc { node, keep_mask } => {
                     let valid: Vec<Attachment> = (0..16u8).filter(|c| keep_mask >> c & 1 == 1)
                         .map(|c| Attachment { container_id: format!("c{c}"), ifname: "eth0".into() }).collect();
-                    let freed = block_on(engines[node as usize].gc(&valid)).expect("gc");
+                    let freed = block_on(engines[node as usize].gc("", &valid)).expect("gc");
                     let expect: BTreeSet<u8> = model.iter().filter(|(c, (n, _))| *n == node && keep_mask >> **c & 1 == 0).map(|(c, _)| *c).collect();
                     let got: BTreeSet<u8> = freed.iter().map(|l| l.owner.container_id[1..].parse().expect("num")).collect();
                     prop_assert_eq!(&got, &expect);

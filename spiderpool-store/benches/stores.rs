@@ -171,6 +171,7 @@ fn embedded_reopen(dir: &std::path::Path, n: u32) -> (usize, f64) {
                     container_id: format!("c{i}"),
                     ifname: "eth0".into(),
                     node: "n".into(),
+                    network: "net".into(),
                     created: 0,
                 },
                 clean_gateway: false,

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use spiderpool_core::store::{
-    Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, StoreError, Txn,
+    Changes, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, StoreError, Txn,
 };
 use tokio::sync::oneshot;
 
@@ -210,6 +210,7 @@ fn load(db: &Database, path: &Path) -> Result<LeaseTable, StoreError> {
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(io_err("cannot read", path, e)),
     }
+    table.loaded();
     Ok(table)
 }
 
@@ -239,15 +240,15 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let mut answers = Vec::with_capacity(batch.len());
-        let mut changes: Vec<(Vec<Lease>, Vec<Lease>)> = Vec::new();
+        let mut changes: Vec<Changes> = Vec::new();
         for req in batch {
             let outcome = match self.working.plan(&req.txn) {
-                Ok((writes, deletes)) => {
-                    let revision = self.working.apply(writes.clone(), &deletes);
-                    let released = deletes.clone();
+                Ok(c) => {
+                    let revision = self.working.apply(&c);
+                    let released = c.deletes.clone();
                     // Idempotent no-ops change nothing and need no write.
-                    if !writes.is_empty() || !deletes.is_empty() {
-                        changes.push((writes, deletes));
+                    if !c.is_empty() {
+                        changes.push(c);
                     }
                     Outcome::Committed { revision, released }
                 }
@@ -273,8 +274,8 @@ impl Writer {
             Ok(()) => {
                 {
                     let mut pub_table = self.committed.write().unwrap_or_else(|p| p.into_inner());
-                    for (writes, deletes) in changes {
-                        pub_table.apply(writes, &deletes);
+                    for c in &changes {
+                        pub_table.apply(c);
                     }
                 }
                 for (reply, outcome) in answers {
@@ -299,7 +300,7 @@ impl Writer {
         }
     }
 
-    fn persist(&mut self, changes: &[(Vec<Lease>, Vec<Lease>)]) -> Result<(), StoreError> {
+    fn persist(&mut self, changes: &[Changes]) -> Result<(), StoreError> {
         let p = &self.path;
         let txn = self
             .db
@@ -309,7 +310,7 @@ impl Writer {
             let mut leases = txn
                 .open_table(LEASES)
                 .map_err(|e| io_err("cannot write", p, e))?;
-            for (writes, deletes) in changes {
+            for Changes { writes, deletes } in changes {
                 for d in deletes {
                     leases
                         .remove(d.ip.to_string().as_str())
@@ -341,6 +342,10 @@ impl LeaseStore for EmbeddedStore {
 
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
         Ok(self.read().list(filter))
+    }
+
+    async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
+        Ok(self.read().pool_revision(pool))
     }
 
     async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {

@@ -7,6 +7,7 @@
 //! | `att/<container id>/<ifname>/<4\|6>` | record | the attachment slot; its prefix lists a container |
 //! | `pool/<pool>/<ip>` | record | lists one pool with one range read |
 //! | `node/<node>/<ip>` | record | lists one node's records (GC) with one range read |
+//! | `poolrev/<pool>` | empty | its `mod_revision` is the pool revision: every transaction that changes a pool puts it |
 //!
 //! Nodes allocating from one pool touch only the keys of the addresses they claim, so they contend
 //! only when they pick the very same address (rare: each node's search starts elsewhere in the
@@ -21,7 +22,9 @@
 //! attachment is a no-op, and a release of what is already gone is a no-op.
 //!
 //! etcd refuses transactions of more than 128 operations (`--max-txn-ops`); a transaction with
-//! more than 32 releases (GC of many records) is applied in atomic chunks of 32.
+//! more than [`CHUNK`] releases (GC of many records) is applied in atomic parts of [`CHUNK`].
+//! When a part fails, the error is [`StoreError::PartiallyReleased`] with the records the earlier
+//! parts removed, so the caller knows exactly what is free.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -38,8 +41,9 @@ use spiderpool_core::store::{
 pub const DEFAULT_PREFIX: &str = "/spiderpool/v1/";
 /// Keys per page of a range read.
 pub const PAGE: i64 = 2000;
-/// Records per etcd transaction (4 keys each, under etcd's 128-operation limit).
-pub const CHUNK: usize = 32;
+/// Records per etcd transaction: 4 keys each plus one pool-revision key per pool stays under
+/// etcd's 128-operation limit.
+pub const CHUNK: usize = spiderpool_core::store::ATOMIC_RELEASES;
 /// How often a transaction is re-tried when only benign races (idempotent re-claims, records
 /// changed between read and release) stood in its way.
 const MAX_ROUNDS: usize = 16;
@@ -172,6 +176,9 @@ impl EtcdStore {
     fn node_key(&self, node: &str, ip: &IpAddr) -> String {
         format!("{}node/{node}/{ip}", self.prefix)
     }
+    fn pool_rev_key(&self, pool: &str) -> String {
+        format!("{}poolrev/{pool}", self.prefix)
+    }
     fn keys_of(&self, l: &Lease) -> [String; 4] {
         [
             self.ip_key(&l.ip),
@@ -274,6 +281,9 @@ impl EtcdStore {
             check_key_part("interface", &c.owner.ifname)?;
             check_key_part("node", &c.owner.node)?;
         }
+        if let Some(dup) = duplicate_claim(&txn.claims) {
+            return Ok(Outcome::Conflict(vec![Conflict::DuplicateInTxn(dup)]));
+        }
         let mut claims = txn.claims;
         for _ in 0..MAX_ROUNDS {
             // Which releases hit a record still owned as stated, at which revision.
@@ -314,6 +324,16 @@ impl EtcdStore {
                 for k in keys {
                     success.push(TxnOp::delete(k, None));
                 }
+            }
+            let mut touched: Vec<&str> = claims
+                .iter()
+                .chain(victims.iter())
+                .map(|l| l.pool.as_str())
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
+            for pool in touched {
+                success.push(TxnOp::put(self.pool_rev_key(pool), Vec::new(), None));
             }
             if success.is_empty() {
                 return Ok(Outcome::Committed {
@@ -443,29 +463,165 @@ impl LeaseStore for EtcdStore {
                 source: None,
             });
         }
-        if txn.releases.len() <= CHUNK {
-            return self.commit_chunk(txn).await;
-        }
-        // Large releases (GC): claims go with the first chunk, every chunk is atomic.
-        let mut released = Vec::new();
-        let mut revision = 0;
-        let mut claims = Some(txn.claims);
-        for chunk in txn.releases.chunks(CHUNK) {
-            let part = Txn {
-                claims: claims.take().unwrap_or_default(),
-                releases: chunk.to_vec(),
-            };
-            match self.commit_chunk(part).await? {
-                Outcome::Committed {
-                    revision: r,
-                    released: mut rel,
-                } => {
-                    revision = r;
-                    released.append(&mut rel);
-                }
-                conflict @ Outcome::Conflict(_) => return Ok(conflict),
+        apply_in_parts(txn, |part| self.commit_chunk(part)).await
+    }
+
+    async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
+        let mut kv = self.kv.clone();
+        let req = kv.get(self.pool_rev_key(pool), None);
+        let resp = match tokio::time::timeout(self.timeout, req).await {
+            Ok(r) => r.map_err(|e| map_err(&self.endpoints, e))?,
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    format!("etcd at {}: request timed out", self.endpoints),
+                    e,
+                ))
+            }
+        };
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| u64::try_from(kv.mod_revision()).unwrap_or(0))
+            .unwrap_or(0))
+    }
+}
+
+/// The second claim of an address or attachment slot in `claims`, if any.
+fn duplicate_claim(claims: &[Lease]) -> Option<Lease> {
+    let mut ips = std::collections::HashSet::new();
+    let mut slots = std::collections::HashSet::new();
+    claims
+        .iter()
+        .find(|c| {
+            let slot = (&c.owner.container_id, &c.owner.ifname, family_tag(&c.ip));
+            !ips.insert(c.ip) || !slots.insert(slot)
+        })
+        .cloned()
+}
+
+/// Applies `txn` with `commit` in parts of at most [`CHUNK`] releases (claims go with the first
+/// part; every part is atomic). When part k fails, the error carries what parts 1..k-1 released.
+pub async fn apply_in_parts<F, Fut>(txn: Txn, mut commit: F) -> Result<Outcome, StoreError>
+where
+    F: FnMut(Txn) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, StoreError>>,
+{
+    if txn.releases.len() <= CHUNK {
+        return commit(txn).await;
+    }
+    let mut released: Vec<Lease> = Vec::new();
+    let mut revision = 0;
+    let mut claims = Some(txn.claims);
+    for chunk in txn.releases.chunks(CHUNK) {
+        let part = Txn {
+            claims: claims.take().unwrap_or_default(),
+            releases: chunk.to_vec(),
+        };
+        match commit(part).await {
+            Ok(Outcome::Committed {
+                revision: r,
+                released: mut rel,
+            }) => {
+                revision = r;
+                released.append(&mut rel);
+            }
+            // Only the first part carries claims, so only it can conflict: nothing applied yet.
+            Ok(conflict @ Outcome::Conflict(_)) => return Ok(conflict),
+            Err(e) if released.is_empty() => return Err(e),
+            Err(e) => {
+                return Err(StoreError::PartiallyReleased {
+                    released,
+                    source: Box::new(e),
+                })
             }
         }
-        Ok(Outcome::Committed { revision, released })
+    }
+    Ok(Outcome::Committed { revision, released })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spiderpool_core::store::{Owner, Release};
+
+    fn lease(n: usize) -> Lease {
+        Lease {
+            ip: IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]),
+            pool: "p".into(),
+            owner: Owner {
+                pod_namespace: "ns".into(),
+                pod_name: format!("p{n}"),
+                pod_uid: "u".into(),
+                container_id: format!("c{n}"),
+                ifname: "eth0".into(),
+                node: "n".into(),
+                network: "net".into(),
+                created: 0,
+            },
+            clean_gateway: false,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn a_failed_part_reports_what_the_earlier_parts_released() {
+        let leases: Vec<Lease> = (0..CHUNK * 3).map(lease).collect();
+        let txn = Txn {
+            claims: Vec::new(),
+            releases: leases.iter().map(Release::from).collect(),
+        };
+        let mut part = 0;
+        let out = futures::executor::block_on(apply_in_parts(txn, |t| {
+            part += 1;
+            let n = part;
+            let gone: Vec<Lease> = leases
+                .iter()
+                .filter(|l| t.releases.iter().any(|r| r.ip == l.ip))
+                .cloned()
+                .collect();
+            async move {
+                if n == 3 {
+                    Err(StoreError::Unavailable {
+                        message: "etcd went away".into(),
+                        source: None,
+                    })
+                } else {
+                    Ok(Outcome::Committed {
+                        revision: n as u64,
+                        released: gone,
+                    })
+                }
+            }
+        }));
+        let err = out.expect_err("part 3 fails");
+        assert_eq!(err.released(), &leases[..CHUNK * 2], "parts 1 and 2 were applied");
+        assert!(err.is_retryable(), "retryable like its cause: {err}");
+        assert!(err.to_string().contains(&format!("released {} records", CHUNK * 2)));
+    }
+
+    #[test]
+    fn a_failed_first_part_is_the_plain_error() {
+        let leases: Vec<Lease> = (0..CHUNK + 1).map(lease).collect();
+        let txn = Txn {
+            claims: Vec::new(),
+            releases: leases.iter().map(Release::from).collect(),
+        };
+        let out = futures::executor::block_on(apply_in_parts(txn, |_| async {
+            Err(StoreError::Failed {
+                message: "no".into(),
+                source: None,
+            })
+        }));
+        assert!(matches!(out, Err(StoreError::Failed { .. })));
+    }
+
+    #[test]
+    fn duplicate_claims_are_found() {
+        let a = lease(1);
+        let mut b = lease(2);
+        b.owner.container_id = a.owner.container_id.clone();
+        assert_eq!(duplicate_claim(&[a.clone(), b.clone()]), Some(b));
+        assert_eq!(duplicate_claim(&[a.clone(), lease(2)]), None);
+        assert_eq!(duplicate_claim(&[a.clone(), a.clone()]), Some(a));
     }
 }

@@ -155,4 +155,14 @@ impl LeaseStore for AnyStore {
             AnyStore::Etcd(s) => s.commit(txn).await,
         }
     }
+
+    async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.pool_revision(pool).await,
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.pool_revision(pool).await,
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.pool_revision(pool).await,
+        }
+    }
 }

@@ -188,7 +188,10 @@ mod etcd {
                 l
             })
             .collect();
-        let chunks: Vec<Vec<_>> = all.chunks(32).map(|c| c.to_vec()).collect();
+        let chunks: Vec<Vec<_>> = all
+            .chunks(spiderpool_store::etcd::CHUNK)
+            .map(|c| c.to_vec())
+            .collect();
         let mut tasks = Vec::new();
         for group in chunks.chunks(chunks.len() / 8 + 1) {
             let (s, group) = (s.clone(), group.to_vec());
