@@ -125,7 +125,11 @@ impl Caches {
 
     /// Starts a read of `pool` from the store (rule 3).
     pub fn begin_read(&self, pool: &str) -> ReadTicket<'_> {
-        self.lock().reads.entry(pool.to_string()).or_default().readers += 1;
+        self.lock()
+            .reads
+            .entry(pool.to_string())
+            .or_default()
+            .readers += 1;
         ReadTicket {
             caches: self,
             pool: pool.to_string(),
@@ -347,8 +351,14 @@ mod tests {
         c.learn("p", ip("10.0.0.2"), 7, false);
         c.learn("p", ip("10.0.0.3"), 8, true);
         c.install(t, space(), &stale, 1);
-        assert!(!c.is_used("p", ip("10.0.0.2")), "release undone by a stale read");
-        assert!(c.is_used("p", ip("10.0.0.3")), "commit undone by a stale read");
+        assert!(
+            !c.is_used("p", ip("10.0.0.2")),
+            "release undone by a stale read"
+        );
+        assert!(
+            c.is_used("p", ip("10.0.0.3")),
+            "commit undone by a stale read"
+        );
     }
 
     #[test]
@@ -386,7 +396,10 @@ mod tests {
         assert!(c.is_pending("p", a) && c.is_used("p", a));
         assert!(!c.is_pending("p", b) && c.is_used("p", b));
         c.give_back("p", b);
-        assert!(c.is_used("p", b), "held by the store: giving back must not free it");
+        assert!(
+            c.is_used("p", b),
+            "held by the store: giving back must not free it"
+        );
         c.give_back("p", a);
         assert!(!c.is_used("p", a));
     }
@@ -398,6 +411,9 @@ mod tests {
             let _failed = c.begin_read("p");
         }
         c.learn("p", ip("10.0.0.1"), 1, true);
-        assert!(c.lock().reads.is_empty(), "journal kept without a read in flight");
+        assert!(
+            c.lock().reads.is_empty(),
+            "journal kept without a read in flight"
+        );
     }
 }

@@ -324,9 +324,7 @@ impl<S: LeaseStore> Engine<S> {
                 .map(|l| l.owner.ifname.as_str())
                 .collect();
             let mut picks: Vec<Pick> = Vec::new();
-            let result = self
-                .pick_all(pools, &plan, &done, &req, &mut picks)
-                .await;
+            let result = self.pick_all(pools, &plan, &done, &req, &mut picks).await;
             if let Err(e) = result {
                 return Err(self.abandon(&picks, e));
             }
@@ -483,7 +481,9 @@ impl<S: LeaseStore> Engine<S> {
                     continue;
                 };
                 let mut report = fp.clone();
-                let got = self.pick_from_candidates(pools, &mut report, req.now).await?;
+                let got = self
+                    .pick_from_candidates(pools, &mut report, req.now)
+                    .await?;
                 match got {
                     Some((pool, ip)) => picks.push(Pick { nic: i, pool, ip }),
                     None => {
@@ -656,11 +656,7 @@ impl<S: LeaseStore> Engine<S> {
     /// `valid`. A record is live while its container id is listed with any interface (under
     /// Multus the runtime lists a sandbox once, while its first ADD may have allocated several
     /// NICs); records of other networks and other nodes are never touched.
-    pub async fn gc(
-        &self,
-        network: &str,
-        valid: &[Attachment],
-    ) -> Result<Vec<Lease>, EngineError> {
+    pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<Vec<Lease>, EngineError> {
         let live: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
         self.gc_where(Filter::Node(&self.node), |l| {
             l.owner.network == network && !live.contains(l.owner.container_id.as_str())

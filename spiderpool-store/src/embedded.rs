@@ -8,8 +8,13 @@
 //! publishes the changes to the table readers see and answers every caller. No caller hears
 //! "committed" before its change is on disk; one fsync serves the whole batch.
 //!
-//! If the redb commit fails, nothing of the batch is published, every caller gets an error, and
-//! the working copy is rebuilt from the published table.
+//! If the redb commit fails (a full disk, an I/O error), nothing of the batch is published and
+//! every caller gets a **retryable** error ([`StoreError::Unavailable`], CNI code 11): the same
+//! request can succeed once the cause is gone. redb refuses every write after a failed commit
+//! until the file is reopened, so the writer drops the database and reopens it (reloading the
+//! records from the file, which holds exactly the published state) before the next batch; if the
+//! reopen fails too, that batch gets a retryable error and the next one tries again. The process
+//! never has to restart.
 //!
 //! # Layout on disk
 //! Table `leases`: key = the address as text (`10.6.168.60`, `fd00::10`), value = the record as
@@ -103,6 +108,29 @@ fn io_err(
     StoreError::failed(format!("{what} {}", path.display()), e)
 }
 
+/// The text of an error without its "lease store ..." wrapper (the answer wraps it again).
+fn detail(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable { message, source } | StoreError::Failed { message, source } => {
+            match source {
+                Some(s) => format!("{message}: {s}"),
+                None => message.clone(),
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A failed write (full disk, I/O error): retryable, since the same commit can succeed after
+/// the cause is gone and the file is reopened.
+fn write_err(
+    what: &str,
+    path: &Path,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::unavailable(format!("{what} {}", path.display()), e)
+}
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store at `path` and loads every record. Blocking: call it
     /// from `spawn_blocking` in async code. Refuses to open a file with a record it cannot read,
@@ -119,7 +147,7 @@ impl EmbeddedStore {
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
-            db,
+            db: Some(db),
             path: path.clone(),
             working: table,
             committed: committed.clone(),
@@ -215,7 +243,8 @@ fn load(db: &Database, path: &Path) -> Result<LeaseTable, StoreError> {
 }
 
 struct Writer {
-    db: Database,
+    /// `None` after a failed commit: reopened before the next batch.
+    db: Option<Database>,
     path: PathBuf,
     /// The writer's own copy: published state plus nothing else between batches.
     working: LeaseTable,
@@ -238,7 +267,37 @@ impl Writer {
         }
     }
 
+    /// Reopens the database after a failed commit: the file holds exactly the published state.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let db =
+            Database::create(&self.path).map_err(|e| write_err("cannot reopen", &self.path, e))?;
+        let table = load(&db, &self.path)?;
+        if table.len() != self.working.len() || table.revision() != self.working.revision() {
+            tracing::warn!(path = %self.path.display(), records = table.len(), "embedded store reopened with a different state than published; using the file");
+        }
+        *self.committed.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        self.working = table;
+        self.db = Some(db);
+        tracing::info!(path = %self.path.display(), "embedded store reopened after a failed commit");
+        Ok(())
+    }
+
     fn commit_batch(&mut self, batch: Vec<Request>) {
+        if self.db.is_none() {
+            if let Err(e) = self.reopen() {
+                tracing::error!(path = %self.path.display(), error = %e, "embedded store cannot reopen");
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable {
+                        message: format!(
+                            "embedded store {} is recovering from a failed write: {e}",
+                            self.path.display()
+                        ),
+                        source: None,
+                    }));
+                }
+                return;
+            }
+        }
         let mut answers = Vec::with_capacity(batch.len());
         let mut changes: Vec<Changes> = Vec::new();
         for req in batch {
@@ -283,17 +342,28 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "embedded store commit failed");
+                tracing::error!(path = %self.path.display(), error = %e, "embedded store commit failed; reopening before the next batch");
                 self.working = self
                     .committed
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let msg = e.to_string();
+                // redb refuses writes after a failed commit until reopened.
+                self.db = None;
+                let retryable = e.is_retryable();
+                let msg = detail(&e);
                 for (reply, _) in answers {
-                    let _ = reply.send(Err(StoreError::Failed {
-                        message: format!("commit to {} failed: {msg}", self.path.display()),
-                        source: None,
+                    let message = msg.clone();
+                    let _ = reply.send(Err(if retryable {
+                        StoreError::Unavailable {
+                            message,
+                            source: None,
+                        }
+                    } else {
+                        StoreError::Failed {
+                            message,
+                            source: None,
+                        }
                     }));
                 }
             }
@@ -302,35 +372,41 @@ impl Writer {
 
     fn persist(&mut self, changes: &[Changes]) -> Result<(), StoreError> {
         let p = &self.path;
-        let txn = self
-            .db
+        let Some(db) = self.db.as_ref() else {
+            return Err(StoreError::Unavailable {
+                message: format!("embedded store {} is not open", p.display()),
+                source: None,
+            });
+        };
+        let txn = db
             .begin_write()
-            .map_err(|e| io_err("cannot write", p, e))?;
+            .map_err(|e| write_err("cannot write", p, e))?;
         {
             let mut leases = txn
                 .open_table(LEASES)
-                .map_err(|e| io_err("cannot write", p, e))?;
+                .map_err(|e| write_err("cannot write", p, e))?;
             for Changes { writes, deletes } in changes {
                 for d in deletes {
                     leases
                         .remove(d.ip.to_string().as_str())
-                        .map_err(|e| io_err("cannot write", p, e))?;
+                        .map_err(|e| write_err("cannot write", p, e))?;
                 }
                 for w in writes {
                     let json = serde_json::to_vec(w)
                         .map_err(|e| StoreError::failed("cannot encode a record", e))?;
                     leases
                         .insert(w.ip.to_string().as_str(), json.as_slice())
-                        .map_err(|e| io_err("cannot write", p, e))?;
+                        .map_err(|e| write_err("cannot write", p, e))?;
                 }
             }
             let mut meta = txn
                 .open_table(META)
-                .map_err(|e| io_err("cannot write", p, e))?;
+                .map_err(|e| write_err("cannot write", p, e))?;
             meta.insert("revision", self.working.revision())
-                .map_err(|e| io_err("cannot write", p, e))?;
+                .map_err(|e| write_err("cannot write", p, e))?;
         }
-        txn.commit().map_err(|e| io_err("cannot commit to", p, e))
+        txn.commit()
+            .map_err(|e| write_err("cannot commit to", p, e))
     }
 }
 

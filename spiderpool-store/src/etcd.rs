@@ -594,9 +594,15 @@ mod tests {
             }
         }));
         let err = out.expect_err("part 3 fails");
-        assert_eq!(err.released(), &leases[..CHUNK * 2], "parts 1 and 2 were applied");
+        assert_eq!(
+            err.released(),
+            &leases[..CHUNK * 2],
+            "parts 1 and 2 were applied"
+        );
         assert!(err.is_retryable(), "retryable like its cause: {err}");
-        assert!(err.to_string().contains(&format!("released {} records", CHUNK * 2)));
+        assert!(err
+            .to_string()
+            .contains(&format!("released {} records", CHUNK * 2)));
     }
 
     #[test]

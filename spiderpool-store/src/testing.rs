@@ -203,3 +203,54 @@ pub fn unique_prefix(test: &str) -> String {
         .unwrap_or(0);
     format!("/test/{test}-{}-{nanos}/", std::process::id())
 }
+
+/// Whether this process runs as root (read from `/proc/self/status`, no libc call).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A small tmpfs mounted on a fresh temporary directory (needs root), unmounted when dropped: a
+/// disk that really fills up.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes` bytes. `None` (with a loud skip outside CI, a failure in CI)
+    /// when not root or the mount fails.
+    pub fn mount(bytes: u64) -> Option<SmallDisk> {
+        let root = require(
+            "root (to mount a small tmpfs)",
+            is_root().then_some(()),
+            "run the test as root, e.g. ./scripts/test-all.sh in CI",
+        );
+        root?;
+        let dir = tempfile::tempdir().ok()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
+            .arg("tmpfs")
+            .arg(dir.path())
+            .status();
+        let mounted = status.is_ok_and(|s| s.success()).then_some(());
+        require("a tmpfs mount", mounted, "mount -t tmpfs must work as root")?;
+        Some(SmallDisk { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
