@@ -178,6 +178,141 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The allocator against a model on pools of up to ~300,000 addresses, so the hierarchical
+    /// bitmap has 3 and 4 levels (64, 4,096 and 262,144 addresses per summary bit) and runs of
+    /// takes fill whole words and whole summary blocks.
+    #[test]
+    fn allocator_matches_model_over_three_and_more_bitmap_levels(
+        space in prop::collection::vec((0..300_000u32, 1..120_000u32), 1..4),
+        ops in prop::collection::vec((0..4u8, 0..300_000u32, 1..9_000u32), 1..30),
+        hint in any::<u64>(),
+    ) {
+        let ranges: Vec<(u32, u32)> = space.iter().map(|&(s, len)| (s, (s + len).min(299_999))).collect();
+        let set = set_of(&ranges);
+        let model_space = model_of(&ranges);
+        let mut alloc = Allocator::new(set, hint);
+        prop_assert_eq!(alloc.capacity(), model_space.len() as u128);
+        let mut used: BTreeSet<u32> = BTreeSet::new();
+        for (op, x, k) in ops {
+            match op {
+                // A run of takes (fills words and summary blocks).
+                0 | 3 => {
+                    let k = if op == 3 { 1 } else { k };
+                    for _ in 0..k {
+                        match alloc.take() {
+                            Some(g) => {
+                                let n = (ip_to_u128(g) as u32) - BASE;
+                                prop_assert!(model_space.contains(&n), "outside the space: {}", g);
+                                prop_assert!(used.insert(n), "handed out twice: {}", g);
+                            }
+                            None => {
+                                prop_assert_eq!(used.len(), model_space.len(), "a free address existed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Release a block of up to 9,000 consecutive addresses.
+                1 => {
+                    for y in x..x.saturating_add(k).min(300_000) {
+                        let was = used.remove(&y);
+                        prop_assert_eq!(alloc.release(ip(y)), was);
+                    }
+                }
+                _ => {
+                    let fresh = model_space.contains(&x) && !used.contains(&x);
+                    prop_assert_eq!(alloc.mark_used(ip(x)), fresh);
+                    if fresh { used.insert(x); }
+                }
+            }
+            prop_assert_eq!(alloc.used(), used.len() as u128);
+        }
+        // Whatever is left is found, exactly once each.
+        let mut rest = BTreeSet::new();
+        while let Some(g) = alloc.take() {
+            let n = (ip_to_u128(g) as u32) - BASE;
+            prop_assert!(rest.insert(n) && !used.contains(&n), "{} handed out twice", g);
+        }
+        let free: BTreeSet<u32> = model_space.difference(&used).copied().collect();
+        prop_assert_eq!(rest, free);
+    }
+}
+
+/// A pool or subnet document with fields drawn from small, mostly plausible alphabets, so that
+/// `PoolSet::build` is reached with overlapping, nested, reserved and inherited objects.
+fn structured_object() -> impl Strategy<Value = serde_json::Value> {
+    let addr = prop_oneof![
+        (0..3u8, 0..256u16).prop_map(|(c, d)| format!("10.{c}.0.{d}")),
+        (0..64u16).prop_map(|d| format!("fd00::{d:x}")),
+        "[0-9a-f:.]{0,10}",
+    ];
+    let range = prop_oneof![
+        addr.clone(),
+        (addr.clone(), addr.clone()).prop_map(|(a, b)| format!("{a}-{b}")),
+    ];
+    let cidr = prop_oneof![
+        (
+            0..3u8,
+            prop_oneof![Just(16u8), Just(24), Just(31), Just(32), 8..33u8]
+        )
+            .prop_map(|(c, l)| format!("10.{c}.0.0/{l}")),
+        Just("fd00::/120".to_string()),
+        Just("10.0.0.0/24".to_string()),
+        "[0-9./]{0,12}",
+    ];
+    (
+        0..3u8,
+        "[a-c]{1,2}",
+        cidr,
+        prop::collection::vec(range.clone(), 0..3),
+        prop::collection::vec(range, 0..2),
+        prop::option::of(addr),
+        any::<bool>(),
+    )
+        .prop_map(|(kind, name, subnet, ips, excl, gw, default)| {
+            let kind = ["SpiderIPPool", "SpiderSubnet", "SpiderReservedIP"][kind as usize];
+            let mut spec = serde_json::json!({"subnet": subnet, "ips": ips, "excludeIPs": excl, "default": default});
+            if let Some(g) = gw {
+                spec["gateway"] = serde_json::Value::String(g);
+            }
+            if kind == "SpiderReservedIP" {
+                spec = serde_json::json!({"ips": spec["ips"].clone()});
+            }
+            serde_json::json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": kind, "metadata": {"name": name}, "spec": spec})
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Structured manifests reach `PoolSet::build` (nearly every case) and never panic; a set
+    /// that builds hands out only addresses of a pool's ips, outside excludeIPs, reserved IPs and
+    /// its (own or inherited) gateway.
+    #[test]
+    fn structured_pools_never_panic_and_built_sets_hold(objs in prop::collection::vec(structured_object(), 1..6)) {
+        let text = objs.iter().map(|o| serde_json::to_string(o).expect("json")).collect::<Vec<_>>().join("\n---\n");
+        let docs = parse_documents(&text).expect("JSON documents parse as YAML");
+        let objects: Vec<_> = docs.into_iter().filter_map(|d| d.object.ok()).collect();
+        prop_assert_eq!(objects.len(), objs.len(), "every document decodes to an object");
+        if let Ok(set) = PoolSet::build(&objects) {
+            for pool in set.pools.values() {
+                let space = pool.allocatable(set.reserved(pool.family));
+                let mut alloc = Allocator::new(space, 7);
+                for _ in 0..64 {
+                    let Some(a) = alloc.take() else { break };
+                    prop_assert!(pool.ips.contains(a), "{} outside ips of {}", a, pool.name);
+                    prop_assert!(!pool.exclude.contains(a), "{} excluded in {}", a, pool.name);
+                    prop_assert!(!set.reserved(pool.family).contains(a), "{} reserved", a);
+                    prop_assert!(pool.gateway != Some(a), "gateway {} handed out by {}", a, pool.name);
+                }
+            }
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// The engine against a model: `container -> (node, ip)`. Two engines (nodes) share a store
@@ -245,41 +380,68 @@ proptest! {
 
     /// A pool built from random `ips`, `excludeIPs`, reserved IPs and gateway hands out exactly the
     /// addresses of ips minus excludeIPs minus reserved minus gateway, each once, never another.
+    /// The gateway comes four ways: the pool's own, excluded when inside ips (Spiderpool's rule);
+    /// the pool's own inside ips and not excluded (refused, naming the fix); inherited from the
+    /// SpiderSubnet of the same subnet (the subnet excludes it, so a pool whose ips hold it is
+    /// refused as outside the subnet); or set on a checked `Pool` inside its ips and not excluded
+    /// (as an embedder may build one), where only gateway subtraction keeps it from being handed
+    /// out.
     #[test]
     fn pool_never_hands_out_excluded_reserved_or_gateway(
         ips in prop::collection::vec(range_strategy(250), 1..5),
         excl in prop::collection::vec(range_strategy(250), 0..4),
         reserved in prop::collection::vec(range_strategy(250), 0..3),
         gw in 0..250u32,
+        how in 0..4u8,
         hint in any::<u64>(),
     ) {
-        use spiderpool_core::types::{IpPoolSpec, ObjectMeta, SpiderIpPool};
-        use spiderpool_core::validate::Pool;
         let fmt = |v: &[(u32, u32)]| v.iter().map(|&(s, e)| format!("{}-{}", ip(s), ip(e))).collect::<Vec<_>>();
+        let gw_in_ips = model_of(&ips).contains(&gw);
+        let gw_usable = gw_in_ips && !model_of(&excl).contains(&gw);
         let mut exclude = fmt(&excl);
-        // A gateway inside ips must be excluded (Spiderpool's rule): keep the spec valid.
-        if model_of(&ips).contains(&gw) {
+        let mut docs = Vec::new();
+        let inherited = how == 2;
+        if how == 0 && gw_in_ips {
             exclude.push(ip(gw).to_string());
         }
-        let spec = SpiderIpPool {
-            metadata: ObjectMeta { name: "p".into(), ..Default::default() },
-            spec: IpPoolSpec {
-                subnet: "10.0.0.0/24".into(),
-                ips: fmt(&ips),
-                exclude_ips: exclude,
-                gateway: Some(ip(gw).to_string()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let pool = Pool::from_spec(&spec).expect("valid pool");
-        let reserved_set = set_of(&reserved);
+        let mut spec = serde_json::json!({"subnet": "10.0.0.0/24", "ips": fmt(&ips), "excludeIPs": exclude});
+        if inherited {
+            docs.push(serde_json::json!({"kind": "SpiderSubnet", "metadata": {"name": "s"},
+                "spec": {"subnet": "10.0.0.0/24", "ips": ["10.0.0.0-10.0.0.255"], "excludeIPs": [ip(gw).to_string()], "gateway": ip(gw).to_string()}}));
+        } else if how < 2 {
+            spec["gateway"] = serde_json::Value::String(ip(gw).to_string());
+        }
+        docs.push(serde_json::json!({"kind": "SpiderIPPool", "metadata": {"name": "p"}, "spec": spec}));
+        if !reserved.is_empty() {
+            docs.push(serde_json::json!({"kind": "SpiderReservedIP", "metadata": {"name": "r"}, "spec": {"ips": fmt(&reserved)}}));
+        }
+        let text = docs.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n---\n");
+        let built = pool_set(&text);
+        if how == 1 && gw_usable {
+            let errs = built.expect_err("a gateway inside ips and not excluded must be refused");
+            let text = format!("{errs:?}");
+            prop_assert!(text.contains("is inside spec.ips: add it to spec.excludeIPs too"), "{}", text);
+            return Ok(());
+        }
+        if inherited && gw_usable {
+            let errs = built.expect_err("a pool holding its subnet's excluded gateway must be refused");
+            let text = format!("{errs:?}");
+            prop_assert!(text.contains("are not in SpiderSubnet s"), "{}", text);
+            return Ok(());
+        }
+        let set = built.expect("valid set");
+        let mut pool = set.pools["p"].clone();
+        if how == 3 {
+            prop_assert_eq!(pool.gateway, None);
+            pool.gateway = Some(ip(gw));
+        }
+        prop_assert_eq!(pool.gateway, Some(ip(gw)), "gateway (inherited: {})", inherited);
         let mut expected = model_of(&ips);
         for x in model_of(&excl).union(&model_of(&reserved)) {
             expected.remove(x);
         }
         expected.remove(&gw);
-        let mut alloc = Allocator::new(pool.allocatable(&reserved_set), hint);
+        let mut alloc = Allocator::new(pool.allocatable(set.reserved(IpFamily::V4)), hint);
         let mut got = BTreeSet::new();
         while let Some(a) = alloc.take() {
             let n = (ip_to_u128(a) as u32) - BASE;
@@ -287,10 +449,11 @@ proptest! {
             prop_assert!(got.insert(n), "{} twice", a);
         }
         prop_assert_eq!(got, expected, "every allowed address is found");
-        // totalIPCount counts ips minus excludeIPs, as Spiderpool does.
+        // totalIPCount counts ips minus excludeIPs, as Spiderpool does (an inherited gateway is
+        // not in excludeIPs, so it counts).
         let mut total = model_of(&ips);
         for x in model_of(&excl) { total.remove(&x); }
-        if model_of(&ips).contains(&gw) { total.remove(&gw); }
+        if how == 0 && gw_in_ips { total.remove(&gw); }
         prop_assert_eq!(pool.total().count(), total.len() as u128);
     }
 }
