@@ -19,6 +19,8 @@ use spiderpool_core::PoolSet;
 pub struct ValidateReport {
     /// One line per problem: `FILE: Kind/name: field: message` (or a document-level error).
     pub errors: Vec<String>,
+    /// One line per warning (allowed, but probably not meant), same shape.
+    pub warnings: Vec<String>,
     /// Objects read, by kind.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -87,14 +89,16 @@ pub fn validate(paths: &[PathBuf]) -> ValidateReport {
         };
         *report.counts.entry(kind).or_default() += 1;
     }
-    if let Err(errors) = PoolSet::build(loaded.objects.iter().map(|(_, o)| o)) {
-        for e in errors {
-            let file = file_of
-                .get(&e.object)
-                .map(|p| format!("{}: ", p.display()))
-                .unwrap_or_default();
-            report.errors.push(format!("{file}{e}"));
-        }
+    let located = |e: &spiderpool_core::ValidationError| {
+        let file = file_of
+            .get(&e.object)
+            .map(|p| format!("{}: ", p.display()))
+            .unwrap_or_default();
+        format!("{file}{e}")
+    };
+    match PoolSet::build(loaded.objects.iter().map(|(_, o)| o)) {
+        Ok(set) => report.warnings = set.warnings().iter().map(located).collect(),
+        Err(errors) => report.errors.extend(errors.iter().map(located)),
     }
     report
 }
@@ -117,6 +121,9 @@ pub struct Explanation {
     pub node: String,
     /// Per NIC.
     pub nics: Vec<NicPlan>,
+    /// The families asked of cluster default pools.
+    #[serde(rename = "defaultFamilies")]
+    pub default_families: DefaultFamilies,
 }
 
 impl Explanation {
@@ -183,6 +190,15 @@ impl Explanation {
                     ""
                 }
             );
+            if nic.source == select::Source::ClusterDefault {
+                let _ = writeln!(
+                    out,
+                    "{}: families {} ({})",
+                    nic.ifname,
+                    self.default_families.label(),
+                    self.default_families.from
+                );
+            }
         }
         out.push_str(&spiderpool_core::table::render(&rows));
         out
@@ -202,8 +218,41 @@ pub struct ExplainArgs {
     pub ifname: String,
     /// CNI network config file.
     pub cni_config: Option<PathBuf>,
-    /// Families served by cluster default pools.
-    pub families: Families,
+    /// Families served by cluster default pools; `None`: every family that has a default pool
+    /// (IPv4 when none has).
+    pub families: Option<Families>,
+}
+
+/// Which families cluster default pools serve in an explanation, and where that came from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefaultFamilies {
+    /// IPv4 served.
+    pub ipv4: bool,
+    /// IPv6 served.
+    pub ipv6: bool,
+    /// `--default-families`, `pools with spec.default: true`, or `none given (IPv4 assumed)`.
+    pub from: String,
+}
+
+impl From<DefaultFamilies> for Families {
+    fn from(d: DefaultFamilies) -> Self {
+        Families {
+            ipv4: d.ipv4,
+            ipv6: d.ipv6,
+        }
+    }
+}
+
+impl DefaultFamilies {
+    /// `IPv4`, `IPv6` or `IPv4+IPv6`.
+    pub fn label(&self) -> &'static str {
+        match (self.ipv4, self.ipv6) {
+            (true, true) => "IPv4+IPv6",
+            (false, true) => "IPv6",
+            _ => "IPv4",
+        }
+    }
 }
 
 /// Why `explain` gave no explanation.
@@ -277,6 +326,23 @@ fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>
         }
         None => None,
     };
+    let families = match (args.families, pools.default_families()) {
+        (Some(f), _) => DefaultFamilies {
+            ipv4: f.ipv4,
+            ipv6: f.ipv6,
+            from: "--default-families".into(),
+        },
+        (None, Some(f)) => DefaultFamilies {
+            ipv4: f.ipv4,
+            ipv6: f.ipv6,
+            from: "pools with spec.default: true".into(),
+        },
+        (None, None) => DefaultFamilies {
+            ipv4: true,
+            ipv6: false,
+            from: "no pool has spec.default: true; IPv4 assumed".into(),
+        },
+    };
     let owner = pod
         .metadata
         .owner_references
@@ -294,13 +360,14 @@ fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>
         node_labels: Some(&node.metadata.labels),
         owner_name: owner,
         cni: cni.as_ref(),
-        default_families: args.families,
+        default_families: families.clone().into(),
     };
     Ok(select::resolve(&pools, &input, &args.ifname)
         .map(|plan| Explanation {
             pod: args.pod.clone(),
             node: args.node.clone(),
             nics: plan.nics,
+            default_families: families,
         })
         .map_err(|e| ExplainError::Selection(e.to_string())))
 }

@@ -299,3 +299,58 @@ fn explain_bad_input_is_exit_2_and_bad_annotation_exit_1() {
         "{err}"
     );
 }
+
+#[test]
+fn explain_asks_every_family_that_has_a_cluster_default_pool_and_says_so() {
+    let dual = data("dual-defaults.yaml");
+    let base = [
+        "explain",
+        "--manifests",
+        &dual,
+        "--node",
+        "n1",
+        "--pod",
+        "default/plain",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["-o", "json"]);
+    let out = spiderctl(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(v["nics"][0]["ipv4"]["selected"], "default-v4");
+    assert_eq!(v["nics"][0]["ipv6"]["selected"], "default-v6");
+    assert_eq!(v["defaultFamilies"]["ipv4"], true);
+    assert_eq!(v["defaultFamilies"]["ipv6"], true);
+    assert_eq!(
+        v["defaultFamilies"]["from"],
+        "pools with spec.default: true"
+    );
+    let table = stdout(&spiderctl(&base));
+    assert!(
+        table.contains("eth0: families IPv4+IPv6 (pools with spec.default: true)"),
+        "{table}"
+    );
+    // An explicit choice wins, and the output says where it came from.
+    let mut args = base.to_vec();
+    args.extend(["--default-families", "v4", "-o", "json"]);
+    let v: Value = serde_json::from_str(&stdout(&spiderctl(&args))).expect("json");
+    assert!(v["nics"][0]["ipv6"].is_null(), "{v}");
+    assert_eq!(v["defaultFamilies"]["from"], "--default-families");
+}
+
+#[test]
+fn validate_warns_about_network_and_broadcast_addresses_and_exits_0() {
+    let out = spiderctl(&["validate", &data("dual-defaults.yaml")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("warning: ")
+            && text.contains("SpiderIPPool/default-v4: spec.ips: includes 10.20.0.0, the network address of 10.20.0.0/24"),
+        "{text}"
+    );
+    assert!(
+        text.contains("10.20.0.255, the broadcast address"),
+        "{text}"
+    );
+    assert!(text.contains("valid: "), "{text}");
+}

@@ -26,11 +26,78 @@ pub struct LabelSelector {
 pub struct LabelSelectorRequirement {
     /// Label key.
     pub key: String,
-    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
-    pub operator: String,
+    /// How the key's value is tested.
+    pub operator: Operator,
     /// Values for `In` / `NotIn`; must be empty for `Exists` / `DoesNotExist`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
+}
+
+/// A `matchExpressions` operator. The closed set of Kubernetes' four, plus the text of anything
+/// else, so that one bad operator is one validation error naming it instead of a document that
+/// fails to decode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Operator {
+    /// The label is present with one of the values.
+    #[default]
+    In,
+    /// The label is absent, or present with none of the values.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+    /// Not an operator Kubernetes knows (refused by [`LabelSelector::validate`]).
+    Unknown(String),
+}
+
+impl Operator {
+    /// The operator as written in YAML.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Operator::In => "In",
+            Operator::NotIn => "NotIn",
+            Operator::Exists => "Exists",
+            Operator::DoesNotExist => "DoesNotExist",
+            Operator::Unknown(s) => s,
+        }
+    }
+
+    /// Whether the operator takes values (`In`, `NotIn`).
+    pub fn takes_values(&self) -> bool {
+        matches!(self, Operator::In | Operator::NotIn)
+    }
+}
+
+impl From<String> for Operator {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "In" => Operator::In,
+            "NotIn" => Operator::NotIn,
+            "Exists" => Operator::Exists,
+            "DoesNotExist" => Operator::DoesNotExist,
+            _ => Operator::Unknown(s),
+        }
+    }
+}
+
+impl From<&str> for Operator {
+    fn from(s: &str) -> Self {
+        Operator::from(s.to_string())
+    }
+}
+
+impl From<Operator> for String {
+    fn from(o: Operator) -> Self {
+        o.as_str().to_string()
+    }
+}
+
+impl fmt::Display for Operator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A selector that Kubernetes would refuse.
@@ -50,7 +117,7 @@ pub enum SelectorError {
         /// The key.
         key: String,
         /// The operator.
-        operator: String,
+        operator: Operator,
     },
     /// `Exists`/`DoesNotExist` with values.
     #[error("matchExpressions key '{key}': operator {operator} takes no values")]
@@ -58,11 +125,109 @@ pub enum SelectorError {
         /// The key.
         key: String,
         /// The operator.
-        operator: String,
+        operator: Operator,
     },
     /// Empty key.
     #[error("label selector has an empty key")]
     EmptyKey,
+    /// A key Kubernetes refuses.
+    #[error("invalid label key '{key}': {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value Kubernetes refuses.
+    #[error("invalid label value '{value}' for key '{key}': {reason}")]
+    InvalidValue {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The name part of a label key, and a label value: at most 63 characters, alphanumeric at both
+/// ends, `-`, `_`, `.` inside. (Values may also be empty; the caller decides.)
+fn check_label_name(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err(format!("must be at most 63 characters (has {})", s.len()));
+    }
+    let ok_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !ok_end(s.chars().next()) || !ok_end(s.chars().last()) {
+        return Err("must begin and end with a letter or digit".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "'{c}' is not allowed (letters, digits, '-', '_' and '.' only)"
+        ));
+    }
+    Ok(())
+}
+
+/// A DNS-1123 subdomain: the optional prefix of a label key.
+fn check_dns_subdomain(s: &str) -> Result<(), String> {
+    if s.len() > 253 {
+        return Err(format!(
+            "prefix must be at most 253 characters (has {})",
+            s.len()
+        ));
+    }
+    for part in s.split('.') {
+        let ok_end =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ok_end(part.chars().next()) || !ok_end(part.chars().last()) {
+            return Err(format!(
+                "prefix '{s}' must be a DNS subdomain (lower-case letters, digits, '-' and '.', each part beginning and ending with a letter or digit)"
+            ));
+        }
+        if part
+            .chars()
+            .any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+        {
+            return Err(format!(
+                "prefix '{s}' must be a DNS subdomain (lower-case letters, digits, '-' and '.')"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a label key as the API server does: `[prefix/]name`.
+pub fn validate_label_key(key: &str) -> Result<(), SelectorError> {
+    if key.is_empty() {
+        return Err(SelectorError::EmptyKey);
+    }
+    let invalid = |reason: String| SelectorError::InvalidKey {
+        key: key.to_string(),
+        reason,
+    };
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        check_dns_subdomain(p).map_err(invalid)?;
+    }
+    check_label_name(name).map_err(|r| invalid(format!("name part {r}")))
+}
+
+/// Checks a label value as the API server does (empty is allowed).
+pub fn validate_label_value(key: &str, value: &str) -> Result<(), SelectorError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_label_name(value).map_err(|reason| SelectorError::InvalidValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason,
+    })
 }
 
 impl LabelSelector {
@@ -71,35 +236,37 @@ impl LabelSelector {
         self.match_labels.is_empty() && self.match_expressions.is_empty()
     }
 
-    /// Checks the selector the way the API server would.
+    /// Checks the selector the way the API server would: keys, values and operators.
     pub fn validate(&self) -> Result<(), SelectorError> {
-        if self.match_labels.keys().any(String::is_empty) {
-            return Err(SelectorError::EmptyKey);
+        for (k, v) in &self.match_labels {
+            validate_label_key(k)?;
+            validate_label_value(k, v)?;
         }
         for r in &self.match_expressions {
-            if r.key.is_empty() {
-                return Err(SelectorError::EmptyKey);
-            }
-            match r.operator.as_str() {
-                "In" | "NotIn" if r.values.is_empty() => {
-                    return Err(SelectorError::MissingValues {
-                        key: r.key.clone(),
-                        operator: r.operator.clone(),
-                    })
-                }
-                "Exists" | "DoesNotExist" if !r.values.is_empty() => {
-                    return Err(SelectorError::UnexpectedValues {
-                        key: r.key.clone(),
-                        operator: r.operator.clone(),
-                    })
-                }
-                "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-                _ => {
+            validate_label_key(&r.key)?;
+            match &r.operator {
+                Operator::Unknown(op) => {
                     return Err(SelectorError::UnknownOperator {
                         key: r.key.clone(),
-                        operator: r.operator.clone(),
+                        operator: op.clone(),
                     })
                 }
+                op if op.takes_values() && r.values.is_empty() => {
+                    return Err(SelectorError::MissingValues {
+                        key: r.key.clone(),
+                        operator: op.clone(),
+                    })
+                }
+                op if !op.takes_values() && !r.values.is_empty() => {
+                    return Err(SelectorError::UnexpectedValues {
+                        key: r.key.clone(),
+                        operator: op.clone(),
+                    })
+                }
+                _ => {}
+            }
+            for v in &r.values {
+                validate_label_value(&r.key, v)?;
             }
         }
         Ok(())
@@ -114,11 +281,12 @@ impl LabelSelector {
             .all(|(k, v)| labels.get(k) == Some(v));
         let exprs_ok = self.match_expressions.iter().all(|r| {
             let got = labels.get(&r.key);
-            match r.operator.as_str() {
-                "In" => got.is_some_and(|v| r.values.contains(v)),
-                "NotIn" => got.is_none_or(|v| !r.values.contains(v)),
-                "Exists" => got.is_some(),
-                _ => got.is_none(), // DoesNotExist (validated above)
+            match r.operator {
+                Operator::In => got.is_some_and(|v| r.values.contains(v)),
+                Operator::NotIn => got.is_none_or(|v| !r.values.contains(v)),
+                Operator::Exists => got.is_some(),
+                Operator::DoesNotExist => got.is_none(),
+                Operator::Unknown(_) => false, // refused by validate above
             }
         });
         Ok(labels_ok && exprs_ok)
@@ -134,9 +302,9 @@ impl fmt::Display for LabelSelector {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         for r in &self.match_expressions {
-            parts.push(match r.operator.as_str() {
-                "Exists" => r.key.clone(),
-                "DoesNotExist" => format!("!{}", r.key),
+            parts.push(match &r.operator {
+                Operator::Exists => r.key.clone(),
+                Operator::DoesNotExist => format!("!{}", r.key),
                 op => format!("{} {} [{}]", r.key, op, r.values.join(" ")),
             });
         }
@@ -241,6 +409,75 @@ mod tests {
             sel(vec![expr("a", "Gt", &["1"])]).matches(&labels(&[])),
             Err(SelectorError::UnknownOperator { .. })
         ));
+    }
+
+    #[test]
+    fn keys_and_values_are_checked_as_kubernetes_does() {
+        let bad_values = [".starts.with.dot", "ends-", "has space", &"v".repeat(64)];
+        for v in bad_values {
+            let mut s = sel(vec![]);
+            s.match_labels.insert("k".into(), v.to_string());
+            assert!(
+                matches!(s.validate(), Err(SelectorError::InvalidValue { .. })),
+                "matchLabels value {v:?} accepted"
+            );
+            let s = sel(vec![expr("k", "In", &["ok", v])]);
+            assert!(
+                matches!(s.validate(), Err(SelectorError::InvalidValue { .. })),
+                "In value {v:?} accepted"
+            );
+        }
+        let bad_keys = [
+            "-k",
+            "k_",
+            "Example.com/k",
+            "a/b/c",
+            "/k",
+            "example.com/",
+            &"k".repeat(64),
+        ];
+        for k in bad_keys {
+            let s = sel(vec![expr(k, "Exists", &[])]);
+            assert!(
+                matches!(
+                    s.validate(),
+                    Err(SelectorError::InvalidKey { .. } | SelectorError::EmptyKey)
+                ),
+                "key {k:?} accepted"
+            );
+        }
+        let mut good = sel(vec![
+            expr("topology.kubernetes.io/zone", "In", &["zone-a", "a.b_c"]),
+            expr("kubernetes.io/hostname", "Exists", &[]),
+        ]);
+        good.match_labels
+            .insert("node-subnet".into(), "subnet-6".into());
+        good.match_labels
+            .insert("empty-value".into(), String::new());
+        good.match_labels
+            .insert(format!("x/{}", "k".repeat(63)), "v".repeat(63));
+        assert_eq!(good.validate(), Ok(()));
+        let e = sel(vec![expr("k", "In", &[".starts.with.dot"])])
+            .validate()
+            .expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "invalid label value '.starts.with.dot' for key 'k': must begin and end with a letter or digit"
+        );
+    }
+
+    #[test]
+    fn operators_round_trip_through_yaml_and_unknown_ones_keep_their_text() {
+        let r: LabelSelectorRequirement =
+            serde_yaml_ng::from_str("{key: a, operator: Gt, values: ['1']}").expect("decodes");
+        assert_eq!(r.operator, Operator::Unknown("Gt".into()));
+        let r: LabelSelectorRequirement =
+            serde_yaml_ng::from_str("{key: a, operator: NotIn, values: [x]}").expect("decodes");
+        assert_eq!(r.operator, Operator::NotIn);
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"key":"a","operator":"NotIn","values":["x"]}"#
+        );
     }
 
     #[test]

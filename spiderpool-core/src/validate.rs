@@ -134,7 +134,14 @@ impl Pool {
                 );
             }
         }
-        let (family, subnet, ips, exclude, gateway, routes) = match (errs.finish(), common) {
+        let Common {
+            family,
+            subnet,
+            ips,
+            exclude,
+            gateway,
+            routes,
+        } = match (errs.finish(), common) {
             (Ok(()), Some(c)) => c,
             (Err(e), _) => return Err(e),
             (Ok(()), None) => return Err(Vec::new()),
@@ -194,7 +201,14 @@ impl Subnet {
             &s.routes,
         );
         errs.finish()?;
-        let (family, subnet, ips, exclude, gateway, routes) = common.ok_or_else(Vec::new)?;
+        let Common {
+            family,
+            subnet,
+            ips,
+            exclude,
+            gateway,
+            routes,
+        } = common.ok_or_else(Vec::new)?;
         Ok(Subnet {
             name: obj.metadata.name.clone(),
             family,
@@ -255,14 +269,15 @@ fn check_name(errs: &mut Errors, name: &str) {
     }
 }
 
-type Common = (
-    IpFamily,
-    IpNet,
-    IpSet,
-    IpSet,
-    Option<IpAddr>,
-    Vec<PoolRoute>,
-);
+/// The checked parts pools and subnets share.
+struct Common {
+    family: IpFamily,
+    subnet: IpNet,
+    ips: IpSet,
+    exclude: IpSet,
+    gateway: Option<IpAddr>,
+    routes: Vec<PoolRoute>,
+}
 
 /// Rules shared by pools and subnets. Pushes errors; returns the parts when the subnet parsed.
 fn check_common(
@@ -401,7 +416,14 @@ fn check_common(
             ),
         }
     }
-    Some((family, net, ip_set, exclude, gw, out_routes))
+    Some(Common {
+        family,
+        subnet: net,
+        ips: ip_set,
+        exclude,
+        gateway: gw,
+        routes: out_routes,
+    })
 }
 
 struct Errors {
@@ -473,10 +495,13 @@ impl PoolSet {
         let mut errors = Vec::new();
         let mut set = PoolSet::default();
         let mut reserved = Vec::new();
-        for obj in objects {
+        // Position of each pool and subnet in the input: earlier objects exist before later ones.
+        let mut order: BTreeMap<(bool, String), usize> = BTreeMap::new();
+        for (pos, obj) in objects.into_iter().enumerate() {
             match obj {
                 Object::IpPool(p) => match Pool::from_spec(p) {
                     Ok(pool) => {
+                        order.entry((true, pool.name.clone())).or_insert(pos);
                         if set.pools.contains_key(&pool.name) {
                             errors.push(ValidationError {
                                 object: format!("SpiderIPPool/{}", pool.name),
@@ -491,6 +516,7 @@ impl PoolSet {
                 },
                 Object::Subnet(s) => match Subnet::from_spec(s) {
                     Ok(sub) => {
+                        order.entry((false, sub.name.clone())).or_insert(pos);
                         set.subnets.insert(sub.name.clone(), sub);
                     }
                     Err(e) => errors.extend(e),
@@ -509,11 +535,100 @@ impl PoolSet {
             }
         }
         errors.extend(set.cross_check());
+        errors.extend(set.subnets_fit_pools(|pool, subnet| {
+            order.get(&(true, pool.to_string())) > order.get(&(false, subnet.to_string()))
+        }));
         if !errors.is_empty() {
             return Err(errors);
         }
         set.inherit_from_subnets();
         Ok(set)
+    }
+
+    /// The families served by cluster default pools (`spec.default: true`), or `None` when no pool
+    /// is a default: a dual-stack cluster's defaults give both.
+    pub fn default_families(&self) -> Option<crate::select::Families> {
+        let has = |f: IpFamily| self.pools.values().any(|p| p.default && p.family == f);
+        let (ipv4, ipv6) = (has(IpFamily::V4), has(IpFamily::V6));
+        (ipv4 || ipv6).then_some(crate::select::Families { ipv4, ipv6 })
+    }
+
+    /// Things that are allowed but probably not meant, one [`ValidationError`]-shaped line each:
+    /// today, IPv4 network and broadcast addresses listed in `ips` of a subnet shorter than /31.
+    /// They are handed out, as Spiderpool does (some underlays route them), so this is a warning.
+    pub fn warnings(&self) -> Vec<ValidationError> {
+        let mut out = Vec::new();
+        let edges = |net: &IpNet, total: &IpSet| -> Vec<(IpAddr, &'static str)> {
+            if net.network().is_ipv6() || net.prefix_len() >= 31 {
+                return Vec::new();
+            }
+            [(net.network(), "network"), (net.broadcast(), "broadcast")]
+                .into_iter()
+                .filter(|(ip, _)| total.contains(*ip))
+                .collect()
+        };
+        let mut push = |object: String, net: &IpNet, total: &IpSet| {
+            for (ip, what) in edges(net, total) {
+                out.push(ValidationError {
+                    object: object.clone(),
+                    field: "spec.ips".into(),
+                    message: format!(
+                        "includes {ip}, the {what} address of {net}: it will be handed out to a pod; add it to spec.excludeIPs unless your network really uses it"
+                    ),
+                });
+            }
+        };
+        for p in self.pools.values() {
+            push(format!("SpiderIPPool/{}", p.name), &p.subnet, &p.total());
+        }
+        for sub in self.subnets.values() {
+            push(
+                format!("SpiderSubnet/{}", sub.name),
+                &sub.subnet,
+                &sub.total,
+            );
+        }
+        out
+    }
+
+    /// A pool belongs to the SpiderSubnet with exactly its CIDR: a subnet and a pool whose CIDRs
+    /// overlap without being identical are refused. The one created later is refused, naming the
+    /// other (`pool_is_later(pool, subnet)` says which came later).
+    pub fn subnets_fit_pools(
+        &self,
+        pool_is_later: impl Fn(&str, &str) -> bool,
+    ) -> Vec<ValidationError> {
+        let mut errors = Vec::new();
+        for sub in self.subnets.values() {
+            for pool in self.pools.values() {
+                let (rs, rp) = (IpRange::of_net(&sub.subnet), IpRange::of_net(&pool.subnet));
+                let overlap =
+                    sub.family == pool.family && rs.start() <= rp.end() && rp.start() <= rs.end();
+                if !overlap || sub.subnet == pool.subnet {
+                    continue;
+                }
+                errors.push(if pool_is_later(&pool.name, &sub.name) {
+                    ValidationError {
+                        object: format!("SpiderIPPool/{}", pool.name),
+                        field: "spec.subnet".into(),
+                        message: format!(
+                            "subnet {} overlaps SpiderSubnet {} ({}) without being identical: a pool in that range must use subnet {}",
+                            pool.subnet, sub.name, sub.subnet, sub.subnet
+                        ),
+                    }
+                } else {
+                    ValidationError {
+                        object: format!("SpiderSubnet/{}", sub.name),
+                        field: "spec.subnet".into(),
+                        message: format!(
+                            "subnet {} overlaps subnet {} of SpiderIPPool {} without being identical: a SpiderSubnet must have exactly the subnet of the pools it holds",
+                            sub.subnet, pool.subnet, pool.name
+                        ),
+                    }
+                });
+            }
+        }
+        errors
     }
 
     /// Rules across objects: pool subnets overlap only when identical, and then their effective
@@ -816,6 +931,74 @@ mod tests {
             set.pools["a"].gateway,
             Some("10.6.0.254".parse().expect("ip"))
         );
+    }
+
+    fn subnet(name: &str, cidr: &str, ips: &[&str]) -> SpiderSubnet {
+        SpiderSubnet {
+            metadata: crate::types::ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            },
+            spec: crate::types::SubnetSpec {
+                subnet: cidr.into(),
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_subnet_overlapping_a_pool_without_being_identical_is_refused() {
+        let p = pool("p", "10.6.0.0/24", &["10.6.0.1-10.6.0.10"]);
+        let s = subnet("s", "10.6.0.0/16", &["10.6.0.1-10.6.0.100"]);
+        // The pool exists first: the subnet is refused, naming the pool.
+        let errs = PoolSet::build(&[Object::IpPool(p.clone()), Object::Subnet(s.clone())])
+            .expect_err("overlap");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].object, "SpiderSubnet/s");
+        assert_eq!(
+            errs[0].message,
+            "subnet 10.6.0.0/16 overlaps subnet 10.6.0.0/24 of SpiderIPPool p without being identical: a SpiderSubnet must have exactly the subnet of the pools it holds"
+        );
+        // The subnet exists first: the pool is refused, naming the subnet.
+        let errs = PoolSet::build(&[Object::Subnet(s), Object::IpPool(p)]).expect_err("overlap");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].object, "SpiderIPPool/p");
+        assert!(
+            errs[0].message.contains("must use subnet 10.6.0.0/16"),
+            "{errs:?}"
+        );
+        // Identical and disjoint CIDRs are fine.
+        let ok = [
+            Object::Subnet(subnet("s", "10.6.0.0/24", &["10.6.0.1-10.6.0.100"])),
+            Object::IpPool(pool("p", "10.6.0.0/24", &["10.6.0.1-10.6.0.10"])),
+            Object::IpPool(pool("q", "10.7.0.0/24", &["10.7.0.1"])),
+        ];
+        assert!(PoolSet::build(&ok).is_ok());
+    }
+
+    #[test]
+    fn network_and_broadcast_addresses_are_allowed_with_a_warning() {
+        let p = pool("p", "10.6.0.0/24", &["10.6.0.0-10.6.0.255"]);
+        let set = PoolSet::build(&[Object::IpPool(p)]).expect("allowed");
+        assert!(set.pools["p"]
+            .allocatable(&IpSet::empty(IpFamily::V4))
+            .contains("10.6.0.0".parse().expect("ip")));
+        let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("10.6.0.0, the network address of 10.6.0.0/24"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("10.6.0.255, the broadcast address"), "{w:?}");
+        // /31 and /32 have no such addresses; excluded ones draw no warning.
+        let mut q = pool("q", "10.7.0.0/31", &["10.7.0.0-10.7.0.1"]);
+        let mut r = pool("r", "10.8.0.0/24", &["10.8.0.0-10.8.0.255"]);
+        r.spec.exclude_ips = vec!["10.8.0.0".into(), "10.8.0.255".into()];
+        q.spec.gateway = None;
+        let set = PoolSet::build(&[Object::IpPool(q), Object::IpPool(r)]).expect("valid");
+        assert!(set.warnings().is_empty(), "{:?}", set.warnings());
     }
 
     #[test]

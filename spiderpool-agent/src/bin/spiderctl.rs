@@ -59,9 +59,10 @@ enum Command {
         /// The CNI network configuration (for default_ipv4_ippool, clean_gateway, name).
         #[arg(long)]
         cni_config: Option<PathBuf>,
-        /// IP families the cluster serves from default pools (spec.default: true).
-        #[arg(long, value_enum, default_value = "v4")]
-        default_families: FamilyArg,
+        /// IP families the cluster serves from default pools (spec.default: true). Default:
+        /// every family that has a default pool (IPv4 when none has); the output says which.
+        #[arg(long, value_enum)]
+        default_families: Option<FamilyArg>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
@@ -75,6 +76,9 @@ fn main() -> ExitCode {
             let report = ctl::validate(&files);
             for e in &report.errors {
                 println!("{e}");
+            }
+            for w in &report.warnings {
+                println!("warning: {w}");
             }
             if report.errors.is_empty() {
                 let summary: Vec<String> = report
@@ -98,7 +102,7 @@ fn main() -> ExitCode {
             default_families,
             output,
         } => {
-            let families = match default_families {
+            let families = default_families.map(|f| match f {
                 FamilyArg::V4 => Families {
                     ipv4: true,
                     ipv6: false,
@@ -111,7 +115,7 @@ fn main() -> ExitCode {
                     ipv4: true,
                     ipv6: true,
                 },
-            };
+            });
             let args = ExplainArgs {
                 manifests,
                 node,
