@@ -3,7 +3,9 @@
 //! Two SpiderIPPools with `nodeAffinity` (10.6.0.0/16 for nodes labelled `node-subnet=subnet-6`,
 //! 10.7.0.0/16 for `subnet-7`), two nodes, a DaemonSet whose pods name both pools in
 //! `ipam.spidernet.io/ippool`. Each node's agent allocates for its own pod through the engine; the
-//! pods land in their node's zone. The records live in the default embedded durable store (one
+//! pods land in their node's zone. Nodes and pods are simulated in this process (no cluster, no
+//! container runtime): the output shows only what the program knows (pod, node, address, pool).
+//! The records live in the default embedded durable store (one
 //! redb file, in a temporary directory unless `SPIDERPOOL_STORE` names a file); the example closes
 //! and reopens it, as an agent restart would, before releasing everything.
 //!
@@ -24,7 +26,6 @@ const POOLS: &str = include_str!("../testdata/seed-pools.yaml");
 
 struct Node {
     name: &'static str,
-    internal_ip: &'static str,
     labels: BTreeMap<String, String>,
 }
 
@@ -39,39 +40,30 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    println!("~# cat <<EOF | kubectl apply -f -   (the seed's two SpiderIPPools)");
+    println!("The seed scenario, simulated in one process: two nodes in two network zones, one");
+    println!("pod of the test-app DaemonSet on each, each node's engine allocating through one");
+    println!("shared embedded lease store. No cluster, container runtime or CNI plugin is involved.");
     let pools = pool_set(POOLS).map_err(|problems| problems.join("\n"))?;
-    for name in pools.pools.keys() {
-        println!("spiderippool.spiderpool.spidernet.io/{name} created");
-    }
+    println!(
+        "\nPools (the seed's SpiderIPPools, testdata/seed-pools.yaml): {}",
+        pools.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
 
     let nodes = [
         Node {
             name: "controller-node-1",
-            internal_ip: "10.6.168.71",
             labels: [("node-subnet".to_string(), "subnet-6".to_string())].into(),
         },
         Node {
             name: "worker-node-1",
-            internal_ip: "10.7.168.73",
             labels: [("node-subnet".to_string(), "subnet-7".to_string())].into(),
         },
     ];
-    println!("\n~# kubectl get nodes --show-labels");
-    let mut rows = vec![[
-        "NAME".to_string(),
-        "STATUS".into(),
-        "INTERNAL-IP".into(),
-        "LABELS".into(),
-    ]];
+    println!("\nSimulated nodes:");
+    let mut rows = vec![["NODE".to_string(), "LABELS".into()]];
     for n in &nodes {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        rows.push([
-            n.name.to_string(),
-            "Ready".into(),
-            n.internal_ip.into(),
-            labels.join(","),
-        ]);
+        rows.push([n.name.to_string(), labels.join(",")]);
     }
     print!("{}", table::render(&rows));
 
@@ -97,15 +89,10 @@ fn run() -> Result<(), String> {
     let pod_names = ["test-app-j9ftl", "test-app-nkq5h"];
 
     let mut pod_rows = vec![[
-        "NAME".to_string(),
-        "READY".into(),
-        "STATUS".into(),
-        "RESTARTS".into(),
-        "AGE".into(),
-        "IP".into(),
+        "POD".to_string(),
         "NODE".into(),
-        "NOMINATED NODE".into(),
-        "READINESS GATES".into(),
+        "IP".into(),
+        "POOL".into(),
     ]];
     let mut attachments = Vec::new();
     for ((node, engine), pod) in nodes.iter().zip(&engines).zip(pod_names) {
@@ -130,15 +117,10 @@ fn run() -> Result<(), String> {
             .and_then(|n| n.ipv4.as_ref())
             .ok_or("no IPv4 address allocated")?;
         pod_rows.push([
-            pod.to_string(),
-            "1/1".into(),
-            "Running".into(),
-            "0".into(),
-            "45s".into(),
-            ip.address.addr().to_string(),
+            format!("default/{pod}"),
             node.name.to_string(),
-            "<none>".into(),
-            "<none>".into(),
+            ip.address.addr().to_string(),
+            ip.pool.clone(),
         ]);
         // The pod's IP must come from its own node's zone.
         let zone = &node.labels["node-subnet"];
@@ -151,12 +133,12 @@ fn run() -> Result<(), String> {
         }
         attachments.push(att);
     }
-    println!("\n~# kubectl get po -l app=test-app -o wide");
+    println!("\nAllocations (simulated pods of DaemonSet test-app):");
     print!("{}", table::render(&pod_rows));
 
     let print_pools = |store: &EmbeddedStore, title: &str| -> Result<(), String> {
         let listing = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
-        println!("\n~# kubectl get spiderippool{title}");
+        println!("\nPools as `kubectl get spiderippool` shows them, counted from the store{title}:");
         print!(
             "{}",
             table::ippools(&pools, &count_by_pool(&listing.leases))
@@ -183,7 +165,7 @@ fn run() -> Result<(), String> {
         return Err("allocations lost across the restart".into());
     }
 
-    println!("\n~# kubectl delete ds test-app   (CNI DEL for every pod)");
+    println!("\nThe DaemonSet is deleted: a release (CNI DEL) for every pod.");
     for (engine, att) in engines.iter().zip(&attachments) {
         let freed = block_on(engine.release(&att.container_id, Some(&att.ifname)))
             .map_err(|e| e.to_string())?;
@@ -194,7 +176,7 @@ fn run() -> Result<(), String> {
             );
         }
     }
-    print_pools(&store, "   (after release)")?;
+    print_pools(&store, " (after release)")?;
     let left = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
     if !left.leases.is_empty() {
         return Err(format!("{} addresses leaked", left.leases.len()));
