@@ -42,7 +42,9 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     println!("The seed scenario, simulated in one process: two nodes in two network zones, one");
     println!("pod of the test-app DaemonSet on each, each node's engine allocating through one");
-    println!("shared embedded lease store. No cluster, container runtime or CNI plugin is involved.");
+    println!(
+        "shared embedded lease store. No cluster, container runtime or CNI plugin is involved."
+    );
     let pools = pool_set(POOLS).map_err(|problems| problems.join("\n"))?;
     println!(
         "\nPools (the seed's SpiderIPPools, testdata/seed-pools.yaml): {}",
@@ -88,12 +90,7 @@ fn run() -> Result<(), String> {
     let pod_labels: BTreeMap<String, String> = [("app".to_string(), "test-app".to_string())].into();
     let pod_names = ["test-app-j9ftl", "test-app-nkq5h"];
 
-    let mut pod_rows = vec![[
-        "POD".to_string(),
-        "NODE".into(),
-        "IP".into(),
-        "POOL".into(),
-    ]];
+    let mut pod_rows = vec![["POD".to_string(), "NODE".into(), "IP".into(), "POOL".into()]];
     let mut attachments = Vec::new();
     for ((node, engine), pod) in nodes.iter().zip(&engines).zip(pod_names) {
         let input = SelectionInput {
@@ -138,7 +135,9 @@ fn run() -> Result<(), String> {
 
     let print_pools = |store: &EmbeddedStore, title: &str| -> Result<(), String> {
         let listing = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
-        println!("\nPools as `kubectl get spiderippool` shows them, counted from the store{title}:");
+        println!(
+            "\nPools as `kubectl get spiderippool` shows them, counted from the store{title}:"
+        );
         print!(
             "{}",
             table::ippools(&pools, &count_by_pool(&listing.leases))

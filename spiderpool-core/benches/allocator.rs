@@ -190,5 +190,96 @@ fn bench_engine(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_allocator, bench_engine);
+/// The backup-pool path: every request names a full 1,000-address primary before an empty backup.
+/// `re-read only when changed` is the engine as it is; the baseline forgets the primary's cache
+/// before each ADD, which costs what the engine did before pool revisions (one listing of the
+/// whole primary per ADD). Also prints pool listings per ADD for both.
+fn bench_backup_path(c: &mut Criterion) {
+    let yaml = r#"
+kind: SpiderIPPool
+metadata: {name: primary}
+spec: {subnet: 10.33.0.0/16, ips: [10.33.0.1-10.33.3.232]}
+---
+kind: SpiderIPPool
+metadata: {name: backup}
+spec: {subnet: 10.6.0.0/16, ips: [10.6.0.2-10.6.255.254]}
+"#;
+    let pools = spiderpool_core::manifest::pool_set(yaml).expect("valid pools");
+    let space = pools.pools["primary"].allocatable(pools.reserved(IpFamily::V4));
+    let mut group = c.benchmark_group("engine backup path (memory store)");
+    for baseline in [false, true] {
+        let store = Arc::new(MemoryStore::new());
+        let claims: Vec<Lease> = (0..space.count())
+            .filter_map(|i| space.nth_ip(i))
+            .enumerate()
+            .map(|(n, ip)| Lease {
+                ip,
+                pool: "primary".into(),
+                owner: Owner {
+                    pod_namespace: "ns".into(),
+                    pod_name: format!("filler-{n}"),
+                    pod_uid: "u".into(),
+                    container_id: format!("filler-{n}"),
+                    ifname: "eth0".into(),
+                    node: "other".into(),
+                    network: "net".into(),
+                    created: 0,
+                },
+                clean_gateway: false,
+                revision: 0,
+            })
+            .collect();
+        block_on(store.commit(Txn {
+            claims,
+            releases: vec![],
+        }))
+        .expect("fill");
+        let engine = Engine::new(store, "node-1");
+        let annos = [(
+            ANNO_IPPOOL.to_string(),
+            r#"{"ipv4":["primary","backup"]}"#.to_string(),
+        )]
+        .into();
+        let input = SelectionInput {
+            pod_namespace: "ns",
+            pod_name: "bench",
+            pod_annotations: Some(&annos),
+            node_name: "node-1",
+            ..Default::default()
+        };
+        let att = Attachment {
+            container_id: "bench".into(),
+            ifname: "eth0".into(),
+        };
+        let add_del = || {
+            if baseline {
+                engine.invalidate(Some("primary"));
+            }
+            let a = block_on(engine.allocate(&pools, &input, &att, "u", 0)).expect("allocated");
+            debug_assert_eq!(
+                a.nics[0].ipv4.as_ref().map(|x| x.pool.as_str()),
+                Some("backup")
+            );
+            block_on(engine.release("bench", Some("eth0"))).expect("released");
+        };
+        // Listings per ADD, counted by the engine.
+        let before = engine.stats().pool_reads;
+        for _ in 0..1000 {
+            add_del();
+        }
+        let per_add = (engine.stats().pool_reads - before) as f64 / 1000.0;
+        let label = if baseline {
+            "baseline: re-list per ADD"
+        } else {
+            "re-read only when changed"
+        };
+        eprintln!("backup path, {label}: {per_add:.3} pool listings per ADD");
+        group.bench_function(BenchmarkId::new("allocate+release", label), |b| {
+            b.iter(add_del)
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_allocator, bench_engine, bench_backup_path);
 criterion_main!(benches);

@@ -241,8 +241,10 @@ impl Caches {
     /// found taken by someone else) or free (released).
     pub fn learn(&self, pool: &str, ip: IpAddr, revision: u64, held: bool) {
         let mut state = self.lock();
-        if let Some(f) = state.reads.get_mut(pool) {
-            f.changes.push(Change { revision, ip, held });
+        if !state.reads.is_empty() {
+            if let Some(f) = state.reads.get_mut(pool) {
+                f.changes.push(Change { revision, ip, held });
+            }
         }
         if let Some(c) = state.pools.get_mut(pool) {
             if held {

@@ -310,11 +310,14 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
 pub struct LeaseTable {
     by_ip: BTreeMap<IpAddr, Lease>,
     by_attachment: HashMap<(String, String, IpFamily), IpAddr>,
+    /// Many keys (one per container): hashed.
     by_container: HashMap<String, BTreeSet<IpAddr>>,
-    by_pool: HashMap<String, BTreeSet<IpAddr>>,
-    by_node: HashMap<String, BTreeSet<IpAddr>>,
+    /// Large sets (a pool or node can hold 65,000 records): hashed, so a commit costs O(1) here;
+    /// the rare listing sorts what it returns.
+    by_pool: BigIndex,
+    by_node: BigIndex,
     /// Revision of the last change to each pool since `base_revision`.
-    pool_changed: HashMap<String, u64>,
+    pool_changed: BTreeMap<String, u64>,
     /// Revision when the table was created or loaded: changes before it are not tracked per pool.
     base_revision: u64,
     revision: u64,
@@ -341,16 +344,152 @@ impl Counter {
     }
 }
 
+/// Addresses by a name with few distinct values and large sets (pool, node): a B-tree of names
+/// (string comparisons on a handful of names beat hashing each one), hashed sets (a commit costs
+/// O(1) in a 65,000-record pool; the rare listing sorts what it returns).
+type BigIndex = BTreeMap<String, AddrHashSet>;
+
+/// A hash set of addresses with a cheap well-mixing hasher: addresses are chosen by the
+/// engine, not by a client, so SipHash's flooding resistance buys nothing here and costs a third
+/// of a commit's index work.
+type AddrHashSet = std::collections::HashSet<IpAddr, std::hash::BuildHasherDefault<AddrHasher>>;
+
+/// FxHash's mixing step over the written words, then murmur3's 64-bit finaliser: addresses of one
+/// pool differ only in their high bytes as the hasher sees them, and the hash table indexes by the
+/// low bits, so every bit must depend on every input bit.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_isize(&mut self, n: isize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// The map operations the index kinds share (hashed for containers, ordered for pools/nodes).
+trait NameMap<S> {
+    fn get_mut(&mut self, key: &str) -> Option<&mut S>;
+    fn insert(&mut self, key: String, set: S);
+    fn remove(&mut self, key: &str);
+}
+
+impl<S> NameMap<S> for HashMap<String, S> {
+    fn get_mut(&mut self, key: &str) -> Option<&mut S> {
+        HashMap::get_mut(self, key)
+    }
+    fn insert(&mut self, key: String, set: S) {
+        HashMap::insert(self, key, set);
+    }
+    fn remove(&mut self, key: &str) {
+        HashMap::remove(self, key);
+    }
+}
+
+impl<S> NameMap<S> for BTreeMap<String, S> {
+    fn get_mut(&mut self, key: &str) -> Option<&mut S> {
+        BTreeMap::get_mut(self, key)
+    }
+    fn insert(&mut self, key: String, set: S) {
+        BTreeMap::insert(self, key, set);
+    }
+    fn remove(&mut self, key: &str) {
+        BTreeMap::remove(self, key);
+    }
+}
+
+/// The set operations the two index kinds share.
+trait AddrSet: Default {
+    fn put(&mut self, ip: IpAddr);
+    fn take(&mut self, ip: &IpAddr);
+    fn empty(&self) -> bool;
+}
+
+impl AddrSet for BTreeSet<IpAddr> {
+    fn put(&mut self, ip: IpAddr) {
+        self.insert(ip);
+    }
+    fn take(&mut self, ip: &IpAddr) {
+        self.remove(ip);
+    }
+    fn empty(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+impl AddrSet for AddrHashSet {
+    fn put(&mut self, ip: IpAddr) {
+        self.insert(ip);
+    }
+    fn take(&mut self, ip: &IpAddr) {
+        self.remove(ip);
+    }
+    fn empty(&self) -> bool {
+        self.is_empty()
+    }
+}
+
 /// Adds `ip` to the set of `key` in `index`.
-fn index_insert(index: &mut HashMap<String, BTreeSet<IpAddr>>, key: &str, ip: IpAddr) {
-    index.entry(key.to_string()).or_default().insert(ip);
+fn index_insert<S: AddrSet, M: NameMap<S>>(index: &mut M, key: &str, ip: IpAddr) {
+    // Look up before inserting: the key's String is allocated only for a new key.
+    match index.get_mut(key) {
+        Some(set) => set.put(ip),
+        None => {
+            let mut set = S::default();
+            set.put(ip);
+            index.insert(key.to_string(), set);
+        }
+    }
+}
+
+/// The records of a hashed index entry, sorted by address.
+fn sorted(set: Option<&AddrHashSet>, get: impl Fn(&IpAddr) -> Option<Lease>) -> Vec<Lease> {
+    let mut ips: Vec<&IpAddr> = set.into_iter().flatten().collect();
+    ips.sort_unstable();
+    ips.into_iter().filter_map(get).collect()
+}
+
+/// Records that `pool` changed at `rev`, allocating its name only the first time.
+fn mark_changed(changed: &mut BTreeMap<String, u64>, pool: &str, rev: u64) {
+    match changed.get_mut(pool) {
+        Some(r) => *r = rev,
+        None => {
+            changed.insert(pool.to_string(), rev);
+        }
+    }
 }
 
 /// Removes `ip` from the set of `key` in `index`, dropping empty sets.
-fn index_remove(index: &mut HashMap<String, BTreeSet<IpAddr>>, key: &str, ip: &IpAddr) {
+fn index_remove<S: AddrSet, M: NameMap<S>>(index: &mut M, key: &str, ip: &IpAddr) {
     if let Some(set) = index.get_mut(key) {
-        set.remove(ip);
-        if set.is_empty() {
+        set.take(ip);
+        if set.empty() {
             index.remove(key);
         }
     }
@@ -429,25 +568,30 @@ impl LeaseTable {
             l.family(),
         ));
         index_remove(&mut self.by_container, &l.owner.container_id, &l.ip);
-        index_remove(&mut self.by_pool, &l.pool, &l.ip);
-        index_remove(&mut self.by_node, &l.owner.node, &l.ip);
+        // Pools and nodes are few and long-lived: their (possibly empty) sets stay, so a pool that
+        // empties and fills again does not reallocate its entry on every commit.
+        if let Some(set) = self.by_pool.get_mut(l.pool.as_str()) {
+            set.remove(&l.ip);
+        }
+        if let Some(set) = self.by_node.get_mut(l.owner.node.as_str()) {
+            set.remove(&l.ip);
+        }
     }
 
     /// Reads records, sorted by address; costs the records returned (every filter is indexed).
     pub fn list(&self, filter: Filter<'_>) -> Listing {
-        let index = match filter {
-            Filter::All => None,
-            Filter::Container(c) => Some(self.by_container.get(c)),
-            Filter::Pool(p) => Some(self.by_pool.get(p)),
-            Filter::Node(n) => Some(self.by_node.get(n)),
-        };
-        let leases: Vec<Lease> = match index {
-            None => self.by_ip.values().cloned().collect(),
-            Some(ips) => ips
+        let get = |ip: &IpAddr| self.by_ip.get(ip).cloned();
+        let leases: Vec<Lease> = match filter {
+            Filter::All => self.by_ip.values().cloned().collect(),
+            Filter::Container(c) => self
+                .by_container
+                .get(c)
                 .into_iter()
                 .flatten()
-                .filter_map(|ip| self.by_ip.get(ip).cloned())
+                .filter_map(get)
                 .collect(),
+            Filter::Pool(p) => sorted(self.by_pool.get(p), get),
+            Filter::Node(n) => sorted(self.by_node.get(n), get),
         };
         self.visited.add(leases.len() as u64);
         Listing {
@@ -463,14 +607,14 @@ impl LeaseTable {
         let mut conflicts = Vec::new();
         let mut writes = Vec::new();
         let mut seen_ips = BTreeSet::new();
-        let mut seen_slots = BTreeSet::new();
+        let mut seen_slots: BTreeSet<(&str, &str, IpFamily)> = BTreeSet::new();
         for c in &txn.claims {
-            let slot = (
-                c.owner.container_id.clone(),
-                c.owner.ifname.clone(),
+            let fresh_slot = seen_slots.insert((
+                c.owner.container_id.as_str(),
+                c.owner.ifname.as_str(),
                 c.family(),
-            );
-            if !seen_ips.insert(c.ip) || !seen_slots.insert(slot.clone()) {
+            ));
+            if !seen_ips.insert(c.ip) || !fresh_slot {
                 // Two claims in one transaction for one address or slot: refuse the second.
                 conflicts.push(Conflict::DuplicateInTxn(c.clone()));
                 continue;
@@ -481,6 +625,11 @@ impl LeaseTable {
                 }
                 continue; // same attachment: idempotent no-op
             }
+            let slot = (
+                c.owner.container_id.clone(),
+                c.owner.ifname.clone(),
+                c.family(),
+            );
             if let Some(ip) = self.by_attachment.get(&slot) {
                 if let Some(cur) = self.by_ip.get(ip) {
                     conflicts.push(Conflict::AttachmentBound(cur.clone()));
@@ -510,21 +659,29 @@ impl LeaseTable {
 
     /// Applies changes produced by [`LeaseTable::plan`]; returns the new revision.
     pub fn apply(&mut self, changes: &Changes) -> u64 {
-        if changes.is_empty() {
+        self.apply_parts(changes.writes.iter().cloned(), &changes.deletes)
+    }
+
+    fn apply_parts(
+        &mut self,
+        writes: impl ExactSizeIterator<Item = Lease>,
+        deletes: &[Lease],
+    ) -> u64 {
+        if writes.len() == 0 && deletes.is_empty() {
             return self.revision;
         }
         self.revision += 1;
         let rev = self.revision;
-        for d in &changes.deletes {
+        for d in deletes {
             if let Some(old) = self.by_ip.remove(&d.ip) {
                 self.unindex(&old);
-                self.pool_changed.insert(old.pool, rev);
+                mark_changed(&mut self.pool_changed, &old.pool, rev);
             }
         }
-        for w in &changes.writes {
-            self.index(w);
-            self.pool_changed.insert(w.pool.clone(), rev);
-            self.by_ip.insert(w.ip, w.clone());
+        for w in writes {
+            self.index(&w);
+            mark_changed(&mut self.pool_changed, &w.pool, rev);
+            self.by_ip.insert(w.ip, w);
         }
         self.revision
     }
@@ -533,7 +690,7 @@ impl LeaseTable {
     pub fn commit(&mut self, txn: &Txn) -> Outcome {
         match self.plan(txn) {
             Ok(changes) => {
-                let revision = self.apply(&changes);
+                let revision = self.apply_parts(changes.writes.into_iter(), &changes.deletes);
                 Outcome::Committed {
                     revision,
                     released: changes.deletes,

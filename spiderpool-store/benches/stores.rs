@@ -22,6 +22,17 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn spawn(store: &str, pool: u32, count: usize, node: &str, clients: usize) -> Child {
+    spawn_with(store, pool, count, node, clients, &[])
+}
+
+fn spawn_with(
+    store: &str,
+    pool: u32,
+    count: usize,
+    node: &str,
+    clients: usize,
+    extra: &[&str],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lease-tool"))
         .args([
             "alloc",
@@ -38,6 +49,7 @@ fn spawn(store: &str, pool: u32, count: usize, node: &str, clients: usize) -> Ch
             "--release",
             "--quiet",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .expect("lease-tool starts")
@@ -255,6 +267,31 @@ fn main() {
             }
         }
     }
+    // The backup-pool path: a full 1,000-address primary before `bench` in every request. The
+    // baseline re-lists the primary on every ADD (what the engine did before pool revisions).
+    let mut backup_rows = Vec::new();
+    for (name, target) in backends.iter().filter(|(n, _)| n != "memory") {
+        for (mode, extra) in [
+            ("re-read only when changed", vec!["--full-primary", "1000"]),
+            (
+                "baseline: re-list per ADD",
+                vec!["--full-primary", "1000", "--reread-full-primary"],
+            ),
+        ] {
+            k += 1;
+            let store = match name.as_str() {
+                "embedded" => format!(
+                    "embedded:{}",
+                    dir.path().join(format!("b{k}.redb")).display()
+                ),
+                _ => format!("etcd:{target}#/bench/{k}/"),
+            };
+            let s = summary(spawn_with(&store, 65000, n_small, "bench-node", 1, &extra));
+            let reads = s["pool_reads"].as_u64().unwrap_or(0);
+            backup_rows.push((row(name, 65000, "1", &[s]), mode, reads));
+            eprint!(".");
+        }
+    }
     eprintln!();
 
     let reopen = embedded_reopen(dir.path(), 65_000);
@@ -278,6 +315,30 @@ fn main() {
             r.p99_us as f64 / 1000.0,
             r.release_per_s,
             r.conflicts
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Backup-pool path (a full 1,000-address primary named first, 1 client):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| backend | engine | allocated | alloc/s | p50 | p99 | pool listings | listings per ADD |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (r, mode, reads) in &backup_rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {} | {:.3} |",
+            r.backend,
+            mode,
+            r.ok,
+            r.alloc_per_s,
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0,
+            reads,
+            *reads as f64 / r.ok.max(1) as f64
         );
     }
     let _ = writeln!(out);

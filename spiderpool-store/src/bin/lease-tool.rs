@@ -6,6 +6,13 @@
 //! allocates K addresses for containers `<node>-c<i>` from pool `bench` (10.32.0.1 onwards, N
 //! addresses) and prints one JSON line per outcome as soon as it is known (an `ok` line only after
 //! the store acknowledged the commit), then a summary line.
+//!
+//! With `--full-primary M`, pool `primary` (10.33.0.1 onwards, M addresses) is filled first by
+//! another node and every request names `primary` before `bench`: each ADD spills into the backup
+//! pool, the path a full primary puts every pod on. `--reread-full-primary` makes the engine forget
+//! its cache of `primary` before each ADD, which costs what the engine did before it learnt to
+//! re-read a full pool only when the store changed it (one listing of the whole primary per ADD):
+//! the baseline for that path. The summary reports `pool_reads` (pool listings the engine made).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -62,28 +69,90 @@ struct AllocArgs {
     /// Print only the summary, not one line per allocation.
     #[arg(long)]
     quiet: bool,
+    /// Fill a `primary` pool of this many addresses first and ask for it before `bench`.
+    #[arg(long, default_value_t = 0)]
+    full_primary: u32,
+    /// Baseline: forget the cached `primary` before each ADD (one listing of it per ADD).
+    #[arg(long)]
+    reread_full_primary: bool,
 }
 
-/// The benchmark/test pool: `n` addresses from 10.32.0.1.
-pub fn bench_pool(n: u32) -> Result<PoolSet> {
+/// A pool `name` of `n` addresses from 10.`octet`.0.1.
+fn numbered_pool(name: &str, octet: u8, n: u32) -> Result<SpiderIpPool> {
     if n == 0 || n > 65_000 {
-        bail!("--pool-size must be 1..=65000");
+        bail!("a pool size must be 1..=65000");
     }
-    let first = u32::from(std::net::Ipv4Addr::new(10, 32, 0, 1));
+    let first = u32::from(std::net::Ipv4Addr::new(10, octet, 0, 1));
     let last = std::net::Ipv4Addr::from(first + n - 1);
-    let pool = SpiderIpPool {
+    Ok(SpiderIpPool {
         metadata: ObjectMeta {
-            name: "bench".into(),
+            name: name.into(),
             ..Default::default()
         },
         spec: IpPoolSpec {
-            subnet: "10.32.0.0/16".into(),
-            ips: vec![format!("10.32.0.1-{last}")],
+            subnet: format!("10.{octet}.0.0/16"),
+            ips: vec![format!("10.{octet}.0.1-{last}")],
             ..Default::default()
         },
         ..Default::default()
+    })
+}
+
+/// The benchmark/test pool: `n` addresses from 10.32.0.1; with `primary > 0`, also pool
+/// `primary` of that many addresses from 10.33.0.1.
+pub fn bench_pool(n: u32, primary: u32) -> Result<PoolSet> {
+    let mut objects = vec![Object::IpPool(
+        numbered_pool("bench", 32, n).context("--pool-size")?,
+    )];
+    if primary > 0 {
+        objects.push(Object::IpPool(
+            numbered_pool("primary", 33, primary).context("--full-primary")?,
+        ));
+    }
+    PoolSet::build(&objects).map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+/// Fills pool `primary` with records of another node, in transactions every store accepts.
+async fn fill_primary(store: &AnyStore, pools: &PoolSet) -> Result<()> {
+    use spiderpool_core::store::{Lease, LeaseStore, Outcome, Owner, Txn, ATOMIC_RELEASES};
+    let Some(p) = pools.pools.get("primary") else {
+        return Ok(());
     };
-    PoolSet::build(&[Object::IpPool(pool)]).map_err(|e| anyhow::anyhow!("{e:?}"))
+    let space = p.allocatable(pools.reserved(p.family));
+    let leases: Vec<Lease> = (0..space.count())
+        .filter_map(|i| space.nth_ip(i))
+        .enumerate()
+        .map(|(n, ip)| Lease {
+            ip,
+            pool: "primary".into(),
+            owner: Owner {
+                pod_namespace: "filler".into(),
+                pod_name: format!("filler-{n}"),
+                pod_uid: "filler".into(),
+                container_id: format!("filler-{n}"),
+                ifname: "eth0".into(),
+                node: "filler-node".into(),
+                network: String::new(),
+                created: 0,
+            },
+            clean_gateway: false,
+            revision: 0,
+        })
+        .collect();
+    for chunk in leases.chunks(ATOMIC_RELEASES) {
+        match store
+            .commit(Txn {
+                claims: chunk.to_vec(),
+                releases: vec![],
+            })
+            .await
+            .context("filling the primary pool")?
+        {
+            Outcome::Committed { .. } => {}
+            Outcome::Conflict(c) => bail!("filling the primary pool: {c:?}"),
+        }
+    }
+    Ok(())
 }
 
 fn emit(line: serde_json::Value) {
@@ -110,10 +179,18 @@ async fn alloc(args: AllocArgs) -> Result<()> {
         retry_secs,
         release,
         quiet,
+        full_primary,
+        reread_full_primary,
     } = args;
     let cfg = StoreConfig::parse(&store).map_err(anyhow::Error::msg)?;
     let store = AnyStore::open(&cfg).await.context("opening the store")?;
-    let pools = Arc::new(bench_pool(pool_size)?);
+    let pools = Arc::new(bench_pool(pool_size, full_primary)?);
+    fill_primary(&store, &pools).await?;
+    let wanted = if full_primary > 0 {
+        r#"{"ipv4":["primary","bench"]}"#
+    } else {
+        r#"{"ipv4":["bench"]}"#
+    };
     let engine = Arc::new(Engine::new(store, node.clone()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -122,7 +199,7 @@ async fn alloc(args: AllocArgs) -> Result<()> {
         let (engine, pools, next, node) =
             (engine.clone(), pools.clone(), next.clone(), node.clone());
         tasks.push(tokio::spawn(async move {
-            let annos = [(ANNO_IPPOOL.to_string(), r#"{"ipv4":["bench"]}"#.to_string())].into();
+            let annos = [(ANNO_IPPOOL.to_string(), wanted.to_string())].into();
             let mut lat = Vec::new();
             let (mut exhausted, mut failed, mut retries) = (0usize, 0usize, 0usize);
             loop {
@@ -143,6 +220,9 @@ async fn alloc(args: AllocArgs) -> Result<()> {
                 let t0 = Instant::now();
                 let deadline = t0 + Duration::from_secs(retry_secs);
                 loop {
+                    if reread_full_primary {
+                        engine.invalidate(Some("primary"));
+                    }
                     match engine.allocate(&pools, &input, &att, "uid", 0).await {
                         Ok(a) => {
                             lat.push(t0.elapsed().as_micros() as u64);
@@ -221,6 +301,7 @@ async fn alloc(args: AllocArgs) -> Result<()> {
         "failed": failed,
         "retries": retries,
         "conflicts": stats.conflicts,
+        "pool_reads": stats.pool_reads,
         "alloc_secs": alloc_secs,
         "p50_us": percentile(&lat, 0.50),
         "p99_us": percentile(&lat, 0.99),
