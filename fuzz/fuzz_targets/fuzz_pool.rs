@@ -9,6 +9,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(docs) = manifest::parse_documents(s) {
         let objects: Vec<_> = docs.into_iter().filter_map(|d| d.object.ok()).collect();
-        let _ = spiderpool_core::PoolSet::build(&objects);
+        if let Ok(set) = spiderpool_core::PoolSet::build(&objects) {
+            let _ = set.warnings();
+            let _ = set.default_families();
+        }
     }
 });
