@@ -8,7 +8,7 @@
 //! both rare and make the cache **converge** to the store:
 //!
 //! 1. **Picks are reserved.** An address handed to a request is *pending* until the request
-//!    commits it ([`Caches::learn`] with `held`) or gives it back ([`Caches::give_back`]). Pending
+//!    commits it (`Caches::learn` with `held`) or gives it back (`Caches::give_back`). Pending
 //!    addresses stay used through rebuilds, so two requests of one engine never pick the same one.
 //! 2. **Give back only what is still ours.** If the cache learns, while a pick is pending, that the
 //!    store holds that address for someone else (a lost race, a rebuild that shows it held), the
@@ -17,7 +17,7 @@
 //!    without holding the cache lock. Every change the engine learns while a read of that pool is
 //!    in flight is journalled with its store revision; the rebuild replays the changes newer than
 //!    `R` over the listing. A listing older than the one the cache already holds is dropped. The
-//!    journal exists only while a read is in flight (a [`ReadTicket`] is alive), so it stays small.
+//!    journal exists only while a read is in flight (a `ReadTicket` is alive), so it stays small.
 //! 4. **A full pool is re-read only when the store changed it.** The cache remembers the revision
 //!    and the time of the listing it was built from; the engine compares that revision with the
 //!    store's [`pool revision`](crate::store::LeaseStore::pool_revision) (one O(1) read) and
