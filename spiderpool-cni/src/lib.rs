@@ -1,1 +1,27 @@
-//! CNI protocol types and the agent client (filled by the CNI issue).
+//! # spiderpool-cni
+//!
+//! The `spiderpool` CNI IPAM plugin: it speaks the CNI spec (0.3.0 to 1.1.0) on one side and the
+//! agent's API (`spiderpool_core::api`) over the agent's unix socket on the other. Thin on
+//! purpose: parse, one request, print. No store code, no async runtime.
+//!
+//! # Layout
+//! - [`conf`]: the network configuration on stdin and the `CNI_*` environment.
+//! - [`result`]: CNI results in the requested version.
+//! - [`error`]: CNI error codes (every code this plugin returns is documented there).
+//! - [`client`]: a minimal HTTP/1.1 client over a unix socket.
+//! - [`run`]: one invocation, from environment and stdin to stdout and exit code, testable in
+//!   process.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod conf;
+pub mod error;
+pub mod result;
+pub mod run;
+
+/// CNI versions this plugin speaks.
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

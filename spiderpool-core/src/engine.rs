@@ -112,6 +112,9 @@ pub enum EngineError {
         family: IpFamily,
         /// Every candidate and why it failed.
         detail: String,
+        /// Whether at least one candidate could serve the pod but was full (pools exhausted),
+        /// rather than every candidate being ineligible.
+        exhausted: bool,
     },
     /// Nothing recorded for the attachment (CHECK).
     #[error("no IP is allocated to container {container_id} interface {ifname}")]
@@ -487,12 +490,18 @@ impl<S: LeaseStore> Engine<S> {
                 match got {
                     Some((pool, ip)) => picks.push(Pick { nic: i, pool, ip }),
                     None => {
+                        let exhausted = report
+                            .candidates
+                            .iter()
+                            .zip(&fp.candidates)
+                            .any(|(now, before)| before.eligible && !now.eligible);
                         return Err(EngineError::NoAvailablePool {
                             pod: req.pod.clone(),
                             ifname: nic.ifname.clone(),
                             family,
                             detail: report.explain_skips(),
-                        })
+                            exhausted,
+                        });
                     }
                 }
             }

@@ -4,6 +4,7 @@
 //! `spiderpool-agent` daemon drives it over a real store.
 //!
 //! # Layout
+//! - [`api`]: the agent API bodies shared by the CNI plugin and the agent.
 //! - [`range`]: `ips`/`excludeIPs` entries as intervals on `u128` ([`range::IpRange`],
 //!   [`range::IpSet`]): parse, print, merge, subtract, count, index <-> address.
 //! - [`types`]: SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderEndpoint and the Node,
@@ -67,6 +68,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod bitmap;
 pub mod cache;
 #[cfg(feature = "conformance")]
