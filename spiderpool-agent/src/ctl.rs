@@ -371,3 +371,173 @@ fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>
         })
         .map_err(|e| ExplainError::Selection(e.to_string())))
 }
+
+/// What `spiderctl get` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetWhat {
+    /// SpiderIPPools with their counts.
+    IpPools,
+    /// SpiderSubnets with their counts.
+    Subnets,
+    /// One line per allocated address.
+    Endpoints,
+}
+
+/// Where `spiderctl get` reads from.
+#[derive(Debug, Clone)]
+pub enum GetSource {
+    /// A running agent's socket.
+    Socket(String),
+    /// A store opened directly (the agent must not hold an embedded store open) and manifests.
+    Store {
+        /// Store spec (`embedded:PATH`, `etcd:URL`, ...).
+        spec: String,
+        /// Manifests with the pools.
+        manifests: Vec<PathBuf>,
+    },
+}
+
+/// The rows of `spiderctl get`, as JSON values (rendered by [`render_get`]).
+pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, String> {
+    use spiderpool_core::api::{EndpointRow, PoolRow, SubnetRow};
+    match source {
+        GetSource::Socket(socket) => {
+            let path = match what {
+                GetWhat::IpPools => "/v1/ippools",
+                GetWhat::Subnets => "/v1/subnets",
+                GetWhat::Endpoints => "/v1/endpoints",
+            };
+            spiderpool_cni::client::call::<(), serde_json::Value>(
+                socket,
+                "GET",
+                path,
+                None,
+                std::time::Duration::from_secs(30),
+            )
+            .map_err(|e| e.to_string())
+        }
+        GetSource::Store { spec, manifests } => {
+            let loaded = load(manifests);
+            if !loaded.errors.is_empty() {
+                return Err(loaded.errors.join("\n"));
+            }
+            let pools = PoolSet::build(loaded.objects.iter().map(|(_, o)| o)).map_err(|e| {
+                e.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
+            let cfg = spiderpool_store::StoreConfig::parse(spec)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let store = spiderpool_store::AnyStore::open(&cfg)
+                    .await
+                    .map_err(|e| format!("opening {spec}: {e}"))?;
+                let v = match what {
+                    GetWhat::IpPools => {
+                        let rows: Vec<PoolRow> = crate::server::pool_rows(&pools, &store)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        serde_json::to_value(rows)
+                    }
+                    GetWhat::Subnets => {
+                        let rows = crate::server::pool_rows(&pools, &store)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let subnets: Vec<SubnetRow> = crate::server::subnet_rows(&pools, &rows);
+                        serde_json::to_value(subnets)
+                    }
+                    GetWhat::Endpoints => {
+                        let rows: Vec<EndpointRow> = crate::server::endpoint_rows(&store)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        serde_json::to_value(rows)
+                    }
+                };
+                v.map_err(|e| e.to_string())
+            })
+        }
+    }
+}
+
+/// Renders `get`'s rows as a `kubectl`-style table.
+pub fn render_get(what: GetWhat, rows: &serde_json::Value) -> String {
+    let items = rows.as_array().cloned().unwrap_or_default();
+    let s = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    match what {
+        GetWhat::IpPools => {
+            let mut t = vec![[
+                "NAME".to_string(),
+                "VERSION".into(),
+                "SUBNET".into(),
+                "ALLOCATED-IP-COUNT".into(),
+                "TOTAL-IP-COUNT".into(),
+                "DEFAULT".into(),
+                "DISABLE".into(),
+            ]];
+            for r in &items {
+                t.push([
+                    s(r, "name"),
+                    s(r, "version"),
+                    s(r, "subnet"),
+                    s(r, "allocatedIpCount"),
+                    s(r, "totalIpCount"),
+                    s(r, "default"),
+                    s(r, "disable"),
+                ]);
+            }
+            spiderpool_core::table::render(&t)
+        }
+        GetWhat::Subnets => {
+            let mut t = vec![[
+                "NAME".to_string(),
+                "VERSION".into(),
+                "SUBNET".into(),
+                "ALLOCATED-IP-COUNT".into(),
+                "TOTAL-IP-COUNT".into(),
+            ]];
+            for r in &items {
+                t.push([
+                    s(r, "name"),
+                    s(r, "version"),
+                    s(r, "subnet"),
+                    s(r, "allocatedIpCount"),
+                    s(r, "totalIpCount"),
+                ]);
+            }
+            spiderpool_core::table::render(&t)
+        }
+        GetWhat::Endpoints => {
+            let mut t = vec![[
+                "POD".to_string(),
+                "NODE".into(),
+                "INTERFACE".into(),
+                "IP".into(),
+                "POOL".into(),
+                "NETWORK".into(),
+            ]];
+            for r in &items {
+                let pod = match s(r, "pod") {
+                    p if p.is_empty() => format!("(container {})", s(r, "containerId")),
+                    p => p,
+                };
+                t.push([
+                    pod,
+                    s(r, "node"),
+                    s(r, "interface"),
+                    s(r, "address"),
+                    s(r, "pool"),
+                    s(r, "network"),
+                ]);
+            }
+            spiderpool_core::table::render(&t)
+        }
+    }
+}

@@ -4,6 +4,12 @@
 //!
 //! # Layout
 //! - [`ctl`]: offline `spiderctl` subcommands (`validate`, `explain`) over manifests.
+//! - [`view`]: the cluster view behind one trait ([`view::ClusterView`]); manifests today.
+//! - [`server`]: the HTTP API on the unix socket and the metrics endpoint.
+//! - [`metrics`]: Prometheus counters and histograms with Spiderpool's names.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ctl;
+pub mod metrics;
+pub mod server;
+pub mod view;

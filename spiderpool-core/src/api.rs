@@ -13,6 +13,7 @@
 //! | `GET /v1/status` | | 200 [`Status`] when ADD can be served, else 503 [`ApiError`] |
 //! | `GET /healthz`, `GET /readyz` | | 200 `ok` / 503 |
 //! | `GET /v1/ippools` | | 200 [`Vec<PoolRow>`](PoolRow) |
+//! | `GET /v1/subnets` | | 200 [`Vec<SubnetRow>`](SubnetRow) |
 //! | `GET /v1/endpoints` | | 200 [`Vec<EndpointRow>`](EndpointRow) |
 //!
 //! Every failure is an [`ApiError`] with an HTTP status and a [`ErrorKind`], which the CNI plugin
@@ -128,6 +129,22 @@ pub struct PoolRow {
     pub disable: bool,
 }
 
+/// One row of `spiderctl get subnets` (Spiderpool's SpiderSubnet columns).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetRow {
+    /// Name.
+    pub name: String,
+    /// 4 or 6.
+    pub version: u8,
+    /// CIDR.
+    pub subnet: String,
+    /// Allocated addresses in the pools of this subnet.
+    pub allocated_ip_count: u64,
+    /// `ips` minus `excludeIPs`.
+    pub total_ip_count: i64,
+}
+
 /// One row of `spiderctl get endpoints`: one allocated address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -217,6 +234,9 @@ impl From<&crate::engine::EngineError> for ApiError {
     fn from(e: &crate::engine::EngineError) -> Self {
         use crate::engine::EngineError as E;
         match e {
+            E::Selection(s @ crate::select::SelectionError::NoSource { .. }) => {
+                ApiError::new(ErrorKind::NoPool, s.to_string())
+            }
             E::Selection(s) => ApiError::new(ErrorKind::InvalidConfig, s.to_string()),
             E::NoAvailablePool {
                 exhausted, detail, ..

@@ -3,6 +3,10 @@
 //! Offline subcommands (no daemon needed):
 //! - `spiderctl validate FILE...`: check SpiderIPPool/SpiderSubnet/SpiderReservedIP manifests.
 //! - `spiderctl explain --manifests F --node N --pod NS/NAME`: dry-run pool selection.
+//!
+//! Online:
+//! - `spiderctl get ippools|subnets|endpoints [--socket PATH | --store SPEC --manifests PATH]
+//!   [-o table|json]`: counts and allocations, from a running agent or from the store itself.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,8 +35,37 @@ enum FamilyArg {
     Dual,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum GetArg {
+    #[value(alias = "ippool", alias = "sp")]
+    Ippools,
+    #[value(alias = "subnet", alias = "ss")]
+    Subnets,
+    #[value(alias = "endpoint", alias = "se")]
+    Endpoints,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// List pools, subnets or allocations with their counts, from a running agent (--socket,
+    /// the default) or from the lease store itself (--store with --manifests, agent stopped for
+    /// an embedded store). Exit 0, or 2 when the source cannot be read.
+    Get {
+        /// ippools, subnets or endpoints.
+        what: GetArg,
+        /// The agent's socket.
+        #[arg(long, conflicts_with = "store")]
+        socket: Option<String>,
+        /// Read the store directly (embedded:PATH, etcd:URL[#PREFIX], ...).
+        #[arg(long, requires = "manifests")]
+        store: Option<String>,
+        /// Manifests with the pools (with --store).
+        #[arg(long = "manifests")]
+        manifests: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Validate SpiderIPPool, SpiderSubnet and SpiderReservedIP manifests, alone and together.
     /// Exit 0 when all are valid, 1 otherwise (one line per problem).
     Validate {
@@ -72,6 +105,41 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Get {
+            what,
+            socket,
+            store,
+            manifests,
+            output,
+        } => {
+            let what = match what {
+                GetArg::Ippools => ctl::GetWhat::IpPools,
+                GetArg::Subnets => ctl::GetWhat::Subnets,
+                GetArg::Endpoints => ctl::GetWhat::Endpoints,
+            };
+            let source = match store {
+                Some(spec) => ctl::GetSource::Store { spec, manifests },
+                None => ctl::GetSource::Socket(
+                    socket.unwrap_or_else(|| spiderpool_core::api::DEFAULT_SOCKET.to_string()),
+                ),
+            };
+            match ctl::get(what, &source) {
+                Ok(rows) => {
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&rows).unwrap_or_default()
+                        ),
+                        Output::Table => print!("{}", ctl::render_get(what, &rows)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Validate { files } => {
             let report = ctl::validate(&files);
             for e in &report.errors {

@@ -1,0 +1,175 @@
+//! `spiderpool-agent`: the per-node IPAM daemon.
+//!
+//! ```text
+//! spiderpool-agent --node-name NODE --store SPEC --manifests PATH [--manifests PATH ...]
+//!                  --socket PATH [--metrics-addr HOST:PORT]
+//! ```
+//! SPEC: `embedded:PATH` (default `/var/lib/spiderpool/leases.redb`), `etcd:URL[,URL][#PREFIX]`,
+//! `memory`. Logs go to stderr (`RUST_LOG` filters them, default `info`). SIGTERM or SIGINT stop
+//! it gracefully: new connections are refused, in-flight requests finish.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use spiderpool_agent::server::{self, Agent};
+use spiderpool_agent::view::{ClusterView, ManifestView};
+use spiderpool_core::api::DEFAULT_SOCKET;
+use spiderpool_store::{AnyStore, StoreConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "spiderpool-agent",
+    version,
+    about = "The spiderpool IPAM agent of one node"
+)]
+struct Args {
+    /// This node's name (as in the Node objects and in the records it writes).
+    #[arg(long)]
+    node_name: String,
+    /// Lease store: embedded:PATH, etcd:URL[,URL][#PREFIX] or memory.
+    #[arg(long, default_value = "embedded:/var/lib/spiderpool/leases.redb")]
+    store: String,
+    /// Manifest files or directories (Node, Namespace, Pod, SpiderIPPool, SpiderSubnet,
+    /// SpiderReservedIP as kubectl YAML); reloaded when they change.
+    #[arg(long = "manifests", required = true)]
+    manifests: Vec<PathBuf>,
+    /// The unix socket the CNI plugin talks to (mode 0600).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Serve Prometheus metrics on HOST:PORT (/metrics).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// How often the manifests are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spiderpool-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("spiderpool-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let t0 = std::time::Instant::now();
+    let cfg = StoreConfig::parse(&args.store).map_err(anyhow::Error::msg)?;
+    let store = AnyStore::open(&cfg)
+        .await
+        .with_context(|| format!("opening the lease store {}", args.store))?;
+    let view = Arc::new(
+        ManifestView::load(args.manifests.clone())
+            .map_err(anyhow::Error::msg)
+            .context("loading the manifests")?,
+    );
+    if !view.snapshot().nodes.contains_key(&args.node_name) {
+        tracing::warn!(node = %args.node_name, "this node is not in the manifests: pools with nodeAffinity will not match it");
+    }
+    let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
+    let listener = bind(&args.socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(view.clone().watch(
+        Duration::from_millis(args.reload_interval_ms.max(50)),
+        stop_rx.clone(),
+    ));
+    if let Some(addr) = &args.metrics_addr {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        let app = server::metrics_router(agent.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+        });
+    }
+    tracing::info!(
+        node = %args.node_name,
+        store = %args.store,
+        socket = %args.socket.display(),
+        view = %view.describe(),
+        pools = view.snapshot().pools.pools.len(),
+        startup_ms = t0.elapsed().as_millis() as u64,
+        "serving"
+    );
+    let shutdown = async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    std::future::pending::<()>().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests"),
+        }
+        let _ = stop_tx.send(true);
+    };
+    server::serve(agent, listener, shutdown)
+        .await
+        .context("serving the API")?;
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds the socket (mode 0600). A stale socket file of a dead agent is replaced; a live agent on
+/// the same path is an error.
+fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is already serving {}: stop it first, or choose another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    // Created with a umask that leaves only the owner, so there is no moment where others can
+    // connect; the explicit chmod documents the intent.
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok(listener)
+}

@@ -1,0 +1,208 @@
+//! Prometheus metrics with Spiderpool's names, in the text exposition format.
+//!
+//! Counters and histograms are plain atomics (no registry, no locks on the request path); the
+//! `/metrics` handler renders them with the engine's counters and per-pool usage gauges.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Histogram bucket upper bounds, seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (b, bound) in self.buckets.iter().zip(BUCKETS) {
+            if secs <= bound {
+                b.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, bound) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", b.load(Relaxed));
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything the agent counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// ADD requests.
+    pub allocations: AtomicU64,
+    /// Failed ADD requests.
+    pub allocation_failures: AtomicU64,
+    /// ADDs that failed because the candidate pools were full.
+    pub ip_used_out: AtomicU64,
+    /// ADDs that failed because no pool was eligible.
+    pub no_available_pool: AtomicU64,
+    /// ADD latency.
+    pub allocation_duration: Histogram,
+    /// DEL requests.
+    pub releases: AtomicU64,
+    /// Failed DEL requests.
+    pub release_failures: AtomicU64,
+    /// DEL latency.
+    pub release_duration: Histogram,
+    /// Records freed by CNI GC.
+    pub gc_released: AtomicU64,
+}
+
+/// Per-pool usage for the gauges.
+#[derive(Debug, Clone)]
+pub struct PoolUsage {
+    /// Pool name.
+    pub pool: String,
+    /// Allocated addresses.
+    pub allocated: u64,
+    /// totalIPCount.
+    pub total: i64,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+impl Metrics {
+    /// The exposition text. `conflicts` comes from the engine (claims refused by the store).
+    pub fn render(&self, conflicts: u64, pools: &[PoolUsage]) -> String {
+        let mut out = String::new();
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        counter(
+            &mut out,
+            "spiderpool_ipam_allocation_counts",
+            "IPAM ADD requests.",
+            c(&self.allocations),
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_allocation_failure_counts",
+            "IPAM ADD requests that failed.",
+            c(&self.allocation_failures),
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_update_ippool_conflict_counts",
+            "Claims the lease store refused because another node took the address first.",
+            conflicts,
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_err_ip_used_out_counts",
+            "ADDs refused because the candidate pools were exhausted.",
+            c(&self.ip_used_out),
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_err_no_available_pool_counts",
+            "ADDs refused because no pool was eligible.",
+            c(&self.no_available_pool),
+        );
+        self.allocation_duration.render(
+            &mut out,
+            "spiderpool_ipam_allocation_duration_seconds",
+            "IPAM ADD latency.",
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_release_counts",
+            "IPAM DEL requests.",
+            c(&self.releases),
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_release_failure_counts",
+            "IPAM DEL requests that failed.",
+            c(&self.release_failures),
+        );
+        self.release_duration.render(
+            &mut out,
+            "spiderpool_ipam_release_duration_seconds",
+            "IPAM DEL latency.",
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_gc_released_counts",
+            "Addresses freed by CNI GC.",
+            c(&self.gc_released),
+        );
+        let _ = writeln!(out, "# HELP spiderpool_ippool_allocated_ip_count Allocated addresses per pool.\n# TYPE spiderpool_ippool_allocated_ip_count gauge");
+        for p in pools {
+            let _ = writeln!(
+                out,
+                "spiderpool_ippool_allocated_ip_count{{pool=\"{}\"}} {}",
+                p.pool, p.allocated
+            );
+        }
+        let _ = writeln!(out, "# HELP spiderpool_ippool_total_ip_count Addresses per pool (ips minus excludeIPs).\n# TYPE spiderpool_ippool_total_ip_count gauge");
+        for p in pools {
+            let _ = writeln!(
+                out,
+                "spiderpool_ippool_total_ip_count{{pool=\"{}\"}} {}",
+                p.pool, p.total
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.allocations.fetch_add(3, Relaxed);
+        m.allocation_duration.observe(Duration::from_millis(2));
+        let text = m.render(
+            7,
+            &[PoolUsage {
+                pool: "a".into(),
+                allocated: 2,
+                total: 10,
+            }],
+        );
+        assert!(
+            text.contains("spiderpool_ipam_allocation_counts 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("spiderpool_ipam_update_ippool_conflict_counts 7\n"));
+        assert!(
+            text.contains("spiderpool_ipam_allocation_duration_seconds_bucket{le=\"0.001\"} 0\n")
+        );
+        assert!(
+            text.contains("spiderpool_ipam_allocation_duration_seconds_bucket{le=\"0.0025\"} 1\n")
+        );
+        assert!(text.contains("spiderpool_ipam_allocation_duration_seconds_count 1\n"));
+        assert!(text.contains("spiderpool_ippool_allocated_ip_count{pool=\"a\"} 2\n"));
+    }
+}

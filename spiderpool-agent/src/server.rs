@@ -1,0 +1,419 @@
+//! The agent's HTTP API (see [`spiderpool_core::api`] for the endpoints and bodies) and its
+//! metrics endpoint, as `serve(listener, shutdown)` functions so tests run the daemon in process
+//! as well as as a real process.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use spiderpool_core::api::{
+    AddRequest, ApiError, CheckRequest, DelRequest, DelResponse, EndpointRow, ErrorKind, GcRequest,
+    PoolRow, Status, SubnetRow,
+};
+use spiderpool_core::engine::{Allocation, Engine, EngineError};
+use spiderpool_core::select::{Families, SelectionInput};
+use spiderpool_core::store::{Filter, LeaseStore, StoreError};
+use spiderpool_core::PoolSet;
+use spiderpool_store::AnyStore;
+
+use crate::metrics::{Metrics, PoolUsage};
+use crate::view::ClusterView;
+
+/// The agent: one node's engine over a store, a cluster view, and counters.
+pub struct Agent {
+    /// The node served.
+    pub node: String,
+    /// The engine.
+    pub engine: Engine<AnyStore>,
+    /// The cluster.
+    pub view: Arc<dyn ClusterView>,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl Agent {
+    /// An agent for `node`.
+    pub fn new(node: String, store: AnyStore, view: Arc<dyn ClusterView>) -> Self {
+        Agent {
+            engine: Engine::new(store, node.clone()),
+            node,
+            view,
+            metrics: Metrics::default(),
+        }
+    }
+}
+
+/// An API error as an HTTP answer.
+struct Fail(ApiError);
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.kind.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<&EngineError> for Fail {
+    fn from(e: &EngineError) -> Self {
+        Fail(ApiError::from(e))
+    }
+}
+
+/// Decodes a JSON body; a bad body is a `BadRequest` [`ApiError`] (the plugin maps it to code 7).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Fail> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Fail(ApiError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the agent cannot read the request: {e} (plugin and agent of different versions?)"
+            ),
+        ))
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The API routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/add", post(add))
+        .route("/v1/del", post(del))
+        .route("/v1/check", post(check))
+        .route("/v1/gc", post(gc))
+        .route("/v1/status", get(status))
+        .route("/v1/ippools", get(ippools))
+        .route("/v1/subnets", get(subnets))
+        .route("/v1/endpoints", get(endpoints))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(agent)
+}
+
+/// The metrics route (served on `--metrics-addr`).
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(agent)
+}
+
+/// Serves the API on a unix socket until `shutdown` resolves; in-flight requests finish.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
+    let t0 = Instant::now();
+    a.metrics.allocations.fetch_add(1, Relaxed);
+    let out = add_inner(&a, bytes).await;
+    a.metrics.allocation_duration.observe(t0.elapsed());
+    if let Err(Fail(e)) = &out {
+        a.metrics.allocation_failures.fetch_add(1, Relaxed);
+        match e.kind {
+            ErrorKind::Exhausted => a.metrics.ip_used_out.fetch_add(1, Relaxed),
+            ErrorKind::NoPool => a.metrics.no_available_pool.fetch_add(1, Relaxed),
+            _ => 0,
+        };
+        tracing::warn!(error = %e.message, details = %e.details, "ADD failed");
+    }
+    out
+}
+
+async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
+    let req: AddRequest = body(&bytes)?;
+    let snap = a.view.snapshot();
+    let node = snap.nodes.get(&a.node);
+    // A pod the view has not seen yet is fetched once (a Kubernetes view); without it the pod is
+    // served as a pod without annotations or labels.
+    let fetched = match &req.pod {
+        Some(p)
+            if !snap
+                .pods
+                .contains_key(&(p.namespace.clone(), p.name.clone())) =>
+        {
+            a.view.fetch_pod(&p.namespace, &p.name).await
+        }
+        _ => None,
+    };
+    let (ns, name, uid, pod, namespace) = match &req.pod {
+        Some(p) => {
+            let key = (p.namespace.clone(), p.name.clone());
+            let pod = snap.pods.get(&key).or(fetched.as_ref());
+            (
+                p.namespace.as_str(),
+                p.name.as_str(),
+                p.uid.as_str(),
+                pod,
+                snap.namespaces.get(&p.namespace),
+            )
+        }
+        // No Kubernetes identity: only the CNI config's default pools apply.
+        None => ("", req.attachment.container_id.as_str(), "", None, None),
+    };
+    let owner = pod.and_then(|p| {
+        p.metadata
+            .owner_references
+            .iter()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.name.as_str())
+    });
+    let families = if req.pod.is_none() {
+        Families {
+            ipv4: false,
+            ipv6: false,
+        }
+    } else {
+        snap.pools.default_families().unwrap_or_default()
+    };
+    let input = SelectionInput {
+        pod_namespace: ns,
+        pod_name: name,
+        pod_labels: pod.map(|p| &p.metadata.labels),
+        pod_annotations: pod.map(|p| &p.metadata.annotations),
+        namespace_labels: namespace.map(|n| &n.metadata.labels),
+        namespace_annotations: namespace.map(|n| &n.metadata.annotations),
+        node_name: &a.node,
+        node_labels: node.map(|n| &n.metadata.labels),
+        owner_name: owner,
+        cni: Some(&req.cni),
+        default_families: families,
+    };
+    match a
+        .engine
+        .allocate(&snap.pools, &input, &req.attachment, uid, now())
+        .await
+    {
+        Ok(alloc) => {
+            tracing::info!(
+                container = %req.attachment.container_id,
+                ifname = %req.attachment.ifname,
+                pod = %format!("{ns}/{name}"),
+                addresses = ?alloc.nic(&req.attachment.ifname).map(|n| [&n.ipv4, &n.ipv6].into_iter().flatten().map(|x| x.address.to_string()).collect::<Vec<_>>()),
+                "allocated"
+            );
+            Ok(Json(alloc))
+        }
+        Err(e) => {
+            let mut fail = Fail::from(&e);
+            if req.pod.is_none() && fail.0.kind == ErrorKind::NoPool {
+                fail.0.message.push_str(
+                    " (the runtime passed no Kubernetes pod in CNI_ARGS, so only the CNI config's default_ipv4_ippool/default_ipv6_ippool apply)",
+                );
+            }
+            Err(fail)
+        }
+    }
+}
+
+async fn del(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelResponse>, Fail> {
+    let t0 = Instant::now();
+    a.metrics.releases.fetch_add(1, Relaxed);
+    let out = async {
+        let req: DelRequest = body(&bytes)?;
+        let freed = a
+            .engine
+            .release(&req.attachment.container_id, Some(&req.attachment.ifname))
+            .await
+            .map_err(|e| Fail::from(&e))?;
+        if !freed.is_empty() {
+            tracing::info!(container = %req.attachment.container_id, ifname = %req.attachment.ifname,
+                released = ?freed.iter().map(|l| l.ip.to_string()).collect::<Vec<_>>(), "released");
+        }
+        Ok(Json(DelResponse {
+            released: freed.iter().map(|l| l.ip.to_string()).collect(),
+        }))
+    }
+    .await;
+    a.metrics.release_duration.observe(t0.elapsed());
+    if let Err(Fail(e)) = &out {
+        a.metrics.release_failures.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e.message, "DEL failed");
+    }
+    out
+}
+
+async fn check(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
+    let req: CheckRequest = body(&bytes)?;
+    let snap = a.view.snapshot();
+    a.engine
+        .check(&snap.pools, &req.attachment)
+        .await
+        .map(Json)
+        .map_err(|e| Fail::from(&e))
+}
+
+async fn gc(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelResponse>, Fail> {
+    let req: GcRequest = body(&bytes)?;
+    if req.network.is_empty() {
+        return Err(Fail(ApiError::new(
+            ErrorKind::InvalidConfig,
+            "GC needs the network's name (the CNI config's \"name\")",
+        )));
+    }
+    let freed = a
+        .engine
+        .gc(&req.network, &req.valid)
+        .await
+        .map_err(|e| Fail::from(&e))?;
+    a.metrics.gc_released.fetch_add(freed.len() as u64, Relaxed);
+    tracing::info!(network = %req.network, released = freed.len(), "GC");
+    Ok(Json(DelResponse {
+        released: freed.iter().map(|l| l.ip.to_string()).collect(),
+    }))
+}
+
+/// Whether ADD can be served: the store answers a read.
+async fn probe(a: &Agent) -> Result<Status, Fail> {
+    a.engine
+        .store()
+        .list(Filter::Container("\u{0}status-probe"))
+        .await
+        .map_err(|e| Fail(ApiError::new(ErrorKind::Unavailable, e.to_string())))?;
+    let snap = a.view.snapshot();
+    Ok(Status {
+        node: a.node.clone(),
+        store: a.engine.store().backend().to_string(),
+        pools: snap.pools.pools.len(),
+        view: a.view.describe(),
+    })
+}
+
+async fn status(State(a): State<Arc<Agent>>) -> Result<Json<Status>, Fail> {
+    probe(&a).await.map(Json)
+}
+
+async fn ready(State(a): State<Arc<Agent>>) -> Response {
+    match probe(&a).await {
+        Ok(_) => "ok".into_response(),
+        Err(f) => (StatusCode::SERVICE_UNAVAILABLE, f.0.message).into_response(),
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Fail {
+    Fail(ApiError::new(ErrorKind::Unavailable, e.to_string()))
+}
+
+/// `spiderctl get ippools` rows: every pool of `pools` with its allocated count from `store`.
+pub async fn pool_rows<S: LeaseStore>(
+    pools: &PoolSet,
+    store: &S,
+) -> Result<Vec<PoolRow>, StoreError> {
+    let mut rows = Vec::new();
+    for p in pools.pools.values() {
+        let n = store.list(Filter::Pool(&p.name)).await?.leases.len() as u64;
+        rows.push(PoolRow {
+            name: p.name.clone(),
+            version: p.family.version(),
+            subnet: p.subnet.to_string(),
+            allocated_ip_count: n,
+            total_ip_count: p.total().count_i64(),
+            default: p.default,
+            disable: p.disable,
+        });
+    }
+    Ok(rows)
+}
+
+/// `spiderctl get subnets` rows: allocated = the sum over the pools of the subnet's CIDR.
+pub fn subnet_rows(pools: &PoolSet, pool_rows: &[PoolRow]) -> Vec<SubnetRow> {
+    pools
+        .subnets
+        .values()
+        .map(|s| SubnetRow {
+            name: s.name.clone(),
+            version: s.family.version(),
+            subnet: s.subnet.to_string(),
+            allocated_ip_count: pool_rows
+                .iter()
+                .filter(|r| r.subnet == s.subnet.to_string())
+                .map(|r| r.allocated_ip_count)
+                .sum(),
+            total_ip_count: s.total.count_i64(),
+        })
+        .collect()
+}
+
+/// `spiderctl get endpoints` rows: one per allocated address.
+pub async fn endpoint_rows<S: LeaseStore>(store: &S) -> Result<Vec<EndpointRow>, StoreError> {
+    Ok(store
+        .list(Filter::All)
+        .await?
+        .leases
+        .into_iter()
+        .map(|l| EndpointRow {
+            pod: if l.owner.pod_namespace.is_empty() {
+                String::new()
+            } else {
+                format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name)
+            },
+            container_id: l.owner.container_id,
+            node: l.owner.node,
+            interface: l.owner.ifname,
+            address: l.ip.to_string(),
+            pool: l.pool,
+            network: l.owner.network,
+        })
+        .collect())
+}
+
+async fn ippools(State(a): State<Arc<Agent>>) -> Result<Json<Vec<PoolRow>>, Fail> {
+    let snap = a.view.snapshot();
+    pool_rows(&snap.pools, a.engine.store())
+        .await
+        .map(Json)
+        .map_err(unavailable)
+}
+
+async fn subnets(State(a): State<Arc<Agent>>) -> Result<Json<Vec<SubnetRow>>, Fail> {
+    let snap = a.view.snapshot();
+    let rows = pool_rows(&snap.pools, a.engine.store())
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(subnet_rows(&snap.pools, &rows)))
+}
+
+async fn endpoints(State(a): State<Arc<Agent>>) -> Result<Json<Vec<EndpointRow>>, Fail> {
+    endpoint_rows(a.engine.store())
+        .await
+        .map(Json)
+        .map_err(unavailable)
+}
+
+async fn metrics(State(a): State<Arc<Agent>>) -> Response {
+    let snap = a.view.snapshot();
+    let pools = match pool_rows(&snap.pools, a.engine.store()).await {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|r| PoolUsage {
+                pool: r.name,
+                allocated: r.allocated_ip_count,
+                total: r.total_ip_count,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        a.metrics.render(a.engine.stats().conflicts, &pools),
+    )
+        .into_response()
+}
