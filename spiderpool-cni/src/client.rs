@@ -127,6 +127,17 @@ pub fn exchange<B: Serialize>(
         .take(MAX_ANSWER)
         .read_to_end(&mut answer)
         .map_err(io)?;
+    if !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        // The agent went away mid-request (killed, restarting): the outcome is unknown, and a
+        // retry is safe (ADD is idempotent per container and interface).
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "the agent closed the connection after {} bytes, before answering",
+                answer.len()
+            ),
+        )));
+    }
     parse_response(&answer).map_err(|message| ClientError::BadAnswer {
         path: socket.to_string(),
         message,
