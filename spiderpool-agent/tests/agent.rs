@@ -244,7 +244,7 @@ fn bad_input_gets_its_code_an_actionable_message_and_changes_nothing() {
     let state = endpoints(&lab.agent.sock());
     let dead = lab.dir.path().join("dead.sock");
     drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind")); // a socket file nobody serves
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u64, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "malformed JSON",
             env_for("ADD", "x", "eth0", POD_ARGS),
@@ -550,6 +550,9 @@ fn kill_9_during_a_burst_loses_nothing_acknowledged() {
         told.len()
     );
 }
+
+/// One bad-input case: what, the environment, stdin, the expected code, a text of the message.
+type BadCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u64, &'a str);
 
 fn wait_for(mut f: impl FnMut() -> bool) -> bool {
     let t0 = std::time::Instant::now();
