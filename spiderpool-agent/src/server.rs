@@ -110,6 +110,47 @@ pub fn metrics_router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
+/// Keeps the engine's cache fresh from a store watch while `stop` is false (etcd only; other
+/// stores have one writer, this agent). Claims and releases of other nodes reach the cache as
+/// they happen, so agents sharing a pool rarely race for one address. When the watch breaks or
+/// etcd compacted past it, the caches are dropped (changes may have been missed; the next ADD
+/// re-reads its pools) and the watch starts again.
+pub async fn follow_store(agent: Arc<Agent>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    #[cfg(feature = "etcd")]
+    if let AnyStore::Etcd(etcd) = agent.engine.store().clone() {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let engine = &agent.engine;
+            let started = std::time::Instant::now();
+            let watch = etcd.watch_pools(0, |c| {
+                engine.observe(&c.pool, c.ip, c.revision, c.held);
+            });
+            let end = tokio::select! {
+                end = watch => end,
+                _ = stop.changed() => return,
+            };
+            match end {
+                Ok(e) => {
+                    tracing::warn!(end = ?e, "store watch ended; caches dropped, watching again")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store watch failed; caches dropped, watching again")
+                }
+            }
+            agent.engine.invalidate(None);
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                backoff = std::time::Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+    let _ = stop.changed().await;
+}
+
 /// Serves the API on a unix socket until `shutdown` resolves; in-flight requests finish.
 pub async fn serve(
     agent: Arc<Agent>,

@@ -227,6 +227,13 @@ impl<S: LeaseStore> Engine<S> {
         f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// Tells the cache about a change another node made (a store watch): `ip` of `pool` was
+    /// claimed (`held`) or released at store `revision`. Keeps the cache fresh so this engine
+    /// rarely picks an address another node just took.
+    pub fn observe(&self, pool: &str, ip: IpAddr, revision: u64, held: bool) {
+        self.caches.learn(pool, ip, revision, held);
+    }
+
     /// Forgets cached pool state (e.g. after the agent saw changes made by other nodes).
     pub fn invalidate(&self, pool: Option<&str>) {
         self.caches.invalidate(pool);

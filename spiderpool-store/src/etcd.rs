@@ -30,8 +30,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, Txn as EtcdTxn,
-    TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient,
+    Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use spiderpool_core::store::{
     Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Release, StoreError, Txn,
@@ -77,6 +77,7 @@ impl EtcdConfig {
 #[derive(Clone)]
 pub struct EtcdStore {
     kv: KvClient,
+    watch: WatchClient,
     prefix: String,
     timeout: Duration,
     endpoints: String,
@@ -153,6 +154,7 @@ impl EtcdStore {
         }
         Ok(EtcdStore {
             kv: client.kv_client(),
+            watch: client.watch_client(),
             prefix,
             timeout: cfg.request_timeout,
             endpoints,
@@ -400,6 +402,92 @@ impl EtcdStore {
             ),
             source: None,
         })
+    }
+}
+
+/// A change to a pool's records, seen by [`EtcdStore::watch_pools`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolChange {
+    /// The pool.
+    pub pool: String,
+    /// The address.
+    pub ip: IpAddr,
+    /// Claimed (true) or released (false).
+    pub held: bool,
+    /// The store revision of the change.
+    pub revision: u64,
+}
+
+/// Why [`EtcdStore::watch_pools`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// etcd compacted past the watch's position, or cancelled it: re-read and watch again.
+    Compacted {
+        /// etcd's compaction revision (0 when it gave none).
+        revision: u64,
+    },
+    /// The stream ended (connection lost): watch again.
+    Closed,
+}
+
+impl EtcdStore {
+    /// Watches every pool's records (`pool/` keys) from `start_revision` (0: from now) and calls
+    /// `on_change` for each claim and release, in revision order. Returns when the watch ends;
+    /// the caller then forgets what it cached (changes may have been missed) and watches again.
+    pub async fn watch_pools(
+        &self,
+        start_revision: u64,
+        mut on_change: impl FnMut(PoolChange) + Send,
+    ) -> Result<WatchEnd, StoreError> {
+        let prefix = format!("{}pool/", self.prefix);
+        let mut opts = WatchOptions::new().with_prefix();
+        if start_revision > 0 {
+            opts = opts.with_start_revision(i64::try_from(start_revision).unwrap_or(i64::MAX));
+        }
+        let mut watch = self.watch.clone();
+        let connect = watch.watch(prefix.clone(), Some(opts));
+        let mut stream = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(r) => r.map_err(|e| map_err(&self.endpoints, e))?,
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    format!("etcd at {}: watch timed out", self.endpoints),
+                    e,
+                ))
+            }
+        };
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .map_err(|e| map_err(&self.endpoints, e))?;
+            let Some(resp) = msg else {
+                return Ok(WatchEnd::Closed);
+            };
+            if resp.canceled() || resp.compact_revision() > 0 {
+                return Ok(WatchEnd::Compacted {
+                    revision: u64::try_from(resp.compact_revision()).unwrap_or(0),
+                });
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key());
+                let Some((pool, ip)) = key
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.rsplit_once('/'))
+                else {
+                    continue;
+                };
+                let Ok(ip) = ip.parse::<IpAddr>() else {
+                    continue;
+                };
+                on_change(PoolChange {
+                    pool: pool.to_string(),
+                    ip,
+                    held: matches!(ev.event_type(), EventType::Put),
+                    revision: u64::try_from(kv.mod_revision()).unwrap_or(0),
+                });
+            }
+        }
     }
 }
 

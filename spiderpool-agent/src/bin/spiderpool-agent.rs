@@ -42,6 +42,9 @@ struct Args {
     /// Serve Prometheus metrics on HOST:PORT (/metrics).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Do not watch the store for other nodes' changes (etcd): for measuring what the watch saves.
+    #[arg(long)]
+    no_watch: bool,
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -99,6 +102,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_millis(args.reload_interval_ms.max(50)),
         stop_rx.clone(),
     ));
+    if !args.no_watch {
+        tokio::spawn(server::follow_store(agent.clone(), stop_rx.clone()));
+    }
     if let Some(addr) = &args.metrics_addr {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
