@@ -127,6 +127,11 @@ impl Agent {
         }
     }
 
+    /// Starts the same agent again after it died (waits until it answers).
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// Starts the same agent again.
     pub fn restart(&mut self) {
         self.kill9();
