@@ -166,10 +166,17 @@ fn fill_embedded(path: &Path, n: u32) {
 }
 
 fn agent_args(node: &str, store: &str, manifests: &Path) -> Vec<String> {
-    ["--node-name", node, "--store", store, "--manifests", &manifests.to_string_lossy()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--node-name",
+        node,
+        "--store",
+        store,
+        "--manifests",
+        &manifests.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn main() {
@@ -196,9 +203,14 @@ fn main() {
         &dir.path().join("a.log"),
         &agent_args("bench-node", &store, &pools),
     );
-    let ours = netconf("1.0.0", "bench", &agent.sock(), json!({"default_ipv4_ippool": ["bench"]}))
-        .to_string()
-        .into_bytes();
+    let ours = netconf(
+        "1.0.0",
+        "bench",
+        &agent.sock(),
+        json!({"default_ipv4_ippool": ["bench"]}),
+    )
+    .to_string()
+    .into_bytes();
     // (b) host-local on the same machine.
     let hl = json!({"cniVersion": "1.0.0", "name": "bench", "type": "macvlan",
         "ipam": {"type": "host-local", "dataDir": dir.path().join("host-local").to_string_lossy(),
@@ -209,21 +221,55 @@ fn main() {
     let mut runs = Vec::new();
     for parallel in [1usize, 10] {
         let m = if parallel == 1 { n / 2 } else { n };
-        runs.push(add_del("(c) fork+exec floor (/bin/cat)", floor_bin, &ours, m, parallel, "floor"));
-        runs.push(add_del("(a) spiderpool + agent (embedded)", &plugin_bin, &ours, m, parallel, "ours"));
+        runs.push(add_del(
+            "(c) fork+exec floor (/bin/cat)",
+            floor_bin,
+            &ours,
+            m,
+            parallel,
+            "floor",
+        ));
+        runs.push(add_del(
+            "(a) spiderpool + agent (embedded)",
+            &plugin_bin,
+            &ours,
+            m,
+            parallel,
+            "ours",
+        ));
         if Path::new(HOST_LOCAL).exists() {
-            runs.push(add_del("(b) host-local", Path::new(HOST_LOCAL), &hl, m, parallel, "hl"));
+            runs.push(add_del(
+                "(b) host-local",
+                Path::new(HOST_LOCAL),
+                &hl,
+                m,
+                parallel,
+                "hl",
+            ));
         }
     }
     out.push_str("| IPAM | callers | ADD+DEL pairs | failures | ADD p50 | ADD p99 | pairs/s |\n|---|---|---|---|---|---|---|\n");
     for r in &runs {
         out.push_str(&format!(
             "| {} | {} | {} | {} | {:.2} ms | {:.2} ms | {:.0} |\n",
-            r.label, r.mode, r.ops, r.failures, r.add_p50 * 1e3, r.add_p99 * 1e3, r.pairs_per_s
+            r.label,
+            r.mode,
+            r.ops,
+            r.failures,
+            r.add_p50 * 1e3,
+            r.add_p99 * 1e3,
+            r.pairs_per_s
         ));
     }
-    let find = |label: &str, mode: &str| runs.iter().find(|r| r.label.starts_with(label) && r.mode == mode);
-    if let (Some(a), Some(b), Some(c)) = (find("(a)", "10 parallel"), find("(b)", "10 parallel"), find("(a)", "sequential").zip(find("(c)", "sequential"))) {
+    let find = |label: &str, mode: &str| {
+        runs.iter()
+            .find(|r| r.label.starts_with(label) && r.mode == mode)
+    };
+    if let (Some(a), Some(b), Some(c)) = (
+        find("(a)", "10 parallel"),
+        find("(b)", "10 parallel"),
+        find("(a)", "sequential").zip(find("(c)", "sequential")),
+    ) {
         out.push_str(&format!(
             "\nRatios in this run: (a)/(b) throughput at 10 parallel = {:.1}x; (a) sequential ADD p50 - floor p50 = {:.2} ms.\n",
             a.pairs_per_s / b.pairs_per_s,
@@ -251,8 +297,16 @@ fn main() {
             let _ = i.write_all(&ours);
         }
         let o = child.wait_with_output().expect("wait");
-        let kib: u64 = String::from_utf8_lossy(&o.stderr).trim().lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-        out.push_str(&format!("\nPlugin peak resident memory for one ADD: {:.1} MiB.\n", kib as f64 / 1024.0));
+        let kib: u64 = String::from_utf8_lossy(&o.stderr)
+            .trim()
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        out.push_str(&format!(
+            "\nPlugin peak resident memory for one ADD: {:.1} MiB.\n",
+            kib as f64 / 1024.0
+        ));
     }
     drop(agent);
 
@@ -267,9 +321,14 @@ fn main() {
             &dir.path().join(format!("m{count}.log")),
             &agent_args("bench-node", &store, &pools),
         );
-        let conf = netconf("1.0.0", "bench", &a.sock(), json!({"default_ipv4_ippool": ["big"]}))
-            .to_string()
-            .into_bytes();
+        let conf = netconf(
+            "1.0.0",
+            "bench",
+            &a.sock(),
+            json!({"default_ipv4_ippool": ["big"]}),
+        )
+        .to_string()
+        .into_bytes();
         let (ok, _, text) = exec(&plugin_bin, "ADD", "mem-probe", &conf);
         assert!(ok, "{text}");
         let pid = a.child.as_ref().map(|c| c.id()).unwrap_or(0);
@@ -297,20 +356,41 @@ fn main() {
             let prefix = format!("/shared-{watch}/");
             let agents: Vec<(Agent, String)> = (0..10)
                 .map(|i| {
-                    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("a").port();
+                    let port = std::net::TcpListener::bind("127.0.0.1:0")
+                        .expect("port")
+                        .local_addr()
+                        .expect("a")
+                        .port();
                     let metrics = format!("127.0.0.1:{port}");
-                    let mut args = agent_args(&format!("node-{i}"), &format!("etcd:{}#{prefix}", etcd.url()), &shared);
+                    let mut args = agent_args(
+                        &format!("node-{i}"),
+                        &format!("etcd:{}#{prefix}", etcd.url()),
+                        &shared,
+                    );
                     args.extend(["--metrics-addr".to_string(), metrics.clone()]);
                     if !watch {
                         args.push("--no-watch".into());
                     }
-                    let a = Agent::start(&dir.path().join(format!("e{watch}{i}.sock")), &dir.path().join(format!("e{watch}{i}.log")), &args);
+                    let a = Agent::start(
+                        &dir.path().join(format!("e{watch}{i}.sock")),
+                        &dir.path().join(format!("e{watch}{i}.log")),
+                        &args,
+                    );
                     (a, metrics)
                 })
                 .collect();
             let confs: Vec<Vec<u8>> = agents
                 .iter()
-                .map(|(a, _)| netconf("1.0.0", "bench", &a.sock(), json!({"default_ipv4_ippool": ["shared"]})).to_string().into_bytes())
+                .map(|(a, _)| {
+                    netconf(
+                        "1.0.0",
+                        "bench",
+                        &a.sock(),
+                        json!({"default_ipv4_ippool": ["shared"]}),
+                    )
+                    .to_string()
+                    .into_bytes()
+                })
                 .collect();
             let plugin_bin2 = plugin_bin.clone();
             let t0 = Instant::now();
@@ -325,8 +405,14 @@ fn main() {
                             let (ok, s, text) = exec(&bin, "ADD", &format!("e-{w}-{i}"), &conf);
                             lat.push(s);
                             if ok {
-                                let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
-                                got.push(v["ips"][0]["address"].as_str().unwrap_or_default().to_string());
+                                let v: Value =
+                                    serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+                                got.push(
+                                    v["ips"][0]["address"]
+                                        .as_str()
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                );
                             } else {
                                 fail += 1;
                             }
@@ -347,12 +433,19 @@ fn main() {
             let add_secs = t0.elapsed().as_secs_f64();
             lat.sort_by(f64::total_cmp);
             let distinct: std::collections::BTreeSet<&String> = got.iter().collect();
-            let lost: u64 = agents.iter().map(|(_, m)| metric(m, "spiderpool_ipam_update_ippool_conflict_counts")).sum();
+            let lost: u64 = agents
+                .iter()
+                .map(|(_, m)| metric(m, "spiderpool_ipam_update_ippool_conflict_counts"))
+                .sum();
             let t1 = Instant::now();
             let dels: Vec<_> = (0..10)
                 .map(|w| {
                     let (conf, bin) = (confs[w].clone(), plugin_bin2.clone());
-                    std::thread::spawn(move || (0..100).filter(|i| !exec(&bin, "DEL", &format!("e-{w}-{i}"), &conf).0).count())
+                    std::thread::spawn(move || {
+                        (0..100)
+                            .filter(|i| !exec(&bin, "DEL", &format!("e-{w}-{i}"), &conf).0)
+                            .count()
+                    })
                 })
                 .collect();
             let del_fail: usize = dels.into_iter().map(|d| d.join().expect("del")).sum();
@@ -382,11 +475,16 @@ fn main() {
 
 fn metric(addr: &str, name: &str) -> u64 {
     use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0 };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
     let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0)
 }
