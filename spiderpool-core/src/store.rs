@@ -303,15 +303,15 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
     }
 }
 
-/// The state every single-node backend keeps: records by address, indexed by attachment slot,
-/// container, pool and node, so every [`Filter`] costs the records it returns. Shared by
-/// [`MemoryStore`] and the embedded backend's in-memory mirror.
+/// The state every single-node backend keeps: records by address, indexed by container, pool and
+/// node, so every [`Filter`] costs the records it returns. (An attachment slot is found through
+/// its container's few records, so it needs no index of its own.) Shared by [`MemoryStore`] and
+/// the embedded backend's in-memory table.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {
     by_ip: BTreeMap<IpAddr, Lease>,
-    by_attachment: HashMap<(String, String, IpFamily), IpAddr>,
-    /// Many keys (one per container): hashed.
-    by_container: HashMap<String, BTreeSet<IpAddr>>,
+    /// Many keys (one per container), few addresses each: hashed keys, small vectors.
+    by_container: HashMap<String, Vec<IpAddr>>,
     /// Large sets (a pool or node can hold 65,000 records): hashed, so a commit costs O(1) here;
     /// the rare listing sorts what it returns.
     by_pool: BigIndex,
@@ -431,12 +431,14 @@ trait AddrSet: Default {
     fn empty(&self) -> bool;
 }
 
-impl AddrSet for BTreeSet<IpAddr> {
+impl AddrSet for Vec<IpAddr> {
     fn put(&mut self, ip: IpAddr) {
-        self.insert(ip);
+        if !self.contains(&ip) {
+            self.push(ip);
+        }
     }
     fn take(&mut self, ip: &IpAddr) {
-        self.remove(ip);
+        self.retain(|x| x != ip);
     }
     fn empty(&self) -> bool {
         self.is_empty()
@@ -548,25 +550,12 @@ impl LeaseTable {
     }
 
     fn index(&mut self, l: &Lease) {
-        self.by_attachment.insert(
-            (
-                l.owner.container_id.clone(),
-                l.owner.ifname.clone(),
-                l.family(),
-            ),
-            l.ip,
-        );
         index_insert(&mut self.by_container, &l.owner.container_id, l.ip);
         index_insert(&mut self.by_pool, &l.pool, l.ip);
         index_insert(&mut self.by_node, &l.owner.node, l.ip);
     }
 
     fn unindex(&mut self, l: &Lease) {
-        self.by_attachment.remove(&(
-            l.owner.container_id.clone(),
-            l.owner.ifname.clone(),
-            l.family(),
-        ));
         index_remove(&mut self.by_container, &l.owner.container_id, &l.ip);
         // Pools and nodes are few and long-lived: their (possibly empty) sets stay, so a pool that
         // empties and fills again does not reallocate its entry on every commit.
@@ -583,13 +572,12 @@ impl LeaseTable {
         let get = |ip: &IpAddr| self.by_ip.get(ip).cloned();
         let leases: Vec<Lease> = match filter {
             Filter::All => self.by_ip.values().cloned().collect(),
-            Filter::Container(c) => self
-                .by_container
-                .get(c)
-                .into_iter()
-                .flatten()
-                .filter_map(get)
-                .collect(),
+            Filter::Container(c) => {
+                let mut ips: Vec<&IpAddr> =
+                    self.by_container.get(c).into_iter().flatten().collect();
+                ips.sort_unstable();
+                ips.into_iter().filter_map(get).collect()
+            }
             Filter::Pool(p) => sorted(self.by_pool.get(p), get),
             Filter::Node(n) => sorted(self.by_node.get(n), get),
         };
@@ -603,7 +591,53 @@ impl LeaseTable {
     /// Checks `txn` without applying it: the conflicts, or the changes it would make, with
     /// revisions assigned.
     pub fn plan(&self, txn: &Txn) -> Result<Changes, Vec<Conflict>> {
-        let next = self.revision + 1;
+        self.plan_in(txn, &self.begin_batch())
+    }
+
+    /// A batch of changes planned on top of this table (a group commit), empty.
+    pub fn begin_batch(&self) -> Batch {
+        Batch {
+            records: HashMap::new(),
+            revision: self.revision,
+        }
+    }
+
+    /// The record at `ip` as the table plus `batch` have it.
+    fn current<'a>(&'a self, batch: &'a Batch, ip: &IpAddr) -> Option<&'a Lease> {
+        match batch.records.get(ip) {
+            Some(planned) => planned.as_ref(),
+            None => self.by_ip.get(ip),
+        }
+    }
+
+    /// The record holding the slot `(container, ifname, family)`, as the table plus `batch` have
+    /// it: one of the container's few records.
+    fn slot_holder<'a>(&'a self, batch: &'a Batch, claim: &Lease) -> Option<&'a Lease> {
+        let o = &claim.owner;
+        let fam = claim.family();
+        let in_table = self.by_container.get(&o.container_id).into_iter().flatten();
+        let in_batch = batch
+            .records
+            .iter()
+            .filter(|(_, l)| {
+                l.as_ref()
+                    .is_some_and(|l| l.owner.container_id == o.container_id)
+            })
+            .map(|(ip, _)| ip);
+        in_table
+            .chain(in_batch)
+            .filter_map(|ip| self.current(batch, ip))
+            .find(|l| {
+                l.owner.container_id == o.container_id
+                    && l.owner.ifname == o.ifname
+                    && l.family() == fam
+            })
+    }
+
+    /// Checks `txn` against the table with `batch` (changes accepted earlier in the same group
+    /// commit, not yet applied) on top.
+    pub fn plan_in(&self, txn: &Txn, batch: &Batch) -> Result<Changes, Vec<Conflict>> {
+        let next = batch.revision + 1;
         let mut conflicts = Vec::new();
         let mut writes = Vec::new();
         let mut seen_ips = BTreeSet::new();
@@ -619,21 +653,14 @@ impl LeaseTable {
                 conflicts.push(Conflict::DuplicateInTxn(c.clone()));
                 continue;
             }
-            if let Some(cur) = self.by_ip.get(&c.ip) {
+            if let Some(cur) = self.current(batch, &c.ip) {
                 if !cur.owner.same_attachment(&c.owner) {
                     conflicts.push(Conflict::IpTaken(cur.clone()));
                 }
                 continue; // same attachment: idempotent no-op
             }
-            let slot = (
-                c.owner.container_id.clone(),
-                c.owner.ifname.clone(),
-                c.family(),
-            );
-            if let Some(ip) = self.by_attachment.get(&slot) {
-                if let Some(cur) = self.by_ip.get(ip) {
-                    conflicts.push(Conflict::AttachmentBound(cur.clone()));
-                }
+            if let Some(cur) = self.slot_holder(batch, c) {
+                conflicts.push(Conflict::AttachmentBound(cur.clone()));
                 continue;
             }
             let mut l = c.clone();
@@ -645,7 +672,7 @@ impl LeaseTable {
         }
         let mut del: BTreeMap<IpAddr, Lease> = BTreeMap::new();
         for r in &txn.releases {
-            if let Some(cur) = self.by_ip.get(&r.ip) {
+            if let Some(cur) = self.current(batch, &r.ip) {
                 if cur.owner.container_id == r.container_id && cur.owner.ifname == r.ifname {
                     del.insert(cur.ip, cur.clone());
                 }
@@ -698,6 +725,39 @@ impl LeaseTable {
             }
             Err(c) => Outcome::Conflict(c),
         }
+    }
+}
+
+/// Changes accepted in a group commit and not yet applied to the table: later transactions of
+/// the batch are planned against the table with these on top ([`LeaseTable::plan_in`]), so the
+/// table itself (which readers see) changes only once the batch is durable.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Address -> record written (`Some`) or deleted (`None`) by the batch so far.
+    records: HashMap<IpAddr, Option<Lease>>,
+    /// The revision of the batch's last accepted change.
+    revision: u64,
+}
+
+impl Batch {
+    /// Adds an accepted transaction's changes; returns the revision it commits at.
+    pub fn add(&mut self, changes: &Changes) -> u64 {
+        if changes.is_empty() {
+            return self.revision;
+        }
+        self.revision += 1;
+        for d in &changes.deletes {
+            self.records.insert(d.ip, None);
+        }
+        for w in &changes.writes {
+            self.records.insert(w.ip, Some(w.clone()));
+        }
+        self.revision
+    }
+
+    /// The revision after the batch.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 }
 
@@ -819,6 +879,78 @@ mod tests {
             .collect();
         assert_eq!(ips, ["10.0.39.16", "10.0.39.18"]);
         assert_eq!(t.list(Filter::Node("n2")).leases.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_sees_its_own_earlier_changes_before_they_are_applied() {
+        let mut t = LeaseTable::new(0);
+        let held = lease(1, "p", "n");
+        t.commit(&Txn {
+            claims: vec![held.clone()],
+            releases: vec![],
+        });
+        let mut batch = t.begin_batch();
+        // 1. Another container claims a free address.
+        let a = lease(2, "p", "n");
+        let c1 = t
+            .plan_in(
+                &Txn {
+                    claims: vec![a.clone()],
+                    releases: vec![],
+                },
+                &batch,
+            )
+            .expect("free");
+        assert_eq!(batch.add(&c1), 2);
+        // 2. The same address for someone else, in the same batch: taken by (1).
+        let mut b = lease(2, "p", "n");
+        b.owner.container_id = "other".into();
+        match t.plan_in(
+            &Txn {
+                claims: vec![b],
+                releases: vec![],
+            },
+            &batch,
+        ) {
+            Err(c) => assert!(
+                matches!(&c[0], Conflict::IpTaken(l) if l.owner.container_id == a.owner.container_id)
+            ),
+            Ok(x) => panic!("claimed twice in one batch: {x:?}"),
+        }
+        // 3. (1)'s slot with another address: bound by (1).
+        let mut slot = lease(3, "p", "n");
+        slot.owner.container_id = a.owner.container_id.clone();
+        assert!(matches!(
+            t.plan_in(&Txn { claims: vec![slot.clone()], releases: vec![] }, &batch),
+            Err(c) if matches!(&c[0], Conflict::AttachmentBound(_))
+        ));
+        // 4. Release of the old record, then its address for a new container, in the batch.
+        let c4 = t
+            .plan_in(
+                &Txn {
+                    claims: vec![],
+                    releases: vec![Release::from(&held)],
+                },
+                &batch,
+            )
+            .expect("release");
+        assert_eq!(c4.deletes.len(), 1);
+        assert_eq!(batch.add(&c4), 3);
+        let mut reuse = lease(1, "p", "n");
+        reuse.owner.container_id = "new".into();
+        let c5 = t
+            .plan_in(
+                &Txn {
+                    claims: vec![reuse],
+                    releases: vec![],
+                },
+                &batch,
+            )
+            .expect("freed in the batch");
+        assert_eq!(c5.writes[0].revision, 4);
+        // The table itself has not changed: readers see only what is durable.
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.revision(), 1);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! # How a commit becomes durable
 //! One writer thread owns the database. Commits queue to it; it takes every commit waiting (up to
-//! [`MAX_BATCH`]), checks each against its working copy of the table in arrival order (so later
+//! [`MAX_BATCH`]), checks each against the table plus the batch's earlier changes in arrival order (so later
 //! commits of a batch see earlier ones), writes all accepted changes in **one** redb write
 //! transaction with `Durability::Immediate` (fsync before `commit()` returns), and only then
 //! publishes the changes to the table readers see and answers every caller. No caller hears
@@ -143,13 +143,12 @@ impl EmbeddedStore {
         }
         let db = Database::create(&path).map_err(|e| io_err("cannot open", &path, e))?;
         let table = load(&db, &path)?;
-        let committed = Arc::new(RwLock::new(table.clone()));
+        let committed = Arc::new(RwLock::new(table));
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: Some(db),
             path: path.clone(),
-            working: table,
             committed: committed.clone(),
             counters: counters.clone(),
         };
@@ -246,8 +245,7 @@ struct Writer {
     /// `None` after a failed commit: reopened before the next batch.
     db: Option<Database>,
     path: PathBuf,
-    /// The writer's own copy: published state plus nothing else between batches.
-    working: LeaseTable,
+    /// The one table: what is durable. Readers see it; only the writer changes it, after fsync.
     committed: Arc<RwLock<LeaseTable>>,
     counters: Arc<Counters>,
 }
@@ -272,11 +270,13 @@ impl Writer {
         let db =
             Database::create(&self.path).map_err(|e| write_err("cannot reopen", &self.path, e))?;
         let table = load(&db, &self.path)?;
-        if table.len() != self.working.len() || table.revision() != self.working.revision() {
-            tracing::warn!(path = %self.path.display(), records = table.len(), "embedded store reopened with a different state than published; using the file");
+        {
+            let mut published = self.committed.write().unwrap_or_else(|p| p.into_inner());
+            if table.len() != published.len() || table.revision() != published.revision() {
+                tracing::warn!(path = %self.path.display(), records = table.len(), "embedded store reopened with a different state than published; using the file");
+            }
+            *published = table;
         }
-        *self.committed.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
-        self.working = table;
         self.db = Some(db);
         tracing::info!(path = %self.path.display(), "embedded store reopened after a failed commit");
         Ok(())
@@ -300,25 +300,32 @@ impl Writer {
         }
         let mut answers = Vec::with_capacity(batch.len());
         let mut changes: Vec<Changes> = Vec::new();
-        for req in batch {
-            let outcome = match self.working.plan(&req.txn) {
-                Ok(c) => {
-                    let revision = self.working.apply(&c);
-                    let released = c.deletes.clone();
-                    // Idempotent no-ops change nothing and need no write.
-                    if !c.is_empty() {
-                        changes.push(c);
+        let revision = {
+            // Plan against the published table with the batch's accepted changes on top; the
+            // table itself changes only after the batch is durable.
+            let table = self.committed.read().unwrap_or_else(|p| p.into_inner());
+            let mut pending = table.begin_batch();
+            for req in batch {
+                let outcome = match table.plan_in(&req.txn, &pending) {
+                    Ok(c) => {
+                        let revision = pending.add(&c);
+                        let released = c.deletes.clone();
+                        // Idempotent no-ops change nothing and need no write.
+                        if !c.is_empty() {
+                            changes.push(c);
+                        }
+                        Outcome::Committed { revision, released }
                     }
-                    Outcome::Committed { revision, released }
-                }
-                Err(c) => Outcome::Conflict(c),
-            };
-            answers.push((req.reply, outcome));
-        }
+                    Err(c) => Outcome::Conflict(c),
+                };
+                answers.push((req.reply, outcome));
+            }
+            pending.revision()
+        };
         let result = if changes.is_empty() {
             Ok(())
         } else {
-            self.persist(&changes)
+            self.persist(&changes, revision)
         };
         if result.is_ok() {
             use std::sync::atomic::Ordering::Relaxed;
@@ -343,12 +350,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, "embedded store commit failed; reopening before the next batch");
-                self.working = self
-                    .committed
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                // redb refuses writes after a failed commit until reopened.
+                // Nothing of the batch was published. redb refuses writes after a failed commit until reopened.
                 self.db = None;
                 let retryable = e.is_retryable();
                 let msg = detail(&e);
@@ -370,7 +372,7 @@ impl Writer {
         }
     }
 
-    fn persist(&mut self, changes: &[Changes]) -> Result<(), StoreError> {
+    fn persist(&mut self, changes: &[Changes], revision: u64) -> Result<(), StoreError> {
         let p = &self.path;
         let Some(db) = self.db.as_ref() else {
             return Err(StoreError::Unavailable {
@@ -402,7 +404,7 @@ impl Writer {
             let mut meta = txn
                 .open_table(META)
                 .map_err(|e| write_err("cannot write", p, e))?;
-            meta.insert("revision", self.working.revision())
+            meta.insert("revision", revision)
                 .map_err(|e| write_err("cannot write", p, e))?;
         }
         txn.commit()
