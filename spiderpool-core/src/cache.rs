@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::bitmap::Allocator;
 use crate::range::IpSet;
-use crate::store::Listing;
+use crate::store::PoolAddresses;
 
 /// One pool's cached state.
 struct PoolCache {
@@ -156,7 +156,13 @@ impl Caches {
 
     /// Rebuilds a pool's cache from `listing` (read under `ticket`), keeping the cursor, the
     /// pending picks and every change newer than the listing.
-    pub fn install(&self, mut ticket: ReadTicket<'_>, space: IpSet, listing: &Listing, now: u64) {
+    pub fn install(
+        &self,
+        mut ticket: ReadTicket<'_>,
+        space: IpSet,
+        listing: &PoolAddresses,
+        now: u64,
+    ) {
         ticket.open = false;
         let mut state = self.lock();
         let changes = self.end_read(&mut state, &ticket.pool);
@@ -178,16 +184,16 @@ impl Caches {
     fn build(
         &self,
         space: IpSet,
-        listing: &Listing,
+        listing: &PoolAddresses,
         now: u64,
         old: Option<PoolCache>,
         changes: &[Change],
     ) -> PoolCache {
         let mut alloc = Allocator::new(space, self.hint);
-        let mut held = HashSet::with_capacity(listing.leases.len());
-        for l in &listing.leases {
-            alloc.mark_used(l.ip);
-            held.insert(l.ip);
+        let mut held = HashSet::with_capacity(listing.ips.len());
+        for ip in &listing.ips {
+            alloc.mark_used(*ip);
+            held.insert(*ip);
         }
         let mut pending = HashSet::new();
         if let Some(old) = old {
@@ -335,10 +341,10 @@ mod tests {
         s.parse().expect("ip")
     }
 
-    fn listing(revision: u64, held: &[&str]) -> Listing {
-        Listing {
+    fn listing(revision: u64, held: &[&str]) -> PoolAddresses {
+        PoolAddresses {
             revision,
-            leases: held.iter().map(|a| lease_at(a, revision)).collect(),
+            ips: held.iter().map(|a| lease_at(a, revision).ip).collect(),
         }
     }
 

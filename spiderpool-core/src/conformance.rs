@@ -270,6 +270,26 @@ pub async fn listing<S: LeaseStore>(s: &S) {
     );
     assert_eq!(all(s, Filter::All).await.len(), 4, "{b}");
     assert!(all(s, Filter::Container("nope")).await.is_empty(), "{b}");
+    // A pool's addresses alone (cache rebuilds): the same set as its records, same revision.
+    let addrs = s
+        .pool_addresses("pa")
+        .await
+        .unwrap_or_else(|e| panic!("{b}: pool_addresses: {e}"));
+    let mut got: Vec<String> = addrs.ips.iter().map(|ip| ip.to_string()).collect();
+    got.sort();
+    assert_eq!(got, ["10.0.2.1", "10.0.2.2"], "{b}: pool_addresses");
+    assert!(
+        addrs.revision >= after,
+        "{b}: pool_addresses revision {}",
+        addrs.revision
+    );
+    assert!(
+        s.pool_addresses("none")
+            .await
+            .map(|a| a.ips.is_empty())
+            .unwrap_or(false),
+        "{b}: addresses of an empty pool"
+    );
 }
 
 const POOL: &str = r#"

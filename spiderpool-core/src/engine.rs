@@ -252,7 +252,7 @@ impl<S: LeaseStore> Engine<S> {
     async fn refresh(&self, pool: &Pool, pools: &PoolSet, now: u64) -> Result<(), EngineError> {
         let space = pool.allocatable(pools.reserved(pool.family));
         let ticket = self.caches.begin_read(&pool.name);
-        let listing = self.store.list(Filter::Pool(&pool.name)).await?;
+        let listing = self.store.pool_addresses(&pool.name).await?;
         self.bump(|s| s.pool_reads += 1);
         self.caches.install(ticket, space, &listing, now);
         Ok(())

@@ -183,6 +183,15 @@ pub struct Listing {
     pub leases: Vec<Lease>,
 }
 
+/// The addresses a pool holds at one store revision (what a cache rebuild needs: no records).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolAddresses {
+    /// Store revision of the read.
+    pub revision: u64,
+    /// Held addresses, in no particular order.
+    pub ips: Vec<IpAddr>,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -281,6 +290,17 @@ pub trait LeaseStore: Send + Sync {
     /// Applies `txn` atomically (see the module docs for the conditions).
     async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError>;
 
+    /// The addresses `pool` holds, consistently, with the store revision: what the engine reads
+    /// to build a pool's cache. The default reads the records; backends override it to skip them
+    /// (a 100,000-record pool is 100,000 records to copy, but only 100,000 addresses).
+    async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
+        let l = self.list(Filter::Pool(pool)).await?;
+        Ok(PoolAddresses {
+            revision: l.revision,
+            ips: l.leases.into_iter().map(|l| l.ip).collect(),
+        })
+    }
+
     /// The store revision of the last change to `pool`'s records, in the revision space of
     /// [`Listing::revision`]; at most the current revision, and never below that of a change
     /// made to the pool. Costs O(1) records (one small read on network stores).
@@ -300,6 +320,9 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
     }
     async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
         (**self).pool_revision(pool).await
+    }
+    async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
+        (**self).pool_addresses(pool).await
     }
 }
 
@@ -520,6 +543,22 @@ impl LeaseTable {
             .get(pool)
             .copied()
             .unwrap_or(self.base_revision)
+    }
+
+    /// The addresses of `pool` (see [`LeaseStore::pool_addresses`]).
+    pub fn pool_addresses(&self, pool: &str) -> PoolAddresses {
+        let ips: Vec<IpAddr> = self
+            .by_pool
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        self.visited.add(ips.len() as u64);
+        PoolAddresses {
+            revision: self.revision,
+            ips,
+        }
     }
 
     /// Records examined by [`LeaseTable::list`] since the table was made.
@@ -812,6 +851,10 @@ impl LeaseStore for MemoryStore {
 
     async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
         Ok(self.lock().pool_revision(pool))
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
+        Ok(self.lock().pool_addresses(pool))
     }
 }
 

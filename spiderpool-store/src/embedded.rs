@@ -29,12 +29,25 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use spiderpool_core::store::{
-    Changes, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, StoreError, Txn,
+    Changes, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, PoolAddresses, StoreError,
+    Txn,
 };
 use tokio::sync::oneshot;
 
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// redb's page cache. Records are read from the file once, at open (then they live in the
+/// in-memory table), and a commit touches a few pages of the B-tree: 16 MiB holds its upper
+/// levels many times over. redb's default (1 GiB) would keep every page read at open resident.
+pub const CACHE_BYTES: usize = 16 << 20;
+
+/// Opens or creates the redb file with [`CACHE_BYTES`] of cache.
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+}
 
 /// Most commits one fsync may serve.
 pub const MAX_BATCH: usize = 512;
@@ -141,7 +154,7 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io_err("cannot create the directory of", &path, e))?;
         }
-        let db = Database::create(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let db = open_db(&path).map_err(|e| io_err("cannot open", &path, e))?;
         let table = load(&db, &path)?;
         let committed = Arc::new(RwLock::new(table));
         let counters = Arc::new(Counters::default());
@@ -267,8 +280,7 @@ impl Writer {
 
     /// Reopens the database after a failed commit: the file holds exactly the published state.
     fn reopen(&mut self) -> Result<(), StoreError> {
-        let db =
-            Database::create(&self.path).map_err(|e| write_err("cannot reopen", &self.path, e))?;
+        let db = open_db(&self.path).map_err(|e| write_err("cannot reopen", &self.path, e))?;
         let table = load(&db, &self.path)?;
         {
             let mut published = self.committed.write().unwrap_or_else(|p| p.into_inner());
@@ -424,6 +436,10 @@ impl LeaseStore for EmbeddedStore {
 
     async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
         Ok(self.read().pool_revision(pool))
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
+        Ok(self.read().pool_addresses(pool))
     }
 
     async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {

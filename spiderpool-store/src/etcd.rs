@@ -204,12 +204,24 @@ impl EtcdStore {
     /// Reads every key under `prefix` at one revision, in pages of [`PAGE`] keys (a whole pool
     /// would not fit in one gRPC message).
     async fn get_prefix(&self, prefix: &str) -> Result<(u64, Vec<KeyValue>), StoreError> {
+        self.get_prefix_opts(prefix, false).await
+    }
+
+    /// As [`EtcdStore::get_prefix`]; with `keys_only`, etcd sends no values.
+    async fn get_prefix_opts(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> Result<(u64, Vec<KeyValue>), StoreError> {
         let end = prefix_end(prefix.as_bytes());
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut out = Vec::new();
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
@@ -552,6 +564,28 @@ impl LeaseStore for EtcdStore {
             });
         }
         apply_in_parts(txn, |part| self.commit_chunk(part)).await
+    }
+
+    async fn pool_addresses(
+        &self,
+        pool: &str,
+    ) -> Result<spiderpool_core::store::PoolAddresses, StoreError> {
+        // Keys only: `pool/<pool>/<ip>` names the address; no record crosses the network.
+        let prefix = format!("{}pool/{pool}/", self.prefix);
+        let (revision, kvs) = self.get_prefix_opts(&prefix, true).await?;
+        let mut ips = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let key = String::from_utf8_lossy(kv.key());
+            let ip = key
+                .strip_prefix(&prefix)
+                .and_then(|t| t.parse::<IpAddr>().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: key.to_string(),
+                    message: "the key does not end with an address".into(),
+                })?;
+            ips.push(ip);
+        }
+        Ok(spiderpool_core::store::PoolAddresses { revision, ips })
     }
 
     async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {

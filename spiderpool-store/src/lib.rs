@@ -156,6 +156,19 @@ impl LeaseStore for AnyStore {
         }
     }
 
+    async fn pool_addresses(
+        &self,
+        pool: &str,
+    ) -> Result<spiderpool_core::store::PoolAddresses, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.pool_addresses(pool).await,
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.pool_addresses(pool).await,
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.pool_addresses(pool).await,
+        }
+    }
+
     async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
         match self {
             AnyStore::Memory(s) => s.pool_revision(pool).await,
