@@ -332,7 +332,9 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
 /// the embedded backend's in-memory table.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {
-    by_ip: BTreeMap<IpAddr, Lease>,
+    /// Records by address: hashed (a B-tree's half-full nodes cost more memory than the records'
+    /// own fields); the whole-table listing, rare, sorts.
+    by_ip: HashMap<IpAddr, Lease, std::hash::BuildHasherDefault<AddrHasher>>,
     /// Many keys (one per container), few addresses each: hashed keys, small vectors.
     by_container: HashMap<String, Vec<IpAddr>>,
     /// Large sets (a pool or node can hold 65,000 records): hashed, so a commit costs O(1) here;
@@ -610,7 +612,11 @@ impl LeaseTable {
     pub fn list(&self, filter: Filter<'_>) -> Listing {
         let get = |ip: &IpAddr| self.by_ip.get(ip).cloned();
         let leases: Vec<Lease> = match filter {
-            Filter::All => self.by_ip.values().cloned().collect(),
+            Filter::All => {
+                let mut all: Vec<Lease> = self.by_ip.values().cloned().collect();
+                all.sort_unstable_by_key(|l| l.ip);
+                all
+            }
             Filter::Container(c) => {
                 let mut ips: Vec<&IpAddr> =
                     self.by_container.get(c).into_iter().flatten().collect();

@@ -38,9 +38,9 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// redb's page cache. Records are read from the file once, at open (then they live in the
-/// in-memory table), and a commit touches a few pages of the B-tree: 16 MiB holds its upper
+/// in-memory table), and a commit touches a few pages of the B-tree: 4 MiB holds its upper
 /// levels many times over. redb's default (1 GiB) would keep every page read at open resident.
-pub const CACHE_BYTES: usize = 16 << 20;
+pub const CACHE_BYTES: usize = 4 << 20;
 
 /// Opens or creates the redb file with [`CACHE_BYTES`] of cache.
 fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
