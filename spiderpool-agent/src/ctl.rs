@@ -465,79 +465,74 @@ pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, Strin
 
 /// Renders `get`'s rows as a `kubectl`-style table.
 pub fn render_get(what: GetWhat, rows: &serde_json::Value) -> String {
-    let items = rows.as_array().cloned().unwrap_or_default();
-    let s = |v: &serde_json::Value, k: &str| match &v[k] {
+    // (header, JSON field) per column.
+    let columns: &[(&str, &str)] = match what {
+        GetWhat::IpPools => &[
+            ("NAME", "name"),
+            ("VERSION", "version"),
+            ("SUBNET", "subnet"),
+            ("ALLOCATED-IP-COUNT", "allocatedIpCount"),
+            ("TOTAL-IP-COUNT", "totalIpCount"),
+            ("DEFAULT", "default"),
+            ("DISABLE", "disable"),
+        ],
+        GetWhat::Subnets => &[
+            ("NAME", "name"),
+            ("VERSION", "version"),
+            ("SUBNET", "subnet"),
+            ("ALLOCATED-IP-COUNT", "allocatedIpCount"),
+            ("TOTAL-IP-COUNT", "totalIpCount"),
+        ],
+        GetWhat::Endpoints => &[
+            ("POD", "pod"),
+            ("NODE", "node"),
+            ("INTERFACE", "interface"),
+            ("IP", "address"),
+            ("POOL", "pool"),
+            ("NETWORK", "network"),
+        ],
+    };
+    let cell = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(x) if k == "pod" && x.is_empty() => {
+            format!("(container {})", v["containerId"].as_str().unwrap_or(""))
+        }
         serde_json::Value::String(x) => x.clone(),
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     };
-    match what {
-        GetWhat::IpPools => {
-            let mut t = vec![[
-                "NAME".to_string(),
-                "VERSION".into(),
-                "SUBNET".into(),
-                "ALLOCATED-IP-COUNT".into(),
-                "TOTAL-IP-COUNT".into(),
-                "DEFAULT".into(),
-                "DISABLE".into(),
-            ]];
-            for r in &items {
-                t.push([
-                    s(r, "name"),
-                    s(r, "version"),
-                    s(r, "subnet"),
-                    s(r, "allocatedIpCount"),
-                    s(r, "totalIpCount"),
-                    s(r, "default"),
-                    s(r, "disable"),
-                ]);
-            }
-            spiderpool_core::table::render(&t)
-        }
-        GetWhat::Subnets => {
-            let mut t = vec![[
-                "NAME".to_string(),
-                "VERSION".into(),
-                "SUBNET".into(),
-                "ALLOCATED-IP-COUNT".into(),
-                "TOTAL-IP-COUNT".into(),
-            ]];
-            for r in &items {
-                t.push([
-                    s(r, "name"),
-                    s(r, "version"),
-                    s(r, "subnet"),
-                    s(r, "allocatedIpCount"),
-                    s(r, "totalIpCount"),
-                ]);
-            }
-            spiderpool_core::table::render(&t)
-        }
-        GetWhat::Endpoints => {
-            let mut t = vec![[
-                "POD".to_string(),
-                "NODE".into(),
-                "INTERFACE".into(),
-                "IP".into(),
-                "POOL".into(),
-                "NETWORK".into(),
-            ]];
-            for r in &items {
-                let pod = match s(r, "pod") {
-                    p if p.is_empty() => format!("(container {})", s(r, "containerId")),
-                    p => p,
-                };
-                t.push([
-                    pod,
-                    s(r, "node"),
-                    s(r, "interface"),
-                    s(r, "address"),
-                    s(r, "pool"),
-                    s(r, "network"),
-                ]);
-            }
-            spiderpool_core::table::render(&t)
-        }
+    let mut table = vec![columns
+        .iter()
+        .map(|(h, _)| h.to_string())
+        .collect::<Vec<_>>()];
+    for r in rows.as_array().into_iter().flatten() {
+        table.push(columns.iter().map(|(_, k)| cell(r, k)).collect());
+    }
+    spiderpool_core::table::render_rows(&table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_tables_have_the_seed_columns() {
+        let rows = serde_json::json!([{"name": "test-ippool-6", "version": 4, "subnet": "10.6.0.0/16",
+            "allocatedIpCount": 1, "totalIpCount": 10, "default": false, "disable": false}]);
+        assert_eq!(
+            render_get(GetWhat::IpPools, &rows),
+            "NAME            VERSION   SUBNET        ALLOCATED-IP-COUNT   TOTAL-IP-COUNT   DEFAULT   DISABLE\n\
+             test-ippool-6   4         10.6.0.0/16   1                    10               false     false\n"
+        );
+        let eps = serde_json::json!([{"pod": "", "containerId": "c1", "node": "n", "interface": "eth0",
+            "address": "10.6.0.5", "pool": "p", "network": "net"}]);
+        let t = render_get(GetWhat::Endpoints, &eps);
+        assert!(
+            t.starts_with("POD              NODE   INTERFACE   IP         POOL   NETWORK\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(container c1)   n      eth0        10.6.0.5   p      net"),
+            "{t}"
+        );
     }
 }

@@ -11,38 +11,49 @@ use spiderpool_store::testing::{require_etcd, EtcdServer};
 const SHARED: &str = "kind: SpiderIPPool\nmetadata: {name: shared}\nspec: {subnet: 10.60.0.0/24, ips: [10.60.0.1-10.60.0.50]}\n";
 const ARGS: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=plain;K8S_POD_UID=u";
 
-fn agents(dir: &std::path::Path, etcd: &EtcdServer, nodes: &[(&str, bool)]) -> Vec<Agent> {
-    let manifests = dir.join("pools.yaml");
-    std::fs::write(&manifests, SHARED).expect("write");
-    let store = format!(
-        "etcd:{}#/agents-{}/",
-        etcd.url(),
-        dir.display().to_string().replace('/', "_")
-    );
-    nodes
+/// Agents sharing the pool `shared` in one etcd (under one key prefix).
+struct Shared {
+    dir: std::path::PathBuf,
+    store: String,
+    manifests: std::path::PathBuf,
+}
+
+impl Shared {
+    fn new(dir: &std::path::Path, etcd: &EtcdServer, prefix: &str) -> Shared {
+        let manifests = dir.join("pools.yaml");
+        std::fs::write(&manifests, SHARED).expect("write");
+        Shared {
+            dir: dir.to_path_buf(),
+            store: format!("etcd:{}#/{prefix}/", etcd.url()),
+            manifests,
+        }
+    }
+
+    /// Starts the agent of `node`; `metrics` serves its /metrics there.
+    fn agent(&self, node: &str, watch: bool, metrics: Option<&str>) -> Agent {
+        let mut args: Vec<String> = [
+            "--node-name",
+            node,
+            "--store",
+            &self.store,
+            "--manifests",
+            &self.manifests.to_string_lossy(),
+        ]
         .iter()
-        .map(|(node, watch)| {
-            let mut args: Vec<String> = [
-                "--node-name",
-                node,
-                "--store",
-                &store,
-                "--manifests",
-                &manifests.to_string_lossy(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if !watch {
-                args.push("--no-watch".into());
-            }
-            Agent::start(
-                &dir.join(format!("{node}.sock")),
-                &dir.join(format!("{node}.log")),
-                &args,
-            )
-        })
-        .collect()
+        .map(|s| s.to_string())
+        .collect();
+        if !watch {
+            args.push("--no-watch".into());
+        }
+        if let Some(m) = metrics {
+            args.extend(["--metrics-addr".to_string(), m.to_string()]);
+        }
+        Agent::start(
+            &self.dir.join(format!("{node}.sock")),
+            &self.dir.join(format!("{node}.log")),
+            &args,
+        )
+    }
 }
 
 fn conf(sock: &str) -> Vec<u8> {
@@ -75,7 +86,11 @@ fn fifty_parallel_adds_across_two_nodes_into_fifty_addresses_then_exhausted() {
     let Some(bin) = require_etcd() else { return };
     let etcd = EtcdServer::start(&bin).expect("etcd");
     let dir = tempfile::tempdir().expect("dir");
-    let agents = agents(dir.path(), &etcd, &[("node-a", true), ("node-b", true)]);
+    let shared = Shared::new(dir.path(), &etcd, "agents");
+    let agents = [
+        shared.agent("node-a", true, None),
+        shared.agent("node-b", true, None),
+    ];
     let socks: Vec<String> = agents.iter().map(Agent::sock).collect();
     let handles: Vec<_> = (0..50)
         .map(|i| {
@@ -121,41 +136,15 @@ fn fifty_parallel_adds_across_two_nodes_into_fifty_addresses_then_exhausted() {
 fn stale_cache_races(watch: bool) -> u64 {
     let etcd = EtcdServer::start(&require_etcd().expect("etcd")).expect("etcd");
     let dir = tempfile::tempdir().expect("dir");
-    let manifests = dir.path().join("pools.yaml");
-    std::fs::write(&manifests, SHARED).expect("write");
-    let store = format!("etcd:{}#/stale/", etcd.url());
-    let start = |node: &str, metrics: Option<&str>| {
-        let mut args: Vec<String> = [
-            "--node-name",
-            node,
-            "--store",
-            &store,
-            "--manifests",
-            &manifests.to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if !watch {
-            args.push("--no-watch".into());
-        }
-        if let Some(m) = metrics {
-            args.extend(["--metrics-addr".to_string(), m.to_string()]);
-        }
-        Agent::start(
-            &dir.path().join(format!("{node}.sock")),
-            &dir.path().join(format!("{node}.log")),
-            &args,
-        )
-    };
+    let shared = Shared::new(dir.path(), &etcd, "stale");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
     let metrics = format!("127.0.0.1:{port}");
-    let a = start("node-a", None);
-    let b = start("node-b", Some(&metrics));
+    let a = shared.agent("node-a", watch, None);
+    let b = shared.agent("node-b", watch, Some(&metrics));
     assert_eq!(
         cni(&env_for("ADD", "b0", "eth0", ARGS), &conf(&b.sock())).status,
         0

@@ -118,6 +118,36 @@ fn bench_allocator(c: &mut Criterion) {
     group.finish();
 }
 
+/// A memory store whose `pool` holds `ips`, each for a filler container of another node.
+fn filled_store(pool: &str, ips: impl Iterator<Item = IpAddr>) -> Arc<MemoryStore> {
+    let store = Arc::new(MemoryStore::new());
+    let claims: Vec<Lease> = ips
+        .enumerate()
+        .map(|(n, ip)| Lease {
+            ip,
+            pool: pool.into(),
+            owner: Owner {
+                pod_namespace: "ns".into(),
+                pod_name: format!("filler-{n}"),
+                pod_uid: "u".into(),
+                container_id: format!("filler-{n}"),
+                ifname: "eth0".into(),
+                node: "other".into(),
+                network: "net".into(),
+                created: 0,
+            },
+            clean_gateway: false,
+            revision: 0,
+        })
+        .collect();
+    block_on(store.commit(Txn {
+        claims,
+        releases: vec![],
+    }))
+    .expect("fill");
+    store
+}
+
 /// The whole engine path (selection, cache pick, store claim, release) over the memory store.
 fn bench_engine(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine allocate+release (memory store)");
@@ -137,33 +167,12 @@ fn bench_engine(c: &mut Criterion) {
     let pools = PoolSet::build(&[Object::IpPool(pool)]).expect("valid pool");
     let space = pools.pools["p16"].allocatable(pools.reserved(IpFamily::V4));
     for fill in [0u32, 500, 990] {
-        let store = Arc::new(MemoryStore::new());
-        let claims: Vec<Lease> = (0..space.count() as u32)
-            .filter(|&i| is_used(i, fill))
-            .filter_map(|i| space.nth_ip(i as u128))
-            .enumerate()
-            .map(|(n, ip)| Lease {
-                ip,
-                pool: "p16".into(),
-                owner: Owner {
-                    pod_namespace: "ns".into(),
-                    pod_name: format!("filler-{n}"),
-                    pod_uid: "u".into(),
-                    container_id: format!("filler-{n}"),
-                    ifname: "eth0".into(),
-                    node: "other".into(),
-                    network: "net".into(),
-                    created: 0,
-                },
-                clean_gateway: false,
-                revision: 0,
-            })
-            .collect();
-        block_on(store.commit(Txn {
-            claims,
-            releases: vec![],
-        }))
-        .expect("fill");
+        let store = filled_store(
+            "p16",
+            (0..space.count() as u32)
+                .filter(|&i| is_used(i, fill))
+                .filter_map(|i| space.nth_ip(i as u128)),
+        );
         let engine = Engine::new(store, "node-1");
         let annos = [(ANNO_IPPOOL.to_string(), r#"{"ipv4":["p16"]}"#.to_string())].into();
         let input = SelectionInput {
@@ -208,32 +217,10 @@ spec: {subnet: 10.6.0.0/16, ips: [10.6.0.2-10.6.255.254]}
     let space = pools.pools["primary"].allocatable(pools.reserved(IpFamily::V4));
     let mut group = c.benchmark_group("engine backup path (memory store)");
     for baseline in [false, true] {
-        let store = Arc::new(MemoryStore::new());
-        let claims: Vec<Lease> = (0..space.count())
-            .filter_map(|i| space.nth_ip(i))
-            .enumerate()
-            .map(|(n, ip)| Lease {
-                ip,
-                pool: "primary".into(),
-                owner: Owner {
-                    pod_namespace: "ns".into(),
-                    pod_name: format!("filler-{n}"),
-                    pod_uid: "u".into(),
-                    container_id: format!("filler-{n}"),
-                    ifname: "eth0".into(),
-                    node: "other".into(),
-                    network: "net".into(),
-                    created: 0,
-                },
-                clean_gateway: false,
-                revision: 0,
-            })
-            .collect();
-        block_on(store.commit(Txn {
-            claims,
-            releases: vec![],
-        }))
-        .expect("fill");
+        let store = filled_store(
+            "primary",
+            (0..space.count()).filter_map(|i| space.nth_ip(i)),
+        );
         let engine = Engine::new(store, "node-1");
         let annos = [(
             ANNO_IPPOOL.to_string(),

@@ -3,18 +3,25 @@
 /// Renders rows (the first is the header) with columns padded to their widest cell and separated
 /// by three spaces; trailing spaces are trimmed.
 pub fn render<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
+    render_rows(rows)
+}
+
+/// As [`render`], for rows whose width is known only at run time (rows may be shorter).
+pub fn render_rows<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let n = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     for row in rows {
+        let row = row.as_ref();
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             line.push_str(cell);
-            if i + 1 < N {
+            if i + 1 < row.len() {
                 let pad = widths[i] - cell.chars().count() + 3;
                 line.extend(std::iter::repeat_n(' ', pad));
             }

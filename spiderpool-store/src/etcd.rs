@@ -664,25 +664,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spiderpool_core::store::{Owner, Release};
+    use spiderpool_core::store::Release;
 
     fn lease(n: usize) -> Lease {
-        Lease {
-            ip: IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]),
-            pool: "p".into(),
-            owner: Owner {
-                pod_namespace: "ns".into(),
-                pod_name: format!("p{n}"),
-                pod_uid: "u".into(),
-                container_id: format!("c{n}"),
-                ifname: "eth0".into(),
-                node: "n".into(),
-                network: "net".into(),
-                created: 0,
-            },
-            clean_gateway: false,
-            revision: 1,
-        }
+        let ip = IpAddr::from([10, 0, (n / 256) as u8, (n % 256) as u8]).to_string();
+        spiderpool_core::conformance::lease(&ip, "p", &format!("c{n}"), "eth0", "n")
     }
 
     #[test]

@@ -7,6 +7,18 @@ use spiderpool_core::store::{Filter, LeaseStore, Outcome, Txn};
 use spiderpool_store::embedded::EmbeddedStore;
 use spiderpool_store::testing::SmallDisk;
 
+/// Every address the store holds, sorted.
+async fn addresses(store: &EmbeddedStore) -> Vec<std::net::IpAddr> {
+    store
+        .list(Filter::All)
+        .await
+        .expect("list")
+        .leases
+        .into_iter()
+        .map(|l| l.ip)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_recovers_from_a_full_disk_without_restart() {
     let Some(disk) = SmallDisk::mount(8 << 20) else {
@@ -59,14 +71,7 @@ async fn embedded_store_recovers_from_a_full_disk_without_restart() {
         acknowledged.len()
     );
     // Nothing acknowledged is lost and the refused record is not there.
-    let held: Vec<_> = store
-        .list(Filter::All)
-        .await
-        .expect("list")
-        .leases
-        .into_iter()
-        .map(|l| l.ip)
-        .collect();
+    let held = addresses(&store).await;
     assert_eq!(held, acknowledged, "state after the failed commit");
     // Still full: still a retryable error, not a wedged store.
     let again = store
@@ -93,13 +98,6 @@ async fn embedded_store_recovers_from_a_full_disk_without_restart() {
     // And it is durable: a reopen reads every acknowledged record.
     drop(store);
     let reopened = EmbeddedStore::open(&path).expect("reopen");
-    let held: Vec<_> = reopened
-        .list(Filter::All)
-        .await
-        .expect("list")
-        .leases
-        .into_iter()
-        .map(|l| l.ip)
-        .collect();
+    let held = addresses(&reopened).await;
     assert_eq!(held, acknowledged, "after reopen");
 }
