@@ -20,6 +20,7 @@
 //! records ([`LeaseStore::pool_revision`], O(1)). The engine compares it with the revision of the
 //! listing its cache was built from, so a pool that looks full is re-read only when it changed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -334,9 +335,12 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
 pub struct LeaseTable {
     /// Records by address: hashed (a B-tree's half-full nodes cost more memory than the records'
     /// own fields); the whole-table listing, rare, sorts.
-    by_ip: HashMap<IpAddr, Lease, std::hash::BuildHasherDefault<AddrHasher>>,
-    /// Many keys (one per container), few addresses each: hashed keys, small vectors.
-    by_container: HashMap<String, Vec<IpAddr>>,
+    by_ip: HashMap<IpAddr, Stored, std::hash::BuildHasherDefault<AddrHasher>>,
+    /// Names many records share (pools, nodes, networks, namespaces, interfaces), kept once.
+    names: Names,
+    /// Many keys (one per container), few addresses each: keyed by a hash of the container id
+    /// (candidates, checked against the records), one address inline.
+    by_container: HashMap<u64, Ips, std::hash::BuildHasherDefault<AddrHasher>>,
     /// Large sets (a pool or node can hold 65,000 records): hashed, so a commit costs O(1) here;
     /// the rare listing sorts what it returns.
     by_pool: BigIndex,
@@ -348,6 +352,77 @@ pub struct LeaseTable {
     revision: u64,
     /// Records examined by `list` (evidence for the index tests).
     visited: Counter,
+}
+
+/// Interned names: one allocation per distinct pool, node, network, namespace or interface name,
+/// shared by every record that carries it. Bounded by the number of distinct names (never freed).
+#[derive(Debug, Clone, Default)]
+struct Names(std::collections::HashSet<std::sync::Arc<str>, std::hash::BuildHasherDefault<AddrHasher>>);
+
+impl Names {
+    fn intern(&mut self, s: &str) -> std::sync::Arc<str> {
+        if let Some(n) = self.0.get(s) {
+            return n.clone();
+        }
+        let n: std::sync::Arc<str> = std::sync::Arc::from(s);
+        self.0.insert(n.clone());
+        n
+    }
+}
+
+/// A record as the table keeps it (the address is the key): shared names interned, the rest in
+/// exactly sized boxes. About half the memory of a [`Lease`] (measured: benchmarks.md).
+#[derive(Debug, Clone)]
+struct Stored {
+    pool: std::sync::Arc<str>,
+    pod_namespace: std::sync::Arc<str>,
+    pod_name: Box<str>,
+    pod_uid: Box<str>,
+    container_id: Box<str>,
+    ifname: std::sync::Arc<str>,
+    node: std::sync::Arc<str>,
+    network: std::sync::Arc<str>,
+    created: u64,
+    revision: u64,
+    clean_gateway: bool,
+}
+
+impl Stored {
+    /// Takes the record's own strings (no copy for the per-record ones).
+    fn new(l: Lease, names: &mut Names) -> Stored {
+        Stored {
+            pool: names.intern(&l.pool),
+            pod_namespace: names.intern(&l.owner.pod_namespace),
+            ifname: names.intern(&l.owner.ifname),
+            node: names.intern(&l.owner.node),
+            network: names.intern(&l.owner.network),
+            pod_name: l.owner.pod_name.into_boxed_str(),
+            pod_uid: l.owner.pod_uid.into_boxed_str(),
+            container_id: l.owner.container_id.into_boxed_str(),
+            created: l.owner.created,
+            revision: l.revision,
+            clean_gateway: l.clean_gateway,
+        }
+    }
+
+    fn lease(&self, ip: IpAddr) -> Lease {
+        Lease {
+            ip,
+            pool: self.pool.to_string(),
+            owner: Owner {
+                pod_namespace: self.pod_namespace.to_string(),
+                pod_name: self.pod_name.to_string(),
+                pod_uid: self.pod_uid.to_string(),
+                container_id: self.container_id.to_string(),
+                ifname: self.ifname.to_string(),
+                node: self.node.to_string(),
+                network: self.network.to_string(),
+                created: self.created,
+            },
+            clean_gateway: self.clean_gateway,
+            revision: self.revision,
+        }
+    }
 }
 
 /// A relaxed atomic counter that clones by value.
@@ -381,7 +456,8 @@ type AddrHashSet = std::collections::HashSet<IpAddr, std::hash::BuildHasherDefau
 
 /// FxHash's mixing step over the written words, then murmur3's 64-bit finaliser: addresses of one
 /// pool differ only in their high bytes as the hasher sees them, and the hash table indexes by the
-/// low bits, so every bit must depend on every input bit.
+/// low bits, so every bit must depend on every input bit. Also used for names and container ids:
+/// a table holds few distinct names, and container-id collisions only cost a check.
 #[derive(Default)]
 struct AddrHasher(u64);
 
@@ -418,78 +494,64 @@ impl std::hash::Hasher for AddrHasher {
     }
 }
 
-/// The map operations the index kinds share (hashed for containers, ordered for pools/nodes).
-trait NameMap<S> {
-    fn get_mut(&mut self, key: &str) -> Option<&mut S>;
-    fn insert(&mut self, key: String, set: S);
-    fn remove(&mut self, key: &str);
+/// The addresses of one container-index entry: almost always one, kept inline.
+#[derive(Debug, Clone)]
+enum Ips {
+    One(IpAddr),
+    Many(Vec<IpAddr>),
 }
 
-impl<S> NameMap<S> for HashMap<String, S> {
-    fn get_mut(&mut self, key: &str) -> Option<&mut S> {
-        HashMap::get_mut(self, key)
-    }
-    fn insert(&mut self, key: String, set: S) {
-        HashMap::insert(self, key, set);
-    }
-    fn remove(&mut self, key: &str) {
-        HashMap::remove(self, key);
-    }
-}
-
-impl<S> NameMap<S> for BTreeMap<String, S> {
-    fn get_mut(&mut self, key: &str) -> Option<&mut S> {
-        BTreeMap::get_mut(self, key)
-    }
-    fn insert(&mut self, key: String, set: S) {
-        BTreeMap::insert(self, key, set);
-    }
-    fn remove(&mut self, key: &str) {
-        BTreeMap::remove(self, key);
-    }
-}
-
-/// The set operations the two index kinds share.
-trait AddrSet: Default {
-    fn put(&mut self, ip: IpAddr);
-    fn take(&mut self, ip: &IpAddr);
-    fn empty(&self) -> bool;
-}
-
-impl AddrSet for Vec<IpAddr> {
+impl Ips {
     fn put(&mut self, ip: IpAddr) {
-        if !self.contains(&ip) {
-            self.push(ip);
+        match self {
+            Ips::One(x) if *x == ip => {}
+            Ips::One(x) => *self = Ips::Many(vec![*x, ip]),
+            Ips::Many(v) if v.is_empty() => *self = Ips::One(ip),
+            Ips::Many(v) => {
+                if !v.contains(&ip) {
+                    v.push(ip);
+                }
+            }
         }
     }
-    fn take(&mut self, ip: &IpAddr) {
-        self.retain(|x| x != ip);
+
+    /// Removes `ip`; returns whether the entry is now empty.
+    fn take(&mut self, ip: &IpAddr) -> bool {
+        match self {
+            Ips::One(x) => x == ip,
+            Ips::Many(v) => {
+                v.retain(|x| x != ip);
+                v.is_empty()
+            }
+        }
     }
-    fn empty(&self) -> bool {
-        self.is_empty()
+
+    fn as_slice(&self) -> &[IpAddr] {
+        match self {
+            Ips::One(x) => std::slice::from_ref(x),
+            Ips::Many(v) => v,
+        }
     }
 }
 
-impl AddrSet for AddrHashSet {
-    fn put(&mut self, ip: IpAddr) {
-        self.insert(ip);
-    }
-    fn take(&mut self, ip: &IpAddr) {
-        self.remove(ip);
-    }
-    fn empty(&self) -> bool {
-        self.is_empty()
-    }
+/// The container index key: a hash of the id (collisions only add candidates, which every
+/// lookup checks against the record's container id).
+fn container_key(container_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = AddrHasher::default();
+    container_id.hash(&mut h);
+    h.finish()
 }
 
-/// Adds `ip` to the set of `key` in `index`.
-fn index_insert<S: AddrSet, M: NameMap<S>>(index: &mut M, key: &str, ip: IpAddr) {
-    // Look up before inserting: the key's String is allocated only for a new key.
+/// Adds `ip` to the set of `key` in `index`; the key's String is allocated only for a new key.
+fn index_insert(index: &mut BigIndex, key: &str, ip: IpAddr) {
     match index.get_mut(key) {
-        Some(set) => set.put(ip),
+        Some(set) => {
+            set.insert(ip);
+        }
         None => {
-            let mut set = S::default();
-            set.put(ip);
+            let mut set = AddrHashSet::default();
+            set.insert(ip);
             index.insert(key.to_string(), set);
         }
     }
@@ -508,16 +570,6 @@ fn mark_changed(changed: &mut BTreeMap<String, u64>, pool: &str, rev: u64) {
         Some(r) => *r = rev,
         None => {
             changed.insert(pool.to_string(), rev);
-        }
-    }
-}
-
-/// Removes `ip` from the set of `key` in `index`, dropping empty sets.
-fn index_remove<S: AddrSet, M: NameMap<S>>(index: &mut M, key: &str, ip: &IpAddr) {
-    if let Some(set) = index.get_mut(key) {
-        set.take(ip);
-        if set.empty() {
-            index.remove(key);
         }
     }
 }
@@ -586,40 +638,61 @@ impl LeaseTable {
     /// Inserts a record as loaded from durable storage (no conditions checked).
     pub fn load(&mut self, lease: Lease) {
         self.revision = self.revision.max(lease.revision);
-        self.index(&lease);
-        self.by_ip.insert(lease.ip, lease);
+        self.insert(lease);
     }
 
-    fn index(&mut self, l: &Lease) {
-        index_insert(&mut self.by_container, &l.owner.container_id, l.ip);
+    /// Stores and indexes a record.
+    fn insert(&mut self, l: Lease) {
+        match self.by_container.get_mut(&container_key(&l.owner.container_id)) {
+            Some(ips) => ips.put(l.ip),
+            None => {
+                self.by_container
+                    .insert(container_key(&l.owner.container_id), Ips::One(l.ip));
+            }
+        }
         index_insert(&mut self.by_pool, &l.pool, l.ip);
         index_insert(&mut self.by_node, &l.owner.node, l.ip);
+        let ip = l.ip;
+        let stored = Stored::new(l, &mut self.names);
+        self.by_ip.insert(ip, stored);
     }
 
-    fn unindex(&mut self, l: &Lease) {
-        index_remove(&mut self.by_container, &l.owner.container_id, &l.ip);
+    /// Removes and unindexes the record at `ip`; returns its pool.
+    fn remove(&mut self, ip: &IpAddr) -> Option<std::sync::Arc<str>> {
+        let old = self.by_ip.remove(ip)?;
+        let key = container_key(&old.container_id);
+        if self.by_container.get_mut(&key).is_some_and(|ips| ips.take(ip)) {
+            self.by_container.remove(&key);
+        }
         // Pools and nodes are few and long-lived: their (possibly empty) sets stay, so a pool that
         // empties and fills again does not reallocate its entry on every commit.
-        if let Some(set) = self.by_pool.get_mut(l.pool.as_str()) {
-            set.remove(&l.ip);
+        if let Some(set) = self.by_pool.get_mut(&*old.pool) {
+            set.remove(ip);
         }
-        if let Some(set) = self.by_node.get_mut(l.owner.node.as_str()) {
-            set.remove(&l.ip);
+        if let Some(set) = self.by_node.get_mut(&*old.node) {
+            set.remove(ip);
         }
+        Some(old.pool)
     }
 
     /// Reads records, sorted by address; costs the records returned (every filter is indexed).
     pub fn list(&self, filter: Filter<'_>) -> Listing {
-        let get = |ip: &IpAddr| self.by_ip.get(ip).cloned();
+        let get = |ip: &IpAddr| self.by_ip.get(ip).map(|s| s.lease(*ip));
         let leases: Vec<Lease> = match filter {
             Filter::All => {
-                let mut all: Vec<Lease> = self.by_ip.values().cloned().collect();
+                let mut all: Vec<Lease> = self.by_ip.iter().map(|(ip, s)| s.lease(*ip)).collect();
                 all.sort_unstable_by_key(|l| l.ip);
                 all
             }
             Filter::Container(c) => {
-                let mut ips: Vec<&IpAddr> =
-                    self.by_container.get(c).into_iter().flatten().collect();
+                let mut ips: Vec<&IpAddr> = self
+                    .by_container
+                    .get(&container_key(c))
+                    .map(Ips::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|ip| self.by_ip.get(*ip).is_some_and(|s| &*s.container_id == c))
+                    .collect();
                 ips.sort_unstable();
                 ips.into_iter().filter_map(get).collect()
             }
@@ -648,19 +721,24 @@ impl LeaseTable {
     }
 
     /// The record at `ip` as the table plus `batch` have it.
-    fn current<'a>(&'a self, batch: &'a Batch, ip: &IpAddr) -> Option<&'a Lease> {
+    fn current<'a>(&'a self, batch: &'a Batch, ip: &IpAddr) -> Option<Cow<'a, Lease>> {
         match batch.records.get(ip) {
-            Some(planned) => planned.as_ref(),
-            None => self.by_ip.get(ip),
+            Some(planned) => planned.as_ref().map(Cow::Borrowed),
+            None => self.by_ip.get(ip).map(|s| Cow::Owned(s.lease(*ip))),
         }
     }
 
     /// The record holding the slot `(container, ifname, family)`, as the table plus `batch` have
     /// it: one of the container's few records.
-    fn slot_holder<'a>(&'a self, batch: &'a Batch, claim: &Lease) -> Option<&'a Lease> {
+    fn slot_holder<'a>(&'a self, batch: &'a Batch, claim: &Lease) -> Option<Cow<'a, Lease>> {
         let o = &claim.owner;
         let fam = claim.family();
-        let in_table = self.by_container.get(&o.container_id).into_iter().flatten();
+        let in_table = self
+            .by_container
+            .get(&container_key(&o.container_id))
+            .map(Ips::as_slice)
+            .unwrap_or_default()
+            .iter();
         let in_batch = batch
             .records
             .iter()
@@ -700,12 +778,12 @@ impl LeaseTable {
             }
             if let Some(cur) = self.current(batch, &c.ip) {
                 if !cur.owner.same_attachment(&c.owner) {
-                    conflicts.push(Conflict::IpTaken(cur.clone()));
+                    conflicts.push(Conflict::IpTaken(cur.into_owned()));
                 }
                 continue; // same attachment: idempotent no-op
             }
             if let Some(cur) = self.slot_holder(batch, c) {
-                conflicts.push(Conflict::AttachmentBound(cur.clone()));
+                conflicts.push(Conflict::AttachmentBound(cur.into_owned()));
                 continue;
             }
             let mut l = c.clone();
@@ -719,7 +797,7 @@ impl LeaseTable {
         for r in &txn.releases {
             if let Some(cur) = self.current(batch, &r.ip) {
                 if cur.owner.container_id == r.container_id && cur.owner.ifname == r.ifname {
-                    del.insert(cur.ip, cur.clone());
+                    del.insert(cur.ip, cur.into_owned());
                 }
             }
         }
@@ -745,15 +823,13 @@ impl LeaseTable {
         self.revision += 1;
         let rev = self.revision;
         for d in deletes {
-            if let Some(old) = self.by_ip.remove(&d.ip) {
-                self.unindex(&old);
-                mark_changed(&mut self.pool_changed, &old.pool, rev);
+            if let Some(pool) = self.remove(&d.ip) {
+                mark_changed(&mut self.pool_changed, &pool, rev);
             }
         }
         for w in writes {
-            self.index(&w);
             mark_changed(&mut self.pool_changed, &w.pool, rev);
-            self.by_ip.insert(w.ip, w);
+            self.insert(w);
         }
         self.revision
     }
