@@ -360,7 +360,8 @@ pub async fn pool_rows<S: LeaseStore>(
 ) -> Result<Vec<PoolRow>, StoreError> {
     let mut rows = Vec::new();
     for p in pools.pools.values() {
-        let n = store.list(Filter::Pool(&p.name)).await?.leases.len() as u64;
+        // Addresses only: on etcd a keys-only read, not every record of the pool.
+        let n = store.pool_addresses(&p.name).await?.ips.len() as u64;
         rows.push(PoolRow {
             name: p.name.clone(),
             version: p.family.version(),
