@@ -357,7 +357,9 @@ pub struct LeaseTable {
 /// Interned names: one allocation per distinct pool, node, network, namespace or interface name,
 /// shared by every record that carries it. Bounded by the number of distinct names (never freed).
 #[derive(Debug, Clone, Default)]
-struct Names(std::collections::HashSet<std::sync::Arc<str>, std::hash::BuildHasherDefault<AddrHasher>>);
+struct Names(
+    std::collections::HashSet<std::sync::Arc<str>, std::hash::BuildHasherDefault<AddrHasher>>,
+);
 
 impl Names {
     fn intern(&mut self, s: &str) -> std::sync::Arc<str> {
@@ -643,7 +645,10 @@ impl LeaseTable {
 
     /// Stores and indexes a record.
     fn insert(&mut self, l: Lease) {
-        match self.by_container.get_mut(&container_key(&l.owner.container_id)) {
+        match self
+            .by_container
+            .get_mut(&container_key(&l.owner.container_id))
+        {
             Some(ips) => ips.put(l.ip),
             None => {
                 self.by_container
@@ -661,7 +666,11 @@ impl LeaseTable {
     fn remove(&mut self, ip: &IpAddr) -> Option<std::sync::Arc<str>> {
         let old = self.by_ip.remove(ip)?;
         let key = container_key(&old.container_id);
-        if self.by_container.get_mut(&key).is_some_and(|ips| ips.take(ip)) {
+        if self
+            .by_container
+            .get_mut(&key)
+            .is_some_and(|ips| ips.take(ip))
+        {
             self.by_container.remove(&key);
         }
         // Pools and nodes are few and long-lived: their (possibly empty) sets stay, so a pool that
