@@ -324,15 +324,23 @@ impl<S: LeaseStore> Engine<S> {
                 .store
                 .list(Filter::Container(&att.container_id))
                 .await?;
-            if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
-                return self.replay(pools, &req, &existing);
-            }
-            let plan = select::resolve(pools, input, &att.ifname)?;
-            let done: HashSet<&str> = existing
+            let done: HashSet<(&str, IpFamily)> = existing
                 .leases
                 .iter()
-                .map(|l| l.owner.ifname.as_str())
+                .map(|l| (l.owner.ifname.as_str(), l.family()))
                 .collect();
+            let plan = if existing.leases.iter().any(|l| l.owner.ifname == att.ifname) {
+                // A repeated ADD. Normally complete: answer what was recorded. Incomplete only
+                // when a multi-record commit was cut short (a store without multi-object
+                // transactions, a writer killed between two writes): claim what is missing. When
+                // the pools no longer resolve, the records still answer.
+                match select::resolve(pools, input, &att.ifname) {
+                    Ok(plan) if !plan_is_done(&plan, &done) => plan,
+                    _ => return self.replay(pools, &req, &existing),
+                }
+            } else {
+                select::resolve(pools, input, &att.ifname)?
+            };
             let mut picks: Vec<Pick> = Vec::new();
             let result = self.pick_all(pools, &plan, &done, &req, &mut picks).await;
             if let Err(e) = result {
@@ -478,18 +486,18 @@ impl<S: LeaseStore> Engine<S> {
         &self,
         pools: &PoolSet,
         plan: &Plan,
-        done: &HashSet<&str>,
+        done: &HashSet<(&str, IpFamily)>,
         req: &Request<'_>,
         picks: &mut Vec<Pick>,
     ) -> Result<(), EngineError> {
         for (i, nic) in plan.nics.iter().enumerate() {
-            if done.contains(nic.ifname.as_str()) {
-                continue;
-            }
             for family in [IpFamily::V4, IpFamily::V6] {
                 let Some(fp) = nic.family(family) else {
                     continue;
                 };
+                if done.contains(&(nic.ifname.as_str(), family)) {
+                    continue;
+                }
                 let mut report = fp.clone();
                 let got = self
                     .pick_from_candidates(pools, &mut report, req.now)
@@ -741,6 +749,15 @@ pub fn count_by_pool(leases: &[Lease]) -> BTreeMap<String, u64> {
 /// The `totalIPCount` of a pool (ips minus excludeIPs), as Spiderpool reports it.
 pub fn total_ip_count(pool: &Pool) -> i64 {
     pool.total().count_i64()
+}
+
+/// Whether the records `done` (NIC, family) cover every address `plan` asks for.
+fn plan_is_done(plan: &Plan, done: &HashSet<(&str, IpFamily)>) -> bool {
+    plan.nics.iter().all(|nic| {
+        [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .all(|f| nic.family(f).is_none() || done.contains(&(nic.ifname.as_str(), f)))
+    })
 }
 
 /// All allocatable addresses of a pool (for tests and tools).

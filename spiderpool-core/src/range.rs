@@ -71,6 +71,16 @@ impl fmt::Display for IpFamily {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for IpFamily {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IpFamily".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "integer", "enum": [4, 6]})
+    }
+}
+
 impl Serialize for IpFamily {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u8(self.version())

@@ -10,6 +10,7 @@ pub type Labels = BTreeMap<String, String>;
 
 /// A Kubernetes label selector (`matchLabels` ANDed with `matchExpressions`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     /// `key: value` pairs that must all be present.
@@ -22,6 +23,7 @@ pub struct LabelSelector {
 
 /// One `matchExpressions` entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelectorRequirement {
     /// Label key.
@@ -50,6 +52,17 @@ pub enum Operator {
     DoesNotExist,
     /// Not an operator Kubernetes knows (refused by [`LabelSelector::validate`]).
     Unknown(String),
+}
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Operator {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Operator".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // Any string: an unknown operator is refused by validation with a message naming it.
+        schemars::json_schema!({"type": "string"})
+    }
 }
 
 impl Operator {

@@ -569,7 +569,7 @@ fn sorted(set: Option<&AddrHashSet>, get: impl Fn(&IpAddr) -> Option<Lease>) -> 
 /// Records that `pool` changed at `rev`, allocating its name only the first time.
 fn mark_changed(changed: &mut BTreeMap<String, u64>, pool: &str, rev: u64) {
     match changed.get_mut(pool) {
-        Some(r) => *r = rev,
+        Some(r) => *r = (*r).max(rev),
         None => {
             changed.insert(pool.to_string(), rev);
         }
@@ -841,6 +841,33 @@ impl LeaseTable {
             self.insert(w);
         }
         self.revision
+    }
+
+    /// Mirrors changes made elsewhere, at a revision assigned elsewhere (a store whose revisions
+    /// come from its server, such as the API server's `resourceVersion`): removes the records at
+    /// `removed`, then inserts or replaces `upserts`. The pools of the records touched change at
+    /// `revision`; the table's revision becomes at least `revision`. Callers pass real changes
+    /// only (a record rewritten unchanged would move its pool's revision).
+    pub fn mirror(&mut self, removed: &[IpAddr], upserts: Vec<Lease>, revision: u64) {
+        self.revision = self.revision.max(revision);
+        for ip in removed {
+            if let Some(pool) = self.remove(ip) {
+                mark_changed(&mut self.pool_changed, &pool, revision);
+            }
+        }
+        for mut l in upserts {
+            if let Some(pool) = self.remove(&l.ip) {
+                mark_changed(&mut self.pool_changed, &pool, revision);
+            }
+            mark_changed(&mut self.pool_changed, &l.pool, revision);
+            l.revision = l.revision.max(1);
+            self.insert(l);
+        }
+    }
+
+    /// The record at `ip`.
+    pub fn get(&self, ip: &IpAddr) -> Option<Lease> {
+        self.by_ip.get(ip).map(|s| s.lease(*ip))
     }
 
     /// Plans and applies `txn`.

@@ -67,6 +67,7 @@ pub struct OwnerReference {
 
 /// A static route of a pool or subnet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Route {
     /// Destination CIDR.
     pub dst: String,
@@ -76,6 +77,7 @@ pub struct Route {
 
 /// `SpiderIPPool.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolSpec {
     /// 4 or 6; inferred from `subnet` when absent.
@@ -127,6 +129,7 @@ pub struct IpPoolSpec {
 
 /// `SpiderIPPool.status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolStatus {
     /// JSON string: bare IP -> `{"pod":"ns/name","podUid":"..."}`.
@@ -175,6 +178,7 @@ pub struct SpiderIpPool {
 
 /// `SpiderSubnet.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SubnetSpec {
     /// 4 or 6.
@@ -202,6 +206,7 @@ pub struct SubnetSpec {
 
 /// `SpiderSubnet.status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SubnetStatus {
     /// JSON string: pool name -> `{ips, application}`.
@@ -250,6 +255,7 @@ pub struct SpiderSubnet {
 
 /// `SpiderReservedIP.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ReservedIpSpec {
     /// 4 or 6.
@@ -280,6 +286,7 @@ pub struct SpiderReservedIp {
 
 /// One NIC's addresses in a SpiderEndpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointIp {
     /// Interface name.
@@ -323,6 +330,7 @@ pub struct EndpointIp {
 
 /// `SpiderEndpoint.status.current`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointCurrent {
     /// Pod UID.
@@ -336,6 +344,7 @@ pub struct EndpointCurrent {
 
 /// `SpiderEndpoint.status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointStatus {
     /// Current allocation.

@@ -454,3 +454,61 @@ spec: {subnet: 10.6.0.0/16, ips: [10.6.0.1-10.6.0.50]}
         assert!(r.to_string().contains("exhausted (50/50 allocated)"), "{r}");
     }
 }
+
+/// A store without multi-object transactions (the Kubernetes store) can be cut between two
+/// writes: the IPv4 record of a dual-stack ADD is stored, the IPv6 one is not. The retried ADD
+/// keeps the IPv4 address and claims only the missing IPv6 one.
+#[test]
+fn retried_add_completes_an_allocation_cut_short() {
+    use spiderpool_core::store::{Lease, Owner, Txn};
+    let set = pools(DUAL);
+    let store = Arc::new(MemoryStore::new());
+    let e = Engine::new(store.clone(), "n1");
+    let annos = [(
+        "ipam.spidernet.io/ippool",
+        r#"{"ipv4":["v4"],"ipv6":["v6"]}"#,
+    )];
+    let half = Lease {
+        ip: "10.6.0.15".parse().expect("ip"),
+        pool: "v4".into(),
+        owner: Owner {
+            pod_namespace: "default".into(),
+            pod_name: "a".into(),
+            pod_uid: "u".into(),
+            container_id: "ca".into(),
+            ifname: "eth0".into(),
+            node: "n1".into(),
+            network: String::new(),
+            created: 1,
+        },
+        clean_gateway: false,
+        revision: 0,
+    };
+    block_on(store.commit(Txn {
+        claims: vec![half],
+        releases: vec![],
+    }))
+    .expect("half written");
+    let p = Pod::new("a", "n1", &[], &annos);
+    let a = block_on(e.allocate(&set, &p.input(), &att("ca", "eth0"), "u", 2)).expect("completed");
+    let nic = a.nic("eth0").expect("eth0");
+    assert_eq!(
+        nic.ipv4.as_ref().map(|x| x.address.to_string()).as_deref(),
+        Some("10.6.0.15/16"),
+        "the stored IPv4 address is kept"
+    );
+    assert_eq!(
+        nic.ipv6.as_ref().map(|x| x.address.to_string()).as_deref(),
+        Some("fd00:6::10/64")
+    );
+    assert_eq!(
+        block_on(store.list(Filter::Container("ca")))
+            .expect("list")
+            .leases
+            .len(),
+        2
+    );
+    // Complete now: the next ADD is a pure replay.
+    let again = block_on(e.allocate(&set, &p.input(), &att("ca", "eth0"), "u", 3)).expect("replay");
+    assert_eq!(again, a);
+}

@@ -16,6 +16,8 @@
 pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "kube")]
+pub mod k8s;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -169,6 +169,11 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The client URL (`http://127.0.0.1:PORT`).
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
@@ -253,4 +258,392 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
+}
+
+/// The directory with the envtest `kube-apiserver`: `KUBEBUILDER_ASSETS` (envtest's convention,
+/// which `.ci/run` sets), else `../shared/envtest` beside the workspace (developer machines).
+pub fn envtest_dir() -> Option<PathBuf> {
+    let from_env = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/envtest");
+    from_env
+        .into_iter()
+        .chain([beside])
+        .find(|d| d.join("kube-apiserver").is_file())
+}
+
+/// A user of the API server besides the admin: a static token, a name and groups (comma
+/// separated, may be empty). Bind it with RBAC to test least privilege.
+#[derive(Debug, Clone)]
+pub struct KubeUser {
+    /// Bearer token.
+    pub token: String,
+    /// User name.
+    pub name: String,
+    /// Groups.
+    pub groups: String,
+}
+
+/// A real kube-apiserver (envtest's, v1.24) with its own etcd on free loopback ports, as
+/// `../shared/envtest/start.sh` starts them, stopped when dropped. `None` from [`KubeServer::start`]
+/// means skip (outside CI, loudly); in CI a missing server fails the test.
+pub struct KubeServer {
+    dir: tempfile::TempDir,
+    apiserver_bin: PathBuf,
+    etcd: EtcdServer,
+    apiserver: Option<Child>,
+    port: u16,
+    /// The admin's bearer token (group `system:masters`).
+    pub token: String,
+}
+
+fn openssl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("openssl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn random_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+impl KubeServer {
+    /// Starts etcd and the API server (admin only).
+    pub fn start() -> Option<KubeServer> {
+        Self::start_with_users(&[])
+    }
+
+    /// Starts etcd and the API server with extra static-token users.
+    pub fn start_with_users(users: &[KubeUser]) -> Option<KubeServer> {
+        let dir = require(
+            "the envtest kube-apiserver",
+            envtest_dir(),
+            "set KUBEBUILDER_ASSETS to a directory holding kube-apiserver (../shared/envtest)",
+        )?;
+        let etcd_bin = require_etcd()?;
+        let openssl_ok = require("openssl", find_binary("openssl"), "apt-get install openssl");
+        openssl_ok?;
+        match Self::try_start(&dir.join("kube-apiserver"), &etcd_bin, users) {
+            Ok(s) => Some(s),
+            Err(e) => panic!("the API server did not start: {e}"),
+        }
+    }
+
+    fn try_start(apiserver: &Path, etcd: &Path, users: &[KubeUser]) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
+        let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "3650",
+            "-keyout",
+            &p("serving.key"),
+            "-out",
+            &p("serving.crt"),
+            "-subj",
+            "/CN=kube-apiserver",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyCertSign",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])?;
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &p("sa.key"),
+        ])?;
+        openssl(&["ec", "-in", &p("sa.key"), "-pubout", "-out", &p("sa.pub")])?;
+        let token = random_token();
+        let mut tokens = format!("{token},admin,admin-uid,system:masters\n");
+        for u in users {
+            tokens.push_str(&format!("{},{},{}-uid", u.token, u.name, u.name));
+            if !u.groups.is_empty() {
+                tokens.push_str(&format!(",\"{}\"", u.groups));
+            }
+            tokens.push('\n');
+        }
+        std::fs::write(pki.join("tokens.csv"), tokens).map_err(|e| e.to_string())?;
+        let etcd = EtcdServer::start(etcd)?;
+        let port = free_port().map_err(|e| e.to_string())?;
+        let mut s = KubeServer {
+            dir,
+            apiserver_bin: apiserver.to_path_buf(),
+            etcd,
+            apiserver: None,
+            port,
+            token,
+        };
+        s.spawn_apiserver()?;
+        s.write_kubeconfig("kubeconfig", &s.token.clone())?;
+        Ok(s)
+    }
+
+    fn spawn_apiserver(&mut self) -> Result<(), String> {
+        let pki = self.dir.path().join("pki");
+        let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("apiserver.log"))
+            .map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&self.apiserver_bin)
+            .args([
+                "--etcd-servers",
+                &self.etcd.url(),
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                &self.port.to_string(),
+                "--cert-dir",
+                &pki.to_string_lossy(),
+                "--tls-cert-file",
+                &p("serving.crt"),
+                "--tls-private-key-file",
+                &p("serving.key"),
+                "--token-auth-file",
+                &p("tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file",
+                &p("sa.pub"),
+                "--service-account-signing-key-file",
+                &p("sa.key"),
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
+                "--profiling=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.apiserver_bin.display()))?;
+        self.apiserver = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(90) {
+            if let Some(Ok(Some(st))) = self.apiserver.as_mut().map(|c| c.try_wait()) {
+                return Err(format!(
+                    "kube-apiserver exited with {st}: {}",
+                    self.log_tail()
+                ));
+            }
+            let ready = Command::new("curl")
+                .args(["-s", "--max-time", "2", "--cacert", &p("serving.crt"), "-H"])
+                .arg(format!("Authorization: Bearer {}", self.token))
+                .arg(format!("{}/readyz", self.url()))
+                .output()
+                .is_ok_and(|o| o.stdout == b"ok");
+            if ready {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "kube-apiserver not ready after 90 s: {}",
+            self.log_tail()
+        ))
+    }
+
+    /// Writes a kubeconfig for `token` into the server's directory; returns its path.
+    pub fn write_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf, String> {
+        let ca =
+            std::fs::read(self.dir.path().join("pki/serving.crt")).map_err(|e| e.to_string())?;
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: envtest\n  context: {{cluster: envtest, user: u}}\ncurrent-context: envtest\n",
+            self.url(),
+            base64(&ca)
+        );
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
+    /// The API server's CA certificate (its self-signed serving certificate).
+    pub fn cacert(&self) -> PathBuf {
+        self.dir.path().join("pki/serving.crt")
+    }
+
+    /// A GET as the admin with `accept`, through curl; the body.
+    pub fn get_raw(&self, path: &str, accept: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--cacert"])
+            .arg(self.cacert())
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg("-H")
+            .arg(format!("Accept: {accept}"))
+            .arg(format!("{}{path}", self.url()))
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Applies the CRDs in `yaml` and waits until the API server serves them.
+    pub fn install_crds(&self, yaml: &str) -> Result<(), String> {
+        let (ok, _, err) = self.kubectl(&["apply", "-f", "-"], yaml);
+        if !ok {
+            return Err(format!("kubectl apply of the CRDs: {err}"));
+        }
+        let (ok, _, err) = self.kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "--all",
+            ],
+            "",
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("CRDs not established: {err}"))
+        }
+    }
+
+    /// The admin's kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `kubectl` as the admin with `stdin`; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str], stdin: &str) -> (bool, String, String) {
+        let child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            return (false, String::new(), "kubectl not found".into());
+        };
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(stdin.as_bytes());
+        }
+        match child.wait_with_output() {
+            Ok(o) => (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ),
+            Err(e) => (false, String::new(), e.to_string()),
+        }
+    }
+
+    /// Last lines of the API server's log.
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+
+    /// Stops the API server (SIGKILL), keeping etcd; [`KubeServer::start_apiserver`] brings it
+    /// back on the same port.
+    pub fn kill_apiserver(&mut self) {
+        if let Some(mut c) = self.apiserver.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the API server again (after [`KubeServer::kill_apiserver`]).
+    pub fn start_apiserver(&mut self) -> Result<(), String> {
+        self.kill_apiserver();
+        self.spawn_apiserver()
+    }
+
+    /// Process ids of the API server and etcd (to read their CPU time from `/proc`).
+    pub fn pids(&self) -> Vec<u32> {
+        self.apiserver
+            .iter()
+            .map(|c| c.id())
+            .chain(self.etcd.pid())
+            .collect()
+    }
+}
+
+impl Drop for KubeServer {
+    fn drop(&mut self) {
+        self.kill_apiserver();
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; here 0-based after the state field (3rd).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

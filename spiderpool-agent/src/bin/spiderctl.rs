@@ -66,6 +66,11 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Print the CustomResourceDefinitions (SpiderIPPool, SpiderSubnet, SpiderReservedIP,
+    /// SpiderEndpoint, SpiderIPBlock) as YAML, generated from the Rust types: `spiderctl crd |
+    /// kubectl apply -f -` installs them.
+    #[cfg(feature = "kube")]
+    Crd,
     /// Validate SpiderIPPool, SpiderSubnet and SpiderReservedIP manifests, alone and together.
     /// Exit 0 when all are valid, 1 otherwise (one line per problem).
     Validate {
@@ -105,6 +110,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "kube")]
+        Command::Crd => {
+            print!("{}", spiderpool_store::k8s::crd::crds_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Get {
             what,
             socket,

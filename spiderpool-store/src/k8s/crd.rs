@@ -1,0 +1,371 @@
+//! Spiderpool's custom resources (`spiderpool.spidernet.io/v2beta1`) as Kubernetes types, and
+//! their CustomResourceDefinitions, generated from the Rust types (`kube` derive + `schemars`).
+//!
+//! The spec and status types are `spiderpool-core`'s own (one definition of every field, the one
+//! `spiderctl validate` and the engine read); here they are wrapped for `kube`. Names, scopes,
+//! short names, status subresources and printer columns are Spiderpool's, so `kubectl get
+//! spiderippool` prints what Spiderpool's users know. One resource is ours: [`SpiderIPBlock`],
+//! where the Kubernetes store keeps allocation records (see `docs/design.md`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::ObjectMeta;
+use kube::{CustomResource, CustomResourceExt, Resource};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use spiderpool_core::types::{
+    EndpointStatus, IpPoolSpec, IpPoolStatus, ReservedIpSpec, SubnetSpec, SubnetStatus,
+};
+
+/// The API group.
+pub const GROUP: &str = "spiderpool.spidernet.io";
+/// The API version.
+pub const VERSION: &str = "v2beta1";
+/// The finalizer that keeps a pool while it holds allocations (Spiderpool's name).
+pub const FINALIZER: &str = "spiderpool.spidernet.io";
+
+/// `SpiderIPPool.spec` (core's [`IpPoolSpec`]).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "spiderpool.spidernet.io",
+    version = "v2beta1",
+    kind = "SpiderIPPool",
+    plural = "spiderippools",
+    shortname = "sp",
+    category = "spiderpool",
+    status = "IpPoolStatus",
+    printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion","description":"ipVersion"}"#,
+    printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet","description":"subnet"}"#,
+    printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount","description":"allocatedIPCount"}"#,
+    printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount","description":"totalIPCount"}"#,
+    printcolumn = r#"{"name":"DEFAULT","type":"boolean","jsonPath":".spec.default","description":"default"}"#,
+    printcolumn = r#"{"name":"DISABLE","type":"boolean","jsonPath":".spec.disable","description":"disable"}"#
+)]
+#[serde(transparent)]
+pub struct SpiderIPPoolSpec(pub IpPoolSpec);
+
+/// `SpiderSubnet.spec` (core's [`SubnetSpec`]).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "spiderpool.spidernet.io",
+    version = "v2beta1",
+    kind = "SpiderSubnet",
+    plural = "spidersubnets",
+    shortname = "ss",
+    category = "spiderpool",
+    status = "SubnetStatus",
+    printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion","description":"ipVersion"}"#,
+    printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet","description":"subnet"}"#,
+    printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount","description":"allocatedIPCount"}"#,
+    printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount","description":"totalIPCount"}"#
+)]
+#[serde(transparent)]
+pub struct SpiderSubnetSpec(pub SubnetSpec);
+
+/// `SpiderReservedIP.spec` (core's [`ReservedIpSpec`]).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "spiderpool.spidernet.io",
+    version = "v2beta1",
+    kind = "SpiderReservedIP",
+    plural = "spiderreservedips",
+    shortname = "sr",
+    category = "spiderpool",
+    printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion","description":"ipVersion"}"#
+)]
+#[serde(transparent)]
+pub struct SpiderReservedIPSpec(pub ReservedIpSpec);
+
+/// A SpiderEndpoint: one per pod, in the pod's namespace and under its name, with only a status
+/// (Spiderpool's shape, which has no spec, so it is not derived).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SpiderEndpoint {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// What the pod holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<EndpointStatus>,
+}
+
+impl Resource for SpiderEndpoint {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "SpiderEndpoint".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        GROUP.into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        VERSION.into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "spiderendpoints".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// One allocation record in a [`SpiderIPBlock`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockRecord {
+    /// The SpiderIPPool the address came from.
+    pub pool: String,
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    /// The pod's UID.
+    pub pod_uid: String,
+    /// The sandbox (CNI container ID).
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// The NIC inside the pod.
+    pub interface: String,
+    /// The node that allocated it.
+    pub node: String,
+    /// The CNI network (config `name`); empty when the caller named none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// When, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub created: i64,
+    /// The NIC's default route is suppressed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clean_gateway: bool,
+}
+
+/// `SpiderIPBlock.spec`: the records of one aligned block of 64 addresses, whatever pools they
+/// belong to. Address uniqueness is one object's compare-and-swap; an object never holds more than
+/// 64 records (about 16 KiB), however large the pool.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "spiderpool.spidernet.io",
+    version = "v2beta1",
+    kind = "SpiderIPBlock",
+    plural = "spideripblocks",
+    shortname = "sib",
+    category = "spiderpool",
+    printcolumn = r#"{"name":"BASE","type":"string","jsonPath":".spec.base","description":"first address of the block"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderIPBlockSpec {
+    /// First address of the block.
+    pub base: String,
+    /// Address -> record.
+    #[serde(default)]
+    pub allocations: BTreeMap<String, BlockRecord>,
+}
+
+/// Every CRD this project installs, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    let mut out = vec![
+        SpiderIPPool::crd(),
+        SpiderSubnet::crd(),
+        SpiderReservedIP::crd(),
+        endpoint_crd(),
+        SpiderIPBlock::crd(),
+    ];
+    for crd in &mut out {
+        fix_schema(crd);
+    }
+    out
+}
+
+/// The CRDs as one multi-document YAML stream (what `spiderctl crd` prints and
+/// `deploy/crds.yaml` holds).
+pub fn crds_yaml() -> String {
+    let mut out = String::from(
+        "# Generated by `spiderctl crd` from the Rust types; a test fails when this file drifts.\n",
+    );
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&crd).unwrap_or_default());
+    }
+    out
+}
+
+/// SpiderEndpoint's CRD, built by hand around the status schema (it has no spec).
+fn endpoint_crd() -> CustomResourceDefinition {
+    let gen = schemars::generate::SchemaSettings::openapi3()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let status = gen.into_root_schema_for::<EndpointStatus>();
+    let mut status = serde_json::to_value(status).unwrap_or_default();
+    if let Some(m) = status.as_object_mut() {
+        m.remove("$schema");
+        m.remove("title");
+    }
+    let v = serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "spiderendpoints.spiderpool.spidernet.io"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": "SpiderEndpoint", "listKind": "SpiderEndpointList",
+                "plural": "spiderendpoints", "singular": "spiderendpoint",
+                "shortNames": ["se"], "categories": ["spiderpool"]
+            },
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION, "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "INTERFACE", "type": "string", "jsonPath": ".status.current.ips[0].interface"},
+                    {"name": "IPV4POOL", "type": "string", "jsonPath": ".status.current.ips[0].ipv4Pool"},
+                    {"name": "IPV4", "type": "string", "jsonPath": ".status.current.ips[0].ipv4"},
+                    {"name": "IPV6POOL", "type": "string", "jsonPath": ".status.current.ips[0].ipv6Pool"},
+                    {"name": "IPV6", "type": "string", "jsonPath": ".status.current.ips[0].ipv6"},
+                    {"name": "NODE", "type": "string", "jsonPath": ".status.current.node"}
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "status": status
+                    }
+                }}
+            }]
+        }
+    });
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+/// Makes the generated schemas what Spiderpool's CRDs say: `default` and `disable` default to
+/// `false` (the seed's `kubectl get` prints `false`), and the status subresource everywhere a
+/// status exists.
+fn fix_schema(crd: &mut CustomResourceDefinition) {
+    let mut v = serde_json::to_value(&*crd).unwrap_or_default();
+    if let Some(props) =
+        v.pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties")
+    {
+        for key in ["default", "disable"] {
+            if let Some(p) = props.get_mut(key).and_then(|p| p.as_object_mut()) {
+                p.insert("default".into(), serde_json::Value::Bool(false));
+            }
+        }
+    }
+    tidy(&mut v);
+    if let Ok(fixed) = serde_json::from_value(v) {
+        *crd = fixed;
+    }
+}
+
+/// Walks a schema: drops `null` from enums (the API server refuses it; `nullable` says it) and
+/// rustdoc link brackets from descriptions (`kubectl explain` shows them).
+fn tidy(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::Array(e)) = m.get_mut("enum") {
+                e.retain(|x| !x.is_null());
+            }
+            if let Some(serde_json::Value::String(d)) = m.get_mut("description") {
+                *d = d.replace("[`", "`").replace("`]", "`");
+                if d.starts_with("Auto-generated derived type") {
+                    m.remove("description");
+                }
+            }
+            for (_, x) in m.iter_mut() {
+                tidy(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(tidy),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_scopes_and_columns_are_spiderpools() {
+        let crds = crds();
+        let names: Vec<_> = crds.iter().map(|c| c.spec.names.kind.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                "SpiderIPPool",
+                "SpiderSubnet",
+                "SpiderReservedIP",
+                "SpiderEndpoint",
+                "SpiderIPBlock"
+            ]
+        );
+        let scopes: Vec<_> = crds.iter().map(|c| c.spec.scope.as_str()).collect();
+        assert_eq!(
+            scopes,
+            ["Cluster", "Cluster", "Cluster", "Namespaced", "Cluster"]
+        );
+        let short: Vec<_> = crds
+            .iter()
+            .map(|c| {
+                c.spec
+                    .names
+                    .short_names
+                    .clone()
+                    .unwrap_or_default()
+                    .join(",")
+            })
+            .collect();
+        assert_eq!(short, ["sp", "ss", "sr", "se", "sib"]);
+        let cols: Vec<_> = crds[0].spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "VERSION",
+                "SUBNET",
+                "ALLOCATED-IP-COUNT",
+                "TOTAL-IP-COUNT",
+                "DEFAULT",
+                "DISABLE"
+            ]
+        );
+        for i in [0, 1, 3] {
+            assert!(
+                crds[i].spec.versions[0]
+                    .subresources
+                    .as_ref()
+                    .is_some_and(|s| s.status.is_some()),
+                "{} has a status subresource",
+                names[i]
+            );
+        }
+    }
+
+    #[test]
+    fn deploy_yaml_matches_the_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds.yaml");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == crds_yaml(),
+            "deploy/crds.yaml drifted from the Rust types: regenerate it with \
+             `cargo run -p spiderpool-agent --bin spiderctl -- crd > deploy/crds.yaml`"
+        );
+    }
+
+    #[test]
+    fn seed_pool_reads_into_the_kube_type() {
+        let seed = include_str!("../../../testdata/seed-pools.yaml");
+        let first = seed
+            .split("---")
+            .find(|d| d.contains("SpiderIPPool"))
+            .unwrap_or_default();
+        let pool: SpiderIPPool = serde_yaml_ng::from_str(first).expect("seed pool");
+        assert_eq!(pool.spec.0.subnet, "10.6.0.0/16");
+        assert_eq!(pool.spec.0.ips, vec!["10.6.168.60-10.6.168.69"]);
+    }
+}
