@@ -153,6 +153,10 @@ pub struct IpPoolStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub total_ip_count: Option<i64>,
+    /// The store revision the counts reflect (written by the Kubernetes store, which replaces
+    /// the status only with a newer one; not in Spiderpool's schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_revision: Option<i64>,
 }
 
 /// A SpiderIPPool.

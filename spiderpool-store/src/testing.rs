@@ -352,6 +352,8 @@ impl KubeServer {
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
         let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+        // A CA and a serving certificate it signs (rustls refuses a self-signed CA as the
+        // server's own certificate, which start.sh makes; curl and kubectl accept both).
         openssl(&[
             "req",
             "-x509",
@@ -363,19 +365,51 @@ impl KubeServer {
             "-days",
             "3650",
             "-keyout",
-            &p("serving.key"),
+            &p("ca.key"),
             "-out",
-            &p("serving.crt"),
+            &p("ca.crt"),
             "-subj",
-            "/CN=kube-apiserver",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "/CN=envtest-ca",
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,digitalSignature,keyCertSign",
-            "-addext",
-            "extendedKeyUsage=serverAuth",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p("serving.key"),
+            "-out",
+            &p("serving.csr"),
+            "-subj",
+            "/CN=kube-apiserver",
+        ])?;
+        std::fs::write(
+            pki.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=critical,CA:FALSE\n",
+        )
+        .map_err(|e| e.to_string())?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("serving.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-out",
+            &p("serving.crt"),
+            "-extfile",
+            &p("ext.cnf"),
         ])?;
         openssl(&[
             "ecparam",
@@ -466,7 +500,7 @@ impl KubeServer {
                 ));
             }
             let ready = Command::new("curl")
-                .args(["-s", "--max-time", "2", "--cacert", &p("serving.crt"), "-H"])
+                .args(["-s", "--max-time", "2", "--cacert", &p("ca.crt"), "-H"])
                 .arg(format!("Authorization: Bearer {}", self.token))
                 .arg(format!("{}/readyz", self.url()))
                 .output()
@@ -484,8 +518,7 @@ impl KubeServer {
 
     /// Writes a kubeconfig for `token` into the server's directory; returns its path.
     pub fn write_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf, String> {
-        let ca =
-            std::fs::read(self.dir.path().join("pki/serving.crt")).map_err(|e| e.to_string())?;
+        let ca = std::fs::read(self.dir.path().join("pki/ca.crt")).map_err(|e| e.to_string())?;
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: envtest\n  context: {{cluster: envtest, user: u}}\ncurrent-context: envtest\n",
             self.url(),
@@ -498,7 +531,7 @@ impl KubeServer {
 
     /// The API server's CA certificate (its self-signed serving certificate).
     pub fn cacert(&self) -> PathBuf {
-        self.dir.path().join("pki/serving.crt")
+        self.dir.path().join("pki/ca.crt")
     }
 
     /// A GET as the admin with `accept`, through curl; the body.

@@ -1,0 +1,799 @@
+//! The Kubernetes store: allocation records in the API server, in [`SpiderIPBlock`] objects.
+//!
+//! # Layout
+//! Every address belongs to one aligned block of [`BLOCK`] addresses (`10.6.168.0-63` is the
+//! object `v4-10-6-168-0`), whatever pool it came from: address uniqueness across the cluster is
+//! a compare-and-swap (`resourceVersion`) on that one object, and no object ever holds more than
+//! [`BLOCK`] records, however large the pool. Store revisions are the API server's
+//! `resourceVersion`s (etcd revisions), so listings and pool revisions share one space.
+//!
+//! # Reads
+//! One watch over the blocks keeps a mirror ([`LeaseTable`]) with every index the engine needs;
+//! reads cost no round trip. The mirror may lag other writers by the watch delay: a stale read
+//! costs one refused write (409), after which only the block that changed is read again.
+//!
+//! # Writes, and what a crash leaves
+//! The API server has no multi-object transaction. A transaction is planned against the mirror
+//! (conflicts refuse it before anything is written), then written block by block in address
+//! order: first every block that gains records (claims), then every block that loses records
+//! (releases). Each block write re-checks its own records, so a race lost to another writer is
+//! found there; the blocks already written for the transaction are then rolled back and the
+//! transaction answers `Conflict` with the holder. Every record names its attachment
+//! (container, interface), so a writer killed between two block writes leaves only records that
+//! look exactly like an ADD the runtime never saw answered: a retried ADD completes them (the
+//! engine claims only what is missing), the DEL the runtime sends after a failed ADD frees them,
+//! and GC frees them once the pod is gone. A release cut short is finished by the next DEL.
+//! Claims of one container are serialized in this process (one node's agent owns a container),
+//! which keeps "one address per NIC and family" across blocks.
+//!
+//! The pool's status (`allocatedIPCount`, `allocatedIPs`, `totalIPCount`) is a projection the
+//! store writes in the background, at most once per interval, and only forward
+//! (`status.allocatedRevision`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use spiderpool_core::store::{
+    Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, Owner, PoolAddresses,
+    Release, StoreError, Txn,
+};
+use spiderpool_core::types::IpPoolStatus;
+
+use super::crd::{BlockRecord, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool, FINALIZER};
+
+/// Addresses per block object.
+pub const BLOCK: u128 = 64;
+/// `allocatedIPs` is written while a pool holds at most this many records (about 400 KiB);
+/// above, it is left out and `allocatedIPCount` alone tells (the records are in the blocks).
+pub const ALLOCATED_IPS_LIMIT: usize = 4096;
+/// Attempts of one block write before the store reports itself unavailable.
+const WRITE_ATTEMPTS: u32 = 12;
+
+/// How the store runs.
+#[derive(Debug, Clone)]
+pub struct KubeStoreOptions {
+    /// The API server's address, named in errors.
+    pub server: String,
+    /// How often pool statuses are brought up to date (`None`: never, for tools and tests that
+    /// only read).
+    pub status_interval: Option<Duration>,
+}
+
+impl Default for KubeStoreOptions {
+    fn default() -> Self {
+        KubeStoreOptions {
+            server: "the API server".into(),
+            status_interval: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Allocation records in the API server (see the module docs).
+#[derive(Clone)]
+pub struct KubeStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blocks: Api<SpiderIPBlock>,
+    pools: Api<SpiderIPPool>,
+    opts: KubeStoreOptions,
+    mirror: Mutex<Mirror>,
+    containers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Refused block writes (409), for benchmarks and metrics.
+    conflicts: AtomicU64,
+    /// Block writes that reached the server.
+    writes: AtomicU64,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct Mirror {
+    table: LeaseTable,
+    /// Block name -> resourceVersion and the addresses it holds.
+    blocks: HashMap<String, (u64, BTreeSet<IpAddr>)>,
+}
+
+/// The block an address belongs to: its name and first address.
+pub fn block_of(ip: IpAddr) -> (String, IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let base = u32::from(v4) & !(BLOCK as u32 - 1);
+            let b = std::net::Ipv4Addr::from(base);
+            let o = b.octets();
+            (
+                format!("v4-{}-{}-{}-{}", o[0], o[1], o[2], o[3]),
+                IpAddr::V4(b),
+            )
+        }
+        IpAddr::V6(v6) => {
+            let base = u128::from(v6) & !(BLOCK - 1);
+            (
+                format!("v6-{base:032x}"),
+                IpAddr::V6(std::net::Ipv6Addr::from(base)),
+            )
+        }
+    }
+}
+
+fn to_record(l: &Lease) -> BlockRecord {
+    BlockRecord {
+        pool: l.pool.clone(),
+        pod: format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
+        pod_uid: l.owner.pod_uid.clone(),
+        container_id: l.owner.container_id.clone(),
+        interface: l.owner.ifname.clone(),
+        node: l.owner.node.clone(),
+        network: l.owner.network.clone(),
+        created: i64::try_from(l.owner.created).unwrap_or(i64::MAX),
+        clean_gateway: l.clean_gateway,
+    }
+}
+
+fn from_record(ip: IpAddr, r: &BlockRecord, revision: u64) -> Lease {
+    let (ns, name) = r.pod.split_once('/').unwrap_or(("", &r.pod));
+    Lease {
+        ip,
+        pool: r.pool.clone(),
+        owner: Owner {
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+            pod_uid: r.pod_uid.clone(),
+            container_id: r.container_id.clone(),
+            ifname: r.interface.clone(),
+            node: r.node.clone(),
+            network: r.network.clone(),
+            created: u64::try_from(r.created).unwrap_or(0),
+        },
+        clean_gateway: r.clean_gateway,
+        revision,
+    }
+}
+
+fn rv_of(o: &SpiderIPBlock) -> u64 {
+    o.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn same_record(a: &Lease, b: &Lease) -> bool {
+    a.ip == b.ip && a.pool == b.pool && a.owner == b.owner && a.clean_gateway == b.clean_gateway
+}
+
+impl Mirror {
+    /// Takes in a block as the server has it at its resourceVersion (older versions are ignored).
+    fn absorb(&mut self, o: &SpiderIPBlock) {
+        let name = o.name_any();
+        let rv = rv_of(o);
+        let old = match self.blocks.get(&name) {
+            Some((have, _)) if *have >= rv => return,
+            Some((_, ips)) => ips.clone(),
+            None => BTreeSet::new(),
+        };
+        let mut new = BTreeSet::new();
+        let mut upserts = Vec::new();
+        for (k, r) in &o.spec.allocations {
+            let Ok(ip) = k.parse::<IpAddr>() else {
+                tracing::warn!(block = %name, key = %k, "record with a key that is not an address: ignored");
+                continue;
+            };
+            let lease = from_record(ip, r, rv);
+            if !self
+                .table
+                .get(&ip)
+                .is_some_and(|cur| same_record(&cur, &lease))
+            {
+                upserts.push(lease);
+            }
+            new.insert(ip);
+        }
+        let removed: Vec<IpAddr> = old.difference(&new).copied().collect();
+        self.table.mirror(&removed, upserts, rv);
+        self.blocks.insert(name, (rv, new));
+    }
+
+    fn forget(&mut self, name: &str, rv: u64) {
+        if let Some((_, ips)) = self.blocks.remove(name) {
+            let removed: Vec<IpAddr> = ips.into_iter().collect();
+            self.table.mirror(&removed, Vec::new(), rv);
+        }
+    }
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+impl KubeStore {
+    /// Reads every block (a consistent list), starts the watch that keeps the mirror current
+    /// and, with `status_interval`, the pool-status writer.
+    pub async fn connect(client: Client, opts: KubeStoreOptions) -> Result<KubeStore, StoreError> {
+        let inner = Arc::new(Inner {
+            blocks: Api::all(client.clone()),
+            pools: Api::all(client),
+            opts,
+            mirror: Mutex::new(Mirror::default()),
+            containers: Mutex::new(HashMap::new()),
+            conflicts: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        inner.load().await?;
+        let store = KubeStore { inner };
+        let w = Arc::downgrade(&store.inner);
+        let watch = tokio::spawn(watch_blocks(w, store.inner.blocks.clone()));
+        let mut tasks = vec![watch];
+        if let Some(every) = store.inner.opts.status_interval {
+            tasks.push(tokio::spawn(project_statuses(
+                Arc::downgrade(&store.inner),
+                every,
+            )));
+        }
+        store.inner.lock_tasks().extend(tasks);
+        Ok(store)
+    }
+
+    /// Block writes refused with 409 since the store was opened (lost races).
+    pub fn conflicts(&self) -> u64 {
+        self.inner.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Block writes sent since the store was opened.
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(Ordering::Relaxed)
+    }
+
+    /// Brings the status of `pool` up to date now (tests and tools; the store does it in the
+    /// background).
+    pub async fn write_status(&self, pool: &str) -> Result<bool, StoreError> {
+        self.inner.project(pool).await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in self.lock_tasks().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mirror> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unavailable(&self, what: &str, e: kube::Error) -> StoreError {
+        StoreError::unavailable(format!("{what} at {}", self.opts.server), e)
+    }
+
+    async fn load(&self) -> Result<(), StoreError> {
+        let mut mirror = Mirror::default();
+        let mut lp = ListParams::default().limit(500);
+        let list_rv = loop {
+            let page = self
+                .blocks
+                .list(&lp)
+                .await
+                .map_err(|e| self.unavailable("listing SpiderIPBlocks", e))?;
+            for o in &page.items {
+                mirror.absorb(o);
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => {
+                    break page
+                        .metadata
+                        .resource_version
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                }
+            }
+        };
+        mirror.table.mirror(&[], Vec::new(), list_rv);
+        mirror.table.loaded();
+        *self.lock() = mirror;
+        Ok(())
+    }
+
+    async fn container_lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 4096 {
+                map.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            map.entry(id.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// Reads one block from the server into the mirror (after a refused write).
+    async fn refresh(&self, name: &str) -> Result<(), StoreError> {
+        match self.blocks.get_opt(name).await {
+            Ok(Some(o)) => self.lock().absorb(&o),
+            Ok(None) => {
+                let rv = self.lock().table.revision();
+                self.lock().forget(name, rv);
+            }
+            Err(e) => return Err(self.unavailable(&format!("reading SpiderIPBlock {name}"), e)),
+        }
+        Ok(())
+    }
+
+    /// Changes one block with `edit` (which sees the block's current records and says what it
+    /// changed), by compare-and-swap, re-reading the block after a lost race. `edit` returns
+    /// `Err` to abandon (a conflict it found).
+    async fn write_block<T>(
+        &self,
+        name: &str,
+        base: IpAddr,
+        mut edit: impl FnMut(&mut BTreeMap<String, BlockRecord>) -> Result<T, Vec<Conflict>>,
+    ) -> Result<Result<(u64, T), Vec<Conflict>>, StoreError> {
+        for attempt in 0..WRITE_ATTEMPTS {
+            let current = {
+                let m = self.lock();
+                m.blocks.get(name).map(|(rv, ips)| {
+                    let recs: BTreeMap<String, BlockRecord> = ips
+                        .iter()
+                        .filter_map(|ip| m.table.get(ip).map(|l| (ip.to_string(), to_record(&l))))
+                        .collect();
+                    (*rv, recs)
+                })
+            };
+            let (rv, mut records) = current.unwrap_or((0, BTreeMap::new()));
+            let before = records.clone();
+            let out = match edit(&mut records) {
+                Ok(out) => out,
+                Err(c) => return Ok(Err(c)),
+            };
+            if records == before {
+                return Ok(Ok((rv, out)));
+            }
+            let mut obj = SpiderIPBlock::new(
+                name,
+                SpiderIPBlockSpec {
+                    base: base.to_string(),
+                    allocations: records,
+                },
+            );
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            let res = if rv == 0 {
+                self.blocks.create(&PostParams::default(), &obj).await
+            } else {
+                obj.metadata.resource_version = Some(rv.to_string());
+                self.blocks
+                    .replace(name, &PostParams::default(), &obj)
+                    .await
+            };
+            match res {
+                Ok(o) => {
+                    let new_rv = rv_of(&o);
+                    self.lock().absorb(&o);
+                    return Ok(Ok((new_rv, out)));
+                }
+                Err(e) => match api_code(&e) {
+                    Some(409) | Some(404) => {
+                        self.conflicts.fetch_add(1, Ordering::Relaxed);
+                        self.refresh(name).await?;
+                    }
+                    Some(429) | Some(500..=599) | None if attempt + 1 < WRITE_ATTEMPTS => {
+                        tracing::debug!(block = name, error = %e, "block write failed; retrying");
+                        backoff(attempt).await;
+                    }
+                    Some(code) if (400..500).contains(&code) && code != 429 => {
+                        return Err(StoreError::failed(
+                            format!("writing SpiderIPBlock {name} at {}", self.opts.server),
+                            e,
+                        ))
+                    }
+                    _ => return Err(self.unavailable(&format!("writing SpiderIPBlock {name}"), e)),
+                },
+            }
+            if attempt >= 2 {
+                backoff(attempt - 2).await;
+            }
+        }
+        Err(StoreError::unavailable(
+            format!(
+                "SpiderIPBlock {name} at {}: {WRITE_ATTEMPTS} writes lost to other writers",
+                self.opts.server
+            ),
+            "too much contention",
+        ))
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        // One container's claims at a time in this process: "one address per NIC and family"
+        // spans blocks, so it is checked here, not by the server.
+        let mut ids: Vec<&str> = txn
+            .claims
+            .iter()
+            .map(|c| c.owner.container_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut guards = Vec::with_capacity(ids.len());
+        for id in ids {
+            guards.push(self.container_lock(id).await);
+        }
+        let changes = match self.lock().table.plan(&txn) {
+            Ok(c) => c,
+            Err(conflicts) => return Ok(Outcome::Conflict(conflicts)),
+        };
+        if changes.is_empty() {
+            let revision = self.lock().table.revision();
+            return Ok(Outcome::Committed {
+                revision,
+                released: Vec::new(),
+            });
+        }
+        let mut claims: BTreeMap<String, (IpAddr, Vec<Lease>)> = BTreeMap::new();
+        for w in changes.writes {
+            let (name, base) = block_of(w.ip);
+            claims.entry(name).or_insert((base, Vec::new())).1.push(w);
+        }
+        let mut releases: BTreeMap<String, (IpAddr, Vec<Release>)> = BTreeMap::new();
+        for d in &txn.releases {
+            let (name, base) = block_of(d.ip);
+            releases
+                .entry(name)
+                .or_insert((base, Vec::new()))
+                .1
+                .push(d.clone());
+        }
+        let mut revision = 0;
+        let mut written: Vec<(String, IpAddr, Vec<Lease>)> = Vec::new();
+        for (name, (base, leases)) in claims {
+            let res = self
+                .write_block(&name, base, |recs| claim_into(recs, &leases))
+                .await;
+            match res {
+                Ok(Ok((rv, ()))) => {
+                    revision = revision.max(rv);
+                    written.push((name, base, leases));
+                    crash_point("after-claim-block");
+                }
+                Ok(Err(conflicts)) => {
+                    self.roll_back(&written).await;
+                    return Ok(Outcome::Conflict(conflicts));
+                }
+                Err(e) => {
+                    self.roll_back(&written).await;
+                    return Err(e);
+                }
+            }
+        }
+        let mut released = Vec::new();
+        for (name, (base, rels)) in releases {
+            let res = self
+                .write_block(&name, base, |recs| Ok(release_from(recs, &rels)))
+                .await;
+            match res {
+                Ok(Ok((rv, gone))) => {
+                    revision = revision.max(rv);
+                    released.extend(gone);
+                    crash_point("after-release-block");
+                }
+                Ok(Err(_)) => {}
+                Err(source) if released.is_empty() => return Err(source),
+                Err(source) => {
+                    return Err(StoreError::PartiallyReleased {
+                        released,
+                        source: Box::new(source),
+                    })
+                }
+            }
+        }
+        drop(guards);
+        released.sort_by_key(|l| l.ip);
+        Ok(Outcome::Committed { revision, released })
+    }
+
+    /// Removes the claims a refused transaction had written (best effort: what a failure here
+    /// leaves is what a crash leaves, and is cleaned up the same way).
+    async fn roll_back(&self, written: &[(String, IpAddr, Vec<Lease>)]) {
+        for (name, base, leases) in written {
+            let rels: Vec<Release> = leases.iter().map(Release::from).collect();
+            if let Err(e) = self
+                .write_block(name, *base, |recs| Ok(release_from(recs, &rels)))
+                .await
+            {
+                tracing::warn!(block = %name, error = %e, "rolling back a refused transaction failed; DEL or GC frees the records");
+            }
+        }
+    }
+
+    /// Brings one pool's status up to date; whether it wrote.
+    async fn project(&self, pool: &str) -> Result<bool, StoreError> {
+        let Some(obj) = self
+            .pools
+            .get_opt(pool)
+            .await
+            .map_err(|e| self.unavailable(&format!("reading SpiderIPPool {pool}"), e))?
+        else {
+            return Ok(false);
+        };
+        let (revision, leases) = {
+            let m = self.lock();
+            let l = m.table.list(Filter::Pool(pool));
+            (m.table.pool_revision(pool), l.leases)
+        };
+        let deleting = obj.metadata.deletion_timestamp.is_some();
+        let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+        if !deleting && !has_finalizer {
+            let mut fins = obj.finalizers().to_vec();
+            fins.push(FINALIZER.to_string());
+            let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
+            if let Err(e) = self
+                .pools
+                .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::debug!(pool, error = %e, "adding the finalizer failed; next time");
+            }
+        }
+        if deleting && has_finalizer && leases.is_empty() {
+            let fins: Vec<&String> = obj
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .collect();
+            let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
+            let _ = self
+                .pools
+                .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            return Ok(true);
+        }
+        let current = obj.status.clone().unwrap_or_default();
+        let rev = i64::try_from(revision).unwrap_or(i64::MAX);
+        if current.allocated_revision.is_some_and(|r| r >= rev) {
+            return Ok(false);
+        }
+        let total = serde_json::to_value(&obj)
+            .ok()
+            .and_then(|v| serde_json::from_value::<spiderpool_core::types::SpiderIpPool>(v).ok())
+            .and_then(|p| spiderpool_core::Pool::from_spec(&p).ok())
+            .map(|p| p.total().count_i64());
+        let allocated = (leases.len() <= ALLOCATED_IPS_LIMIT).then(|| {
+            let map: BTreeMap<String, serde_json::Value> = leases
+                .iter()
+                .map(|l| {
+                    (
+                        l.ip.to_string(),
+                        serde_json::json!({
+                            "pod": format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
+                            "podUid": l.owner.pod_uid,
+                        }),
+                    )
+                })
+                .collect();
+            serde_json::to_string(&map).unwrap_or_default()
+        });
+        let status = IpPoolStatus {
+            allocated_ips: allocated,
+            allocated_ip_count: Some(leases.len() as i64),
+            total_ip_count: total.or(current.total_ip_count),
+            allocated_revision: Some(rev),
+        };
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": obj.resource_version()},
+            "status": status,
+        });
+        // `allocatedIPs` must go when the pool outgrows it: a merge patch drops a null field.
+        let mut patch = patch;
+        if status.allocated_ips.is_none() {
+            patch["status"]["allocatedIPs"] = serde_json::Value::Null;
+        }
+        match self
+            .pools
+            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if api_code(&e) == Some(409) => Ok(false),
+            Err(e) => {
+                Err(self.unavailable(&format!("writing the status of SpiderIPPool {pool}"), e))
+            }
+        }
+    }
+}
+
+/// Adds `leases` to a block's records; a record held by another attachment refuses all.
+fn claim_into(
+    recs: &mut BTreeMap<String, BlockRecord>,
+    leases: &[Lease],
+) -> Result<(), Vec<Conflict>> {
+    let mut conflicts = Vec::new();
+    for l in leases {
+        let key = l.ip.to_string();
+        match recs.get(&key) {
+            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {}
+            Some(r) => conflicts.push(Conflict::IpTaken(from_record(l.ip, r, 0))),
+            None => {
+                recs.insert(key, to_record(l));
+            }
+        }
+    }
+    if conflicts.is_empty() {
+        Ok(())
+    } else {
+        Err(conflicts)
+    }
+}
+
+/// Removes the records still held as `rels` say; returns them.
+fn release_from(recs: &mut BTreeMap<String, BlockRecord>, rels: &[Release]) -> Vec<Lease> {
+    let mut gone = Vec::new();
+    for r in rels {
+        let key = r.ip.to_string();
+        if recs
+            .get(&key)
+            .is_some_and(|x| x.container_id == r.container_id && x.interface == r.ifname)
+        {
+            if let Some(x) = recs.remove(&key) {
+                gone.push(from_record(r.ip, &x, 0));
+            }
+        }
+    }
+    gone
+}
+
+/// Test hook: `SPIDERPOOL_CRASH_AT=<point>` aborts the process there (the crash-point tests kill
+/// a writer between two block writes this way).
+fn crash_point(point: &str) {
+    if std::env::var("SPIDERPOOL_CRASH_AT").is_ok_and(|p| p == point) {
+        tracing::error!(point, "SPIDERPOOL_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
+/// Jittered exponential backoff: up to 5 ms << attempt, capped at 1 s.
+async fn backoff(attempt: u32) {
+    let cap = (5u64 << attempt.min(8)).min(1000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let ms = cap / 2 + (nanos ^ (nanos >> 7)) % (cap / 2 + 1);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+async fn watch_blocks(inner: std::sync::Weak<Inner>, api: Api<SpiderIPBlock>) {
+    use kube::runtime::WatchStreamExt;
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut relisting: Option<BTreeSet<String>> = None;
+    while let Some(ev) = stream.next().await {
+        let Some(inner) = inner.upgrade() else { return };
+        match ev {
+            Ok(watcher::Event::Apply(o)) => inner.lock().absorb(&o),
+            Ok(watcher::Event::Delete(o)) => {
+                let rv = rv_of(&o);
+                inner.lock().forget(&o.name_any(), rv);
+            }
+            Ok(watcher::Event::Init) => relisting = Some(BTreeSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(seen) = relisting.as_mut() {
+                    seen.insert(o.name_any());
+                }
+                inner.lock().absorb(&o);
+            }
+            Ok(watcher::Event::InitDone) => {
+                // A re-list after a broken watch (410 Gone): blocks deleted meanwhile go.
+                if let Some(seen) = relisting.take() {
+                    let mut m = inner.lock();
+                    let gone: Vec<String> = m
+                        .blocks
+                        .keys()
+                        .filter(|k| !seen.contains(*k))
+                        .cloned()
+                        .collect();
+                    let rv = m.table.revision();
+                    for g in gone {
+                        m.forget(&g, rv);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "SpiderIPBlock watch failed; retrying"),
+        }
+    }
+}
+
+async fn project_statuses(inner: std::sync::Weak<Inner>, every: Duration) {
+    let mut done: HashMap<String, u64> = HashMap::new();
+    loop {
+        // Jitter: agents that changed the same pool do not all write its status together.
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()) % (every.as_millis() as u64 / 2 + 1))
+            .unwrap_or(0);
+        tokio::time::sleep(every + Duration::from_millis(jitter)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let dirty: Vec<(String, u64)> = {
+            let m = inner.lock();
+            let pools: BTreeSet<String> = m
+                .blocks
+                .values()
+                .flat_map(|(_, ips)| ips.iter().filter_map(|ip| m.table.get(ip).map(|l| l.pool)))
+                .chain(done.keys().cloned())
+                .collect();
+            pools
+                .into_iter()
+                .map(|p| {
+                    let r = m.table.pool_revision(&p);
+                    (p, r)
+                })
+                .filter(|(p, r)| done.get(p) != Some(r))
+                .collect()
+        };
+        for (pool, rev) in dirty {
+            match inner.project(&pool).await {
+                Ok(_) => {
+                    done.insert(pool, rev);
+                }
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "pool status not written; next time")
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for KubeStore {
+    fn backend(&self) -> &'static str {
+        "kube"
+    }
+
+    async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
+        Ok(self.inner.lock().table.list(filter))
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {
+        self.inner.commit(txn).await
+    }
+
+    async fn pool_revision(&self, pool: &str) -> Result<u64, StoreError> {
+        Ok(self.inner.lock().table.pool_revision(pool))
+    }
+
+    async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
+        Ok(self.inner.lock().table.pool_addresses(pool))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_aligned_and_named_as_dns_labels() {
+        let (n, b) = block_of("10.6.168.65".parse().expect("ip"));
+        assert_eq!(
+            (n.as_str(), b.to_string().as_str()),
+            ("v4-10-6-168-64", "10.6.168.64")
+        );
+        let (n, _) = block_of("10.6.168.63".parse().expect("ip"));
+        assert_eq!(n, "v4-10-6-168-0");
+        let (n, b) = block_of("fd00::1:ff".parse().expect("ip"));
+        assert_eq!(n, "v6-fd0000000000000000000000000100c0");
+        assert_eq!(b.to_string(), "fd00::1:c0");
+    }
+}
