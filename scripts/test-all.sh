@@ -12,6 +12,8 @@ command -v etcdctl >/dev/null 2>&1 || need_pkgs+=(etcd-client)
 [ -x /usr/lib/cni/macvlan ] || need_pkgs+=(containernetworking-plugins)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v ping >/dev/null 2>&1 || need_pkgs+=(iputils-ping)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing ${need_pkgs[*]}"
@@ -22,6 +24,15 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "!! missing ${need_pkgs[*]} and not root: tests that need them will SKIP (loudly)" >&2
   fi
 fi
+
+# The Kubernetes tests need a real kube-apiserver: envtest's convention is KUBEBUILDER_ASSETS, a
+# directory holding kube-apiserver (this lab keeps one at ../shared/envtest), and kubectl.
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -x ../shared/envtest/kube-apiserver ]; then
+  KUBEBUILDER_ASSETS="$(cd ../shared/envtest && pwd)"
+  export KUBEBUILDER_ASSETS
+fi
+[ -n "${KUBEBUILDER_ASSETS:-}" ] || echo "!! KUBEBUILDER_ASSETS unset and no ../shared/envtest: Kubernetes tests will SKIP (loudly)" >&2
+command -v kubectl >/dev/null 2>&1 || echo "!! kubectl missing: Kubernetes tests will fail (install kubectl)" >&2
 
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"

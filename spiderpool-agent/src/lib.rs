@@ -10,6 +10,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ctl;
+#[cfg(feature = "kube")]
+pub mod kube_view;
 pub mod metrics;
 pub mod server;
 pub mod view;

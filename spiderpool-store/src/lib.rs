@@ -38,6 +38,10 @@ pub enum StoreConfig {
     /// etcd.
     #[cfg(feature = "etcd")]
     Etcd(etcd::EtcdConfig),
+    /// The Kubernetes API server (`kube`): opened by the caller, who holds the client
+    /// ([`k8s::KubeStore::connect`]), then wrapped in [`AnyStore::Kube`].
+    #[cfg(feature = "kube")]
+    Kube,
 }
 
 impl StoreConfig {
@@ -47,11 +51,17 @@ impl StoreConfig {
     /// use spiderpool_store::StoreConfig;
     /// assert!(matches!(StoreConfig::parse("memory"), Ok(StoreConfig::Memory)));
     /// let err = StoreConfig::parse("redis:x").unwrap_err();
-    /// assert!(err.contains("use memory, embedded:PATH or etcd:URL"));
+    /// assert!(err.contains("use memory, embedded:PATH, etcd:URL"));
     /// ```
     pub fn parse(s: &str) -> Result<Self, String> {
         if s == "memory" {
             return Ok(StoreConfig::Memory);
+        }
+        if s == "kube" {
+            #[cfg(feature = "kube")]
+            return Ok(StoreConfig::Kube);
+            #[cfg(not(feature = "kube"))]
+            return Err("store 'kube': built without the kube feature".into());
         }
         if let Some(path) = s.strip_prefix("embedded:") {
             #[cfg(feature = "embedded")]
@@ -85,7 +95,7 @@ impl StoreConfig {
             ));
         }
         Err(format!(
-            "unknown store '{s}': use memory, embedded:PATH or etcd:URL[,URL...][#PREFIX]"
+            "unknown store '{s}': use memory, embedded:PATH, etcd:URL[,URL...][#PREFIX] or kube"
         ))
     }
 }
@@ -103,6 +113,9 @@ pub enum AnyStore {
     /// etcd.
     #[cfg(feature = "etcd")]
     Etcd(etcd::EtcdStore),
+    /// The Kubernetes API server.
+    #[cfg(feature = "kube")]
+    Kube(k8s::KubeStore),
 }
 
 impl AnyStore {
@@ -122,6 +135,11 @@ impl AnyStore {
             StoreConfig::Etcd(c) => etcd::EtcdStore::connect(c.clone())
                 .await
                 .map(AnyStore::Etcd),
+            #[cfg(feature = "kube")]
+            StoreConfig::Kube => Err(StoreError::failed(
+                "the kube store needs an API server client: open it with KubeStore::connect",
+                "no client",
+            )),
         }
     }
 }
@@ -135,6 +153,8 @@ impl LeaseStore for AnyStore {
             AnyStore::Embedded(s) => s.backend(),
             #[cfg(feature = "etcd")]
             AnyStore::Etcd(s) => s.backend(),
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.backend(),
         }
     }
 
@@ -145,6 +165,8 @@ impl LeaseStore for AnyStore {
             AnyStore::Embedded(s) => s.list(filter).await,
             #[cfg(feature = "etcd")]
             AnyStore::Etcd(s) => s.list(filter).await,
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.list(filter).await,
         }
     }
 
@@ -155,6 +177,8 @@ impl LeaseStore for AnyStore {
             AnyStore::Embedded(s) => s.commit(txn).await,
             #[cfg(feature = "etcd")]
             AnyStore::Etcd(s) => s.commit(txn).await,
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.commit(txn).await,
         }
     }
 
@@ -168,6 +192,8 @@ impl LeaseStore for AnyStore {
             AnyStore::Embedded(s) => s.pool_addresses(pool).await,
             #[cfg(feature = "etcd")]
             AnyStore::Etcd(s) => s.pool_addresses(pool).await,
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.pool_addresses(pool).await,
         }
     }
 
@@ -178,6 +204,8 @@ impl LeaseStore for AnyStore {
             AnyStore::Embedded(s) => s.pool_revision(pool).await,
             #[cfg(feature = "etcd")]
             AnyStore::Etcd(s) => s.pool_revision(pool).await,
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.pool_revision(pool).await,
         }
     }
 }

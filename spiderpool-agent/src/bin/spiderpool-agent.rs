@@ -3,9 +3,10 @@
 //! ```text
 //! spiderpool-agent --node-name NODE --store SPEC --manifests PATH [--manifests PATH ...]
 //!                  --socket PATH [--metrics-addr HOST:PORT]
+//! spiderpool-agent --node-name NODE --kube [--kubeconfig PATH] [--store kube|SPEC] ...
 //! ```
 //! SPEC: `embedded:PATH` (default `/var/lib/spiderpool/leases.redb`), `etcd:URL[,URL][#PREFIX]`,
-//! `memory`. Logs go to stderr (`RUST_LOG` filters them, default `info`). SIGTERM or SIGINT stop
+//! `memory`, or `kube` (records in the API server; needs `--kube`). Logs go to stderr (`RUST_LOG` filters them, default `info`). SIGTERM or SIGINT stop
 //! it gracefully: new connections are refused, in-flight requests finish.
 
 use std::path::PathBuf;
@@ -34,8 +35,16 @@ struct Args {
     store: String,
     /// Manifest files or directories (Node, Namespace, Pod, SpiderIPPool, SpiderSubnet,
     /// SpiderReservedIP as kubectl YAML); reloaded when they change.
-    #[arg(long = "manifests", required = true)]
+    #[arg(long = "manifests", required_unless_present = "kube")]
     manifests: Vec<PathBuf>,
+    /// Learn the cluster from the Kubernetes API server (watches) instead of manifests.
+    #[cfg(feature = "kube")]
+    #[arg(long, conflicts_with = "manifests")]
+    kube: bool,
+    /// The kubeconfig for --kube (default: in-cluster config, else $KUBECONFIG, ~/.kube/config).
+    #[cfg(feature = "kube")]
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
     /// The unix socket the CNI plugin talks to (mode 0600).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -84,24 +93,73 @@ async fn run(args: Args) -> anyhow::Result<()> {
     use anyhow::Context;
     let t0 = std::time::Instant::now();
     let cfg = StoreConfig::parse(&args.store).map_err(anyhow::Error::msg)?;
-    let store = AnyStore::open(&cfg)
-        .await
-        .with_context(|| format!("opening the lease store {}", args.store))?;
-    let view = Arc::new(
-        ManifestView::load(args.manifests.clone())
-            .map_err(anyhow::Error::msg)
-            .context("loading the manifests")?,
-    );
+    #[cfg(feature = "kube")]
+    let kube_client = if args.kube {
+        Some(
+            spiderpool_store::k8s::client(args.kubeconfig.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
+    let store = match &cfg {
+        #[cfg(feature = "kube")]
+        StoreConfig::Kube => {
+            let Some((client, server)) = kube_client.clone() else {
+                anyhow::bail!("--store kube needs --kube (the API server the records live in)");
+            };
+            let opts = spiderpool_store::k8s::KubeStoreOptions {
+                server,
+                ..Default::default()
+            };
+            AnyStore::Kube(
+                spiderpool_store::k8s::KubeStore::connect(client, opts)
+                    .await
+                    .with_context(|| format!("opening the lease store {}", args.store))?,
+            )
+        }
+        _ => AnyStore::open(&cfg)
+            .await
+            .with_context(|| format!("opening the lease store {}", args.store))?,
+    };
+    #[cfg(feature = "kube")]
+    let kube_view = match kube_client {
+        Some((client, server)) => Some(
+            spiderpool_agent::kube_view::KubeView::start(
+                client,
+                server,
+                &args.node_name,
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    #[cfg(not(feature = "kube"))]
+    let kube_view: Option<Arc<ManifestView>> = None;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let view: Arc<dyn ClusterView> = match kube_view {
+        Some(v) => v,
+        None => {
+            let v = Arc::new(
+                ManifestView::load(args.manifests.clone())
+                    .map_err(anyhow::Error::msg)
+                    .context("loading the manifests")?,
+            );
+            tokio::spawn(v.clone().watch(
+                Duration::from_millis(args.reload_interval_ms.max(50)),
+                stop_rx.clone(),
+            ));
+            v
+        }
+    };
     if !view.snapshot().nodes.contains_key(&args.node_name) {
-        tracing::warn!(node = %args.node_name, "this node is not in the manifests: pools with nodeAffinity will not match it");
+        tracing::warn!(node = %args.node_name, "this node is not in the view: pools with nodeAffinity will not match it");
     }
     let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
     let listener = bind(&args.socket)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(view.clone().watch(
-        Duration::from_millis(args.reload_interval_ms.max(50)),
-        stop_rx.clone(),
-    ));
     if !args.no_watch {
         tokio::spawn(server::follow_store(agent.clone(), stop_rx.clone()));
     }

@@ -81,6 +81,15 @@ pub struct KubeStore {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("server", &self.inner.opts.server)
+            .field("records", &self.inner.lock().table.len())
+            .finish()
+    }
+}
+
 struct Inner {
     blocks: Api<SpiderIPBlock>,
     pools: Api<SpiderIPPool>,

@@ -1,0 +1,290 @@
+//! The cluster from the Kubernetes API server (feature `kube`): one watch per kind (kube-rs
+//! watchers, re-listing after `410 Gone`), folded into the same immutable [`Snapshot`]s the
+//! manifest view hands out.
+//!
+//! Watched: this node's Node, every Namespace, the Pods on this node (field selector
+//! `spec.nodeName`), SpiderIPPools, SpiderSubnets, SpiderReservedIPs. A pod the snapshot does not
+//! hold yet at ADD (the watch has not delivered it) is fetched directly, once.
+//!
+//! Objects the API server accepted can still be invalid for IPAM (no admission webhook runs
+//! yet): an object invalid on its own is left out with a warning, and a set that is invalid
+//! together (overlapping pools) keeps the last good snapshot. A pool being deleted is served as
+//! disabled: its records still answer, nothing new comes from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node as K8sNode, Pod as K8sPod};
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use spiderpool_core::types::{Object, Pod};
+use spiderpool_store::k8s::crd::{SpiderIPPool, SpiderReservedIP, SpiderSubnet};
+
+use crate::view::{ClusterView, Snapshot};
+
+/// Objects by (kind, namespace, name).
+type Key = (&'static str, String, String);
+
+/// The cluster as the API server has it.
+pub struct KubeView {
+    server: String,
+    pods: Api<K8sPod>,
+    objects: RwLock<BTreeMap<Key, Object>>,
+    current: RwLock<Arc<Snapshot>>,
+}
+
+fn convert<K: Serialize>(o: &K) -> Option<Object> {
+    let v = serde_json::to_value(o).ok()?;
+    match Object::from_value(v) {
+        Ok(mut obj) => {
+            if let Object::IpPool(p) = &mut obj {
+                if p.metadata.deletion_timestamp.is_some() {
+                    p.spec.disable = Some(true);
+                }
+            }
+            Some(obj)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "object from the API server not understood: ignored");
+            None
+        }
+    }
+}
+
+impl KubeView {
+    /// Starts the watches and waits (up to `timeout`) until each has listed once.
+    pub async fn start(
+        client: Client,
+        server: String,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<Arc<KubeView>, String> {
+        let view = Arc::new(KubeView {
+            server: server.clone(),
+            pods: Api::all(client.clone()),
+            objects: RwLock::new(BTreeMap::new()),
+            current: RwLock::new(Arc::new(Snapshot::default())),
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
+        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let all = watcher::Config::default();
+        tokio::spawn(follow::<K8sNode>(
+            view.clone(),
+            Api::all(client.clone()),
+            node_cfg,
+            "Node",
+            tx.clone(),
+        ));
+        tokio::spawn(follow::<K8sNamespace>(
+            view.clone(),
+            Api::all(client.clone()),
+            all.clone(),
+            "Namespace",
+            tx.clone(),
+        ));
+        tokio::spawn(follow::<K8sPod>(
+            view.clone(),
+            Api::all(client.clone()),
+            pod_cfg,
+            "Pod",
+            tx.clone(),
+        ));
+        tokio::spawn(follow::<SpiderIPPool>(
+            view.clone(),
+            Api::all(client.clone()),
+            all.clone(),
+            "SpiderIPPool",
+            tx.clone(),
+        ));
+        tokio::spawn(follow::<SpiderSubnet>(
+            view.clone(),
+            Api::all(client.clone()),
+            all.clone(),
+            "SpiderSubnet",
+            tx.clone(),
+        ));
+        tokio::spawn(follow::<SpiderReservedIP>(
+            view.clone(),
+            Api::all(client),
+            all,
+            "SpiderReservedIP",
+            tx,
+        ));
+        let mut synced = BTreeSet::new();
+        let wait = async {
+            while synced.len() < 6 {
+                match rx.recv().await {
+                    Some(kind) => {
+                        synced.insert(kind);
+                    }
+                    None => break,
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            return Err(format!(
+                "the API server {server} did not list every kind within {timeout:?} (is it reachable, are the CRDs installed: spiderctl crd | kubectl apply -f -?)"
+            ));
+        }
+        view.rebuild();
+        Ok(view)
+    }
+
+    fn rebuild(&self) {
+        let objects: Vec<Object> = self
+            .objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let generation = self.snapshot().generation + 1;
+        let snap = match Snapshot::build(&objects, generation) {
+            Ok(s) => s,
+            Err(_) => {
+                // Leave out what is invalid on its own, then try again.
+                let kept: Vec<Object> = objects
+                    .into_iter()
+                    .filter(|o| match o {
+                        Object::IpPool(_) | Object::Subnet(_) | Object::ReservedIp(_) => {
+                            match Snapshot::build(std::slice::from_ref(o), 0) {
+                                Ok(_) => true,
+                                Err(e) => {
+                                    tracing::warn!(object = %o.describe(), problems = %e.join("; "), "invalid: not used");
+                                    false
+                                }
+                            }
+                        }
+                        _ => true,
+                    })
+                    .collect();
+                match Snapshot::build(&kept, generation) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(problems = %e.join("; "), "the pools are invalid together: keeping the last good view");
+                        return;
+                    }
+                }
+            }
+        };
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+    }
+
+    fn put(&self, kind: &'static str, o: Object) {
+        let (ns, name) = match &o {
+            Object::Pod(p) => (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone(),
+            ),
+            Object::Node(n) => (String::new(), n.metadata.name.clone()),
+            Object::Namespace(n) => (String::new(), n.metadata.name.clone()),
+            Object::IpPool(p) => (String::new(), p.metadata.name.clone()),
+            Object::Subnet(p) => (String::new(), p.metadata.name.clone()),
+            Object::ReservedIp(p) => (String::new(), p.metadata.name.clone()),
+            Object::Endpoint(p) => (String::new(), p.metadata.name.clone()),
+        };
+        self.objects
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((kind, ns, name), o);
+    }
+
+    fn remove(&self, kind: &'static str, ns: String, name: String) {
+        self.objects
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(kind, ns, name));
+    }
+
+    fn retain_kind(&self, kind: &'static str, seen: &BTreeSet<(String, String)>) {
+        self.objects
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(k, ns, n), _| *k != kind || seen.contains(&(ns.clone(), n.clone())));
+    }
+}
+
+async fn follow<K>(
+    view: Arc<KubeView>,
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: &'static str,
+    synced: tokio::sync::mpsc::Sender<&'static str>,
+) where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let stream = watcher(api, cfg).default_backoff();
+    futures::pin_mut!(stream);
+    let mut relist: Option<BTreeSet<(String, String)>> = None;
+    let mut first = true;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => relist = Some(BTreeSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(seen) = relist.as_mut() {
+                    seen.insert((o.namespace().unwrap_or_default(), o.name_any()));
+                }
+                if let Some(obj) = convert(&o) {
+                    view.put(kind, obj);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(seen) = relist.take() {
+                    view.retain_kind(kind, &seen);
+                }
+                view.rebuild();
+                if first {
+                    first = false;
+                    let _ = synced.send(kind).await;
+                }
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                if let Some(obj) = convert(&o) {
+                    view.put(kind, obj);
+                    view.rebuild();
+                }
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                view.remove(kind, o.namespace().unwrap_or_default(), o.name_any());
+                view.rebuild();
+            }
+            Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterView for KubeView {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn fetch_pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        let api: Api<K8sPod> = Api::namespaced(self.pods.clone().into_client(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(p)) => match convert(&p) {
+                Some(Object::Pod(p)) => Some(p),
+                _ => None,
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "fetching the pod failed");
+                None
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("kubernetes: {}", self.server)
+    }
+}

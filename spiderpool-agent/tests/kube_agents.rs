@@ -1,0 +1,207 @@
+//! Kubernetes mode against the real API server (envtest's kube-apiserver + etcd): the seed's
+//! `kubectl apply` of nodes, pools and pods, two agents (`--kube --store kube`) on two "nodes",
+//! the CNI plugin's ADD/DEL, and `kubectl get spiderippool` showing the counts.
+#![cfg(feature = "kube")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cni, env_for, netconf, testdata, Agent};
+use spiderpool_store::k8s::crd::crds_yaml;
+use spiderpool_store::testing::KubeServer;
+
+const SEED_POOLS: &str = include_str!("../../testdata/seed-pools.yaml");
+
+fn seed_objects() -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: default}\n",
+    );
+    for (node, zone) in [
+        ("controller-node-1", "subnet-6"),
+        ("worker-node-1", "subnet-7"),
+    ] {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{node-subnet: {zone}}}}}\n"
+        ));
+    }
+    out
+}
+
+fn pod(name: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+  labels: {{app: test-app}}
+  annotations:
+    ipam.spidernet.io/ippool: '{{"ipv4": ["test-ippool-6", "test-ippool-7"]}}'
+spec:
+  nodeName: {node}
+  containers: [{{name: app, image: busybox}}]
+"#
+    )
+}
+
+/// `kubectl get spiderippool` rows: name -> (allocated, total).
+fn pool_counts(s: &KubeServer) -> Vec<(String, String, String)> {
+    let (ok, out, err) = s.kubectl(
+        &[
+            "get",
+            "spiderippool",
+            "--no-headers",
+            "-o",
+            "custom-columns=N:.metadata.name,A:.status.allocatedIPCount,T:.status.totalIPCount",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_string(), f[1].to_string(), f[2].to_string())
+        })
+        .collect()
+}
+
+fn wait_counts(s: &KubeServer, want: &[(&str, &str, &str)]) {
+    let t0 = Instant::now();
+    loop {
+        let got = pool_counts(s);
+        let want: Vec<(String, String, String)> = want
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+        if got == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "kubectl get spiderippool: {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Lab {
+    server: KubeServer,
+    dir: tempfile::TempDir,
+}
+
+fn lab() -> Option<Lab> {
+    let server = KubeServer::start()?;
+    server.install_crds(&crds_yaml()).expect("CRDs");
+    let (ok, _, err) = server.kubectl(&["apply", "-f", "-"], &seed_objects());
+    assert!(ok, "{err}");
+    let (ok, _, err) = server.kubectl(&["apply", "-f", "-"], SEED_POOLS);
+    assert!(ok, "{err}");
+    Some(Lab {
+        server,
+        dir: tempfile::tempdir().expect("tmp"),
+    })
+}
+
+impl Lab {
+    fn agent(&self, node: &str) -> Agent {
+        let kubeconfig = self.server.kubeconfig();
+        Agent::start(
+            &self.dir.path().join(format!("{node}.sock")),
+            &self.dir.path().join(format!("{node}.log")),
+            &[
+                "--node-name".into(),
+                node.into(),
+                "--kube".into(),
+                "--kubeconfig".into(),
+                kubeconfig.to_string_lossy().into_owned(),
+                "--store".into(),
+                "kube".into(),
+            ],
+        )
+    }
+}
+
+#[test]
+fn seed_scenario_through_the_api_server() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    wait_counts(
+        s,
+        &[
+            ("test-ippool-6", "<none>", "<none>"),
+            ("test-ippool-7", "<none>", "<none>"),
+        ],
+    );
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pod("test-app-j9ftl", "controller-node-1"),
+    );
+    assert!(ok, "{err}");
+    // The second pod is created after its agent started: the agent fetches it at ADD if its
+    // watch has not delivered it yet.
+    let a6 = lab.agent("controller-node-1");
+    let a7 = lab.agent("worker-node-1");
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pod("test-app-nkq5h", "worker-node-1"),
+    );
+    assert!(ok, "{err}");
+
+    let conf6 = netconf("1.0.0", "macvlan-conf", &a6.sock(), serde_json::json!({}));
+    let conf7 = netconf("1.0.0", "macvlan-conf", &a7.sock(), serde_json::json!({}));
+    let args6 = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-app-j9ftl;K8S_POD_UID=u6";
+    let args7 = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=test-app-nkq5h;K8S_POD_UID=u7";
+    let add6 = cni(
+        &env_for("ADD", "c6", "eth0", args6),
+        conf6.to_string().as_bytes(),
+    );
+    assert_eq!(add6.code(), 0, "{}\n{}", add6.stdout, a6.log_text());
+    let add7 = cni(
+        &env_for("ADD", "c7", "eth0", args7),
+        conf7.to_string().as_bytes(),
+    );
+    assert_eq!(add7.code(), 0, "{}\n{}", add7.stdout, a7.log_text());
+    assert!(add6.ip().starts_with("10.6.168.6"), "{}", add6.ip());
+    assert!(add7.ip().starts_with("10.7.168.6"), "{}", add7.ip());
+    // Each zone's pool: one allocated of ten, as the seed shows.
+    wait_counts(
+        s,
+        &[("test-ippool-6", "1", "10"), ("test-ippool-7", "1", "10")],
+    );
+    let (ok, out, _) = s.kubectl(
+        &[
+            "get",
+            "sp",
+            "test-ippool-6",
+            "-o",
+            "jsonpath={.status.allocatedIPs}",
+        ],
+        "",
+    );
+    assert!(ok && out.contains("default/test-app-j9ftl"), "{out}");
+    // The records are in the blocks, with kubectl.
+    let (ok, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
+    assert!(ok && out.contains("\"containerID\": \"c6\""), "{out}");
+
+    // A pool holding allocations is not deleted (finalizer) and hands out nothing more.
+    let (ok, _, err) = s.kubectl(&["delete", "sp", "test-ippool-6", "--wait=false"], "");
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, _) = s.kubectl(&["get", "sp", "test-ippool-6", "-o", "name"], "");
+    assert!(
+        ok && out.contains("test-ippool-6"),
+        "deleted while holding an address: {out}"
+    );
+
+    // DEL frees both; the deleting pool goes once empty.
+    for (c, args, conf) in [("c6", args6, &conf6), ("c7", args7, &conf7)] {
+        let del = cni(
+            &env_for("DEL", c, "eth0", args),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(del.code(), 0, "{}", del.stdout);
+    }
+    wait_counts(s, &[("test-ippool-7", "0", "10")]);
+    let _ = testdata("seed-pools.yaml");
+}
