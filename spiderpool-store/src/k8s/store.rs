@@ -96,11 +96,34 @@ struct Inner {
     opts: KubeStoreOptions,
     mirror: Mutex<Mirror>,
     containers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Changes waiting for each block: concurrent transactions of this agent that touch one
+    /// block are written together, in one compare-and-swap.
+    queues: Mutex<HashMap<String, BlockQueue>>,
     /// Refused block writes (409), for benchmarks and metrics.
     conflicts: AtomicU64,
     /// Block writes that reached the server.
     writes: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// One transaction's change to one block.
+enum Edit {
+    Claim(Vec<Lease>),
+    Release(Vec<Release>),
+}
+
+/// What an edit did.
+enum Done {
+    Claimed,
+    Released(Vec<Lease>),
+}
+
+type Reply = Result<Result<(u64, Done), Vec<Conflict>>, StoreError>;
+
+#[derive(Default)]
+struct BlockQueue {
+    busy: bool,
+    waiting: Vec<(Edit, tokio::sync::oneshot::Sender<Reply>)>,
 }
 
 #[derive(Default)]
@@ -235,6 +258,7 @@ impl KubeStore {
             opts,
             mirror: Mutex::new(Mirror::default()),
             containers: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             conflicts: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
@@ -427,7 +451,76 @@ impl Inner {
         ))
     }
 
-    async fn commit(&self, txn: Txn) -> Result<Outcome, StoreError> {
+    /// Queues `edit` for block `name`; the first caller of a burst writes for all (in a task
+    /// of its own, so a caller that goes away does not strand the others).
+    async fn submit(self: &Arc<Self>, name: &str, base: IpAddr, edit: Edit) -> Reply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let e = q.entry(name.to_string()).or_default();
+            e.waiting.push((edit, tx));
+            !std::mem::replace(&mut e.busy, true)
+        };
+        if lead {
+            tokio::spawn(self.clone().drain(name.to_string(), base));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::unavailable(
+                format!("writing SpiderIPBlock {name}: the writer stopped"),
+                "cancelled",
+            ))
+        })
+    }
+
+    /// Writes the queued edits of one block, a batch per compare-and-swap, until none wait.
+    async fn drain(self: Arc<Self>, name: String, base: IpAddr) {
+        loop {
+            let batch = {
+                let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(e) = q.get_mut(&name) else { return };
+                let batch = std::mem::take(&mut e.waiting);
+                if batch.is_empty() {
+                    q.remove(&name);
+                    return;
+                }
+                batch
+            };
+            let (edits, replies): (Vec<Edit>, Vec<_>) = batch.into_iter().unzip();
+            let res = self
+                .write_block(&name, base, |recs| {
+                    Ok(edits
+                        .iter()
+                        .map(|e| match e {
+                            Edit::Claim(l) => claim_into(recs, l).map(|()| Done::Claimed),
+                            Edit::Release(r) => Ok(Done::Released(release_from(recs, r))),
+                        })
+                        .collect::<Vec<_>>())
+                })
+                .await;
+            match res {
+                Ok(Ok((rv, outs))) => {
+                    for (tx, out) in replies.into_iter().zip(outs) {
+                        let _ = tx.send(Ok(out.map(|d| (rv, d))));
+                    }
+                }
+                Ok(Err(_)) => {}
+                Err(e) => {
+                    let msg = e.to_string();
+                    let retry = e.is_retryable();
+                    for tx in replies {
+                        let err = if retry {
+                            StoreError::unavailable(msg.clone(), "block write failed")
+                        } else {
+                            StoreError::failed(msg.clone(), "block write failed")
+                        };
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn commit(self: &Arc<Self>, txn: Txn) -> Result<Outcome, StoreError> {
         // One container's claims at a time in this process: "one address per NIC and family"
         // spans blocks, so it is checked here, not by the server.
         let mut ids: Vec<&str> = txn
@@ -469,11 +562,9 @@ impl Inner {
         let mut revision = 0;
         let mut written: Vec<(String, IpAddr, Vec<Lease>)> = Vec::new();
         for (name, (base, leases)) in claims {
-            let res = self
-                .write_block(&name, base, |recs| claim_into(recs, &leases))
-                .await;
+            let res = self.submit(&name, base, Edit::Claim(leases.clone())).await;
             match res {
-                Ok(Ok((rv, ()))) => {
+                Ok(Ok((rv, _))) => {
                     revision = revision.max(rv);
                     written.push((name, base, leases));
                     crash_point("after-claim-block");
@@ -490,13 +581,13 @@ impl Inner {
         }
         let mut released = Vec::new();
         for (name, (base, rels)) in releases {
-            let res = self
-                .write_block(&name, base, |recs| Ok(release_from(recs, &rels)))
-                .await;
+            let res = self.submit(&name, base, Edit::Release(rels)).await;
             match res {
-                Ok(Ok((rv, gone))) => {
+                Ok(Ok((rv, done))) => {
                     revision = revision.max(rv);
-                    released.extend(gone);
+                    if let Done::Released(gone) = done {
+                        released.extend(gone);
+                    }
                     crash_point("after-release-block");
                 }
                 Ok(Err(_)) => {}
@@ -516,13 +607,10 @@ impl Inner {
 
     /// Removes the claims a refused transaction had written (best effort: what a failure here
     /// leaves is what a crash leaves, and is cleaned up the same way).
-    async fn roll_back(&self, written: &[(String, IpAddr, Vec<Lease>)]) {
+    async fn roll_back(self: &Arc<Self>, written: &[(String, IpAddr, Vec<Lease>)]) {
         for (name, base, leases) in written {
             let rels: Vec<Release> = leases.iter().map(Release::from).collect();
-            if let Err(e) = self
-                .write_block(name, *base, |recs| Ok(release_from(recs, &rels)))
-                .await
-            {
+            if let Err(e) = self.submit(name, *base, Edit::Release(rels)).await {
                 tracing::warn!(block = %name, error = %e, "rolling back a refused transaction failed; DEL or GC frees the records");
             }
         }
@@ -629,22 +717,25 @@ fn claim_into(
     recs: &mut BTreeMap<String, BlockRecord>,
     leases: &[Lease],
 ) -> Result<(), Vec<Conflict>> {
-    let mut conflicts = Vec::new();
-    for l in leases {
-        let key = l.ip.to_string();
-        match recs.get(&key) {
-            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {}
-            Some(r) => conflicts.push(Conflict::IpTaken(from_record(l.ip, r, 0))),
-            None => {
-                recs.insert(key, to_record(l));
+    // Checked first, applied after: a refused edit changes nothing (other edits of the same
+    // batch share `recs`).
+    let conflicts: Vec<Conflict> = leases
+        .iter()
+        .filter_map(|l| match recs.get(&l.ip.to_string()) {
+            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {
+                None
             }
-        }
+            Some(r) => Some(Conflict::IpTaken(from_record(l.ip, r, 0))),
+            None => None,
+        })
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(conflicts);
     }
-    if conflicts.is_empty() {
-        Ok(())
-    } else {
-        Err(conflicts)
+    for l in leases {
+        recs.entry(l.ip.to_string()).or_insert_with(|| to_record(l));
     }
+    Ok(())
 }
 
 /// Removes the records still held as `rels` say; returns them.
