@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`ctl`]: offline `spiderctl` subcommands (`validate`, `explain`) over manifests.
-//! - [`view`]: the cluster view behind one trait ([`view::ClusterView`]); manifests today.
+//! - [`view`]: the cluster view behind one trait ([`view::ClusterView`]): manifests
+//!   ([`view::ManifestView`]) or, with feature `kube`, the API server (`kube_view::KubeView`).
 //! - [`server`]: the HTTP API on the unix socket and the metrics endpoint.
 //! - [`metrics`]: Prometheus counters and histograms with Spiderpool's names.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]

@@ -205,3 +205,110 @@ fn seed_scenario_through_the_api_server() {
     wait_counts(s, &[("test-ippool-7", "0", "10")]);
     let _ = testdata("seed-pools.yaml");
 }
+
+/// Crash point: the agent is killed (abort) between the two block writes of a dual-stack ADD.
+/// The IPv4 record is stored, the IPv6 one is not; after a restart the retried ADD keeps the
+/// IPv4 address and completes the IPv6 one; DEL frees both.
+#[test]
+fn agent_killed_between_two_block_writes_recovers_on_retry() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let pools = r#"apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata: {name: ds-v4}
+spec: {subnet: 10.30.0.0/16, ips: [10.30.0.10-10.30.0.20]}
+---
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata: {name: ds-v6}
+spec: {subnet: "fd00:30::/64", ips: ["fd00:30::10-fd00:30::20"]}
+"#;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], pools);
+    assert!(ok, "{err}");
+    let podyaml = pod("ds-pod", "controller-node-1").replace(
+        r#"{"ipv4": ["test-ippool-6", "test-ippool-7"]}"#,
+        r#"{"ipv4": ["ds-v4"], "ipv6": ["ds-v6"]}"#,
+    );
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &podyaml);
+    assert!(ok, "{err}");
+    let kubeconfig = s.kubeconfig().to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "--node-name",
+        "controller-node-1",
+        "--kube",
+        "--kubeconfig",
+        &kubeconfig,
+        "--store",
+        "kube",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut agent = Agent::start_with_env(
+        &lab.dir.path().join("ds.sock"),
+        &lab.dir.path().join("ds.log"),
+        &args,
+        &[("SPIDERPOOL_CRASH_AT", "after-claim-block")],
+    );
+    let conf = netconf(
+        "1.0.0",
+        "macvlan-conf",
+        &agent.sock(),
+        serde_json::json!({}),
+    );
+    let cargs = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=ds-pod;K8S_POD_UID=uds";
+    let first = cni(
+        &env_for("ADD", "cds", "eth0", cargs),
+        conf.to_string().as_bytes(),
+    );
+    assert_ne!(
+        first.code(),
+        0,
+        "the agent should have died mid-ADD: {}",
+        first.stdout
+    );
+    // What the dead writer left: one record (the IPv4 block was written first).
+    let (ok, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
+    assert!(ok);
+    let blocks: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let held: Vec<String> = blocks["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .flat_map(|b| {
+            b["spec"]["allocations"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(held.len(), 1, "one record after the crash: {held:?}");
+    assert!(held[0].starts_with("10.30.0."), "{held:?}");
+    agent.kill9();
+    agent.env.clear();
+    agent.start_again();
+    let retry = cni(
+        &env_for("ADD", "cds", "eth0", cargs),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(retry.code(), 0, "{}\n{}", retry.stdout, agent.log_text());
+    let ips: Vec<&str> = retry.json["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .filter_map(|i| i["address"].as_str())
+        .collect();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(
+        ips.contains(&format!("{}/16", held[0]).as_str()),
+        "kept {}: {ips:?}",
+        held[0]
+    );
+    let del = cni(
+        &env_for("DEL", "cds", "eth0", cargs),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(del.code(), 0, "{}", del.stdout);
+    let (_, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
+    assert!(!out.contains("\"cds\""), "records left after DEL: {out}");
+}

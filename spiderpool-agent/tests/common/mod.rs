@@ -51,6 +51,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment of the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -62,6 +64,28 @@ impl Agent {
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
             args: args.to_vec(),
+            env: Vec::new(),
+        };
+        a.spawn();
+        a
+    }
+
+    /// Like [`Agent::start`], with extra environment variables for the process.
+    pub fn start_with_env(
+        socket: &Path,
+        log: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut a = Agent {
+            child: None,
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+            args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         a.spawn();
         a
@@ -75,6 +99,7 @@ impl Agent {
             .expect("agent log");
         let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-agent"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--socket")
             .arg(&self.socket)
             .stdout(Stdio::null())
