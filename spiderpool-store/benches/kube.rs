@@ -39,6 +39,8 @@ struct Row {
     ok: u64,
     failed: u64,
     conflicts: u64,
+    /// Object writes (PUT/POST) sent, ADD and DEL phases.
+    writes: u64,
     add_secs: f64,
     del_secs: f64,
     cpu: f64,
@@ -153,12 +155,14 @@ async fn ours(s: &KubeServer, agents: usize) -> Row {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let cpu = cpu(s) - cpu0;
     let conflicts = engines.iter().map(|e| e.1.conflicts()).sum();
+    let writes = engines.iter().map(|e| e.1.writes()).sum();
     Row {
         what: "kube store",
         agents,
         ok: ok.load(Ordering::Relaxed),
         failed: failed.load(Ordering::Relaxed),
         conflicts,
+        writes,
         add_secs,
         del_secs,
         cpu,
@@ -172,6 +176,7 @@ async fn baseline_op(
     pod: &str,
     add: bool,
     conflicts: &AtomicU64,
+    writes: &AtomicU64,
 ) -> bool {
     for attempt in 0..=5u32 {
         let Ok(mut p) = api.get(pool).await else {
@@ -201,6 +206,7 @@ async fn baseline_op(
         st.allocated_ip_count = Some(map.len() as i64);
         st.allocated_ips = Some(serde_json::to_string(&map).unwrap_or_default());
         p.status = Some(st);
+        writes.fetch_add(1, Ordering::Relaxed);
         match api.replace_status(pool, &PostParams::default(), &p).await {
             Ok(_) => return true,
             Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -231,6 +237,7 @@ async fn baseline(s: &KubeServer, agents: usize) -> Row {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let conflicts = Arc::new(AtomicU64::new(0));
+    let writes = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu(s);
     let mut secs = [0.0; 2];
     for (phase, add) in [true, false].into_iter().enumerate() {
@@ -238,18 +245,19 @@ async fn baseline(s: &KubeServer, agents: usize) -> Row {
         let mut tasks = Vec::new();
         for (a, api) in apis.iter().enumerate() {
             for w in 0..PER_AGENT_PARALLEL {
-                let (api, pool, ok, failed, conflicts) = (
+                let (api, pool, ok, failed, conflicts, writes) = (
                     api.clone(),
                     pool.clone(),
                     ok.clone(),
                     failed.clone(),
                     conflicts.clone(),
+                    writes.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
                     let mut i = w;
                     while i < ADDRESSES / agents + usize::from(a < ADDRESSES % agents) {
                         let name = format!("pod-{a}-{i}");
-                        let done = baseline_op(&api, &pool, &name, add, &conflicts).await;
+                        let done = baseline_op(&api, &pool, &name, add, &conflicts, &writes).await;
                         if add {
                             if done {
                                 ok.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +281,7 @@ async fn baseline(s: &KubeServer, agents: usize) -> Row {
         ok: ok.load(Ordering::Relaxed),
         failed: failed.load(Ordering::Relaxed),
         conflicts: conflicts.load(Ordering::Relaxed),
+        writes: writes.load(Ordering::Relaxed),
         add_secs: secs[0],
         del_secs: secs[1],
         cpu: cpu(s) - cpu0,
@@ -296,18 +305,19 @@ async fn main() {
         "{ADDRESSES} allocations then release, one pool of exactly {ADDRESSES} addresses, {PER_AGENT_PARALLEL} ADDs at a time per agent\n"
     );
     println!(
-        "| store | agents | ok | failed | conflicts/alloc | ADD/s | DEL/s | apiserver+etcd CPU s / 1,000 allocs |"
+        "| store | agents | ok | failed | conflicts/alloc | writes/alloc | ADD/s | DEL/s | apiserver+etcd CPU s / 1,000 allocs |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &agents {
         for row in [ours(&s, n).await, baseline(&s, n).await] {
             println!(
-                "| {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
                 row.what,
                 row.agents,
                 row.ok,
                 row.failed,
                 row.conflicts as f64 / row.ok.max(1) as f64,
+                row.writes as f64 / row.ok.max(1) as f64,
                 row.ok as f64 / row.add_secs,
                 row.ok as f64 / row.del_secs,
                 row.cpu * 1000.0 / row.ok.max(1) as f64,
