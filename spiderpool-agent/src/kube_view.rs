@@ -287,4 +287,31 @@ impl ClusterView for KubeView {
     fn describe(&self) -> String {
         format!("kubernetes: {}", self.server)
     }
+
+    fn tracks_pods(&self) -> bool {
+        true
+    }
+
+    async fn pod_now(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
+        let api: Api<K8sPod> = Api::namespaced(self.pods.clone().into_client(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(p)) => match convert(&p) {
+                Some(Object::Pod(p)) => Ok(Some(p)),
+                _ => Err(format!("pod {namespace}/{name} not understood")),
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!(
+                "reading pod {namespace}/{name} from {}: {e}",
+                self.server
+            )),
+        }
+    }
+
+    async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
+        let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
+        api.get_opt(name)
+            .await
+            .map(|n| n.is_some())
+            .map_err(|e| format!("reading node {name} from {}: {e}", self.server))
+    }
 }

@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ctl;
+pub mod gc;
 #[cfg(feature = "kube")]
 pub mod kube_view;
 pub mod metrics;

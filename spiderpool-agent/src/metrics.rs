@@ -71,7 +71,15 @@ pub struct Metrics {
     pub release_duration: Histogram,
     /// Records freed by CNI GC.
     pub gc_released: AtomicU64,
+    /// Records freed by the agent's pod-lifecycle GC, by reason (`lifecycle::Reason` order).
+    pub lifecycle_released: [AtomicU64; 5],
 }
+
+/// The reasons of [`Metrics::lifecycle_released`], in order.
+pub const LIFECYCLE_REASONS: [spiderpool_core::lifecycle::Reason; 5] = {
+    use spiderpool_core::lifecycle::Reason::*;
+    [PodGone, PodFinished, PodTerminating, PodReplaced, NodeGone]
+};
 
 /// Per-pool usage for the gauges.
 #[derive(Debug, Clone)]
@@ -154,6 +162,15 @@ impl Metrics {
             "Addresses freed by CNI GC.",
             c(&self.gc_released),
         );
+        let _ = writeln!(out, "# HELP spiderpool_gc_released_total Addresses freed by the agent's pod-lifecycle GC, by reason.\n# TYPE spiderpool_gc_released_total counter");
+        for (i, r) in LIFECYCLE_REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "spiderpool_gc_released_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                c(&self.lifecycle_released[i])
+            );
+        }
         let _ = writeln!(out, "# HELP spiderpool_ippool_allocated_ip_count Allocated addresses per pool.\n# TYPE spiderpool_ippool_allocated_ip_count gauge");
         for p in pools {
             let _ = writeln!(

@@ -78,6 +78,27 @@ pub trait ClusterView: Send + Sync {
 
     /// A short description for status and logs (`manifests: a.yaml, b/`).
     fn describe(&self) -> String;
+
+    /// Whether the view knows pods and nodes as the cluster has them, so that garbage collection
+    /// may free the addresses of pods that are gone (the Kubernetes view; manifests are not).
+    fn tracks_pods(&self) -> bool {
+        false
+    }
+
+    /// The pod as the cluster has it now, read past any cache: `Ok(None)` when it does not exist,
+    /// `Err` when it cannot be read (then nothing is freed).
+    async fn pod_now(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
+        Ok(self
+            .snapshot()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned())
+    }
+
+    /// Whether the node exists now, read past any cache.
+    async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
+        Ok(self.snapshot().nodes.contains_key(name))
+    }
 }
 
 /// The cluster from manifest files and directories (`*.yaml`, `*.yml`, `*.json` in a directory).

@@ -312,3 +312,168 @@ spec: {subnet: "fd00:30::/64", ips: ["fd00:30::10-fd00:30::20"]}
     let (_, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
     assert!(!out.contains("\"cds\""), "records left after DEL: {out}");
 }
+
+/// Containers that hold a record in the API server.
+fn holders(s: &KubeServer) -> Vec<String> {
+    let (ok, out, err) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let mut c: Vec<String> = v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .flat_map(|b| {
+            b["spec"]["allocations"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|r| r["containerID"].as_str().map(str::to_string))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    c.sort();
+    c
+}
+
+/// Pod-lifecycle GC frees the addresses of pods that are gone, finished, terminating past grace
+/// plus margin, replaced by a pod with another UID, and of a node that is gone; never a live
+/// pod's.
+#[test]
+fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let ghost = "apiVersion: v1\nkind: Node\nmetadata: {name: ghost-node, labels: {node-subnet: subnet-6}}\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], ghost);
+    assert!(ok, "{err}");
+    for (name, node) in [
+        ("gc-live", "controller-node-1"),
+        ("gc-gone", "controller-node-1"),
+        ("gc-done", "controller-node-1"),
+        ("gc-term", "controller-node-1"),
+        ("gc-repl", "controller-node-1"),
+        ("gc-ghost", "ghost-node"),
+    ] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod(name, node));
+        assert!(ok, "{err}");
+    }
+    let uid = |name: &str| {
+        let (ok, out, err) = s.kubectl(&["get", "pod", name, "-o", "jsonpath={.metadata.uid}"], "");
+        assert!(ok, "{err}");
+        out
+    };
+    let kubeconfig = s.kubeconfig().to_string_lossy().into_owned();
+    let agent_args = |node: &str| -> Vec<String> {
+        [
+            "--node-name",
+            node,
+            "--kube",
+            "--kubeconfig",
+            &kubeconfig,
+            "--store",
+            "kube",
+            "--gc-interval-ms",
+            "700",
+            "--gc-margin-secs",
+            "2",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    // The ghost node's agent allocates, then the node disappears with its agent.
+    let mut g = Agent::start(
+        &lab.dir.path().join("g.sock"),
+        &lab.dir.path().join("g.log"),
+        &agent_args("ghost-node"),
+    );
+    let gconf = netconf("1.0.0", "macvlan-conf", &g.sock(), serde_json::json!({}));
+    let gargs = format!(
+        "K8S_POD_NAMESPACE=default;K8S_POD_NAME=gc-ghost;K8S_POD_UID={}",
+        uid("gc-ghost")
+    );
+    let add = cni(
+        &env_for("ADD", "c-ghost", "eth0", &gargs),
+        gconf.to_string().as_bytes(),
+    );
+    assert_eq!(add.code(), 0, "{}\n{}", add.stdout, g.log_text());
+    g.kill9();
+
+    let a = Agent::start(
+        &lab.dir.path().join("a.sock"),
+        &lab.dir.path().join("a.log"),
+        &agent_args("controller-node-1"),
+    );
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    for name in ["gc-live", "gc-gone", "gc-done", "gc-term", "gc-repl"] {
+        let u = if name == "gc-repl" {
+            "an-older-pod".to_string()
+        } else {
+            uid(name)
+        };
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID={u}");
+        let add = cni(
+            &env_for("ADD", &format!("c-{name}"), "eth0", &args),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(add.code(), 0, "{name}: {}\n{}", add.stdout, a.log_text());
+    }
+    assert_eq!(holders(s).len(), 6);
+    // Now make them dead, each its own way.
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "gc-gone", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "pod",
+            "gc-done",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Succeeded"}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &[
+            "delete",
+            "pod",
+            "gc-term",
+            "--grace-period=1",
+            "--wait=false",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["delete", "node", "ghost-node"], "");
+    assert!(ok, "{err}");
+
+    let t0 = Instant::now();
+    while holders(s) != ["c-gc-live"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "left: {:?}\n{}",
+            holders(s),
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let log = a.log_text();
+    for reason in [
+        "pod_gone",
+        "pod_finished",
+        "pod_terminating",
+        "pod_replaced",
+        "node_gone",
+    ] {
+        assert!(log.contains(reason), "no GC for {reason}:\n{log}");
+    }
+    // The live pod keeps its address through more rounds.
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(holders(s), ["c-gc-live"]);
+}

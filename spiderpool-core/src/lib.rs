@@ -74,6 +74,7 @@ pub mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod engine;
+pub mod lifecycle;
 pub mod manifest;
 pub mod range;
 pub mod select;

@@ -54,6 +54,14 @@ struct Args {
     /// Do not watch the store for other nodes' changes (etcd): for measuring what the watch saves.
     #[arg(long)]
     no_watch: bool,
+    /// How often pod-lifecycle GC runs, in milliseconds (with --kube: frees the addresses of
+    /// pods that are gone, finished, terminating past grace + margin, or replaced, and of nodes
+    /// that are gone; each judged dead in two rounds in a row first).
+    #[arg(long, default_value_t = 60_000)]
+    gc_interval_ms: u64,
+    /// Seconds a terminating pod keeps its address past its grace period.
+    #[arg(long, default_value_t = 30)]
+    gc_margin_secs: u64,
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -160,6 +168,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
     let listener = bind(&args.socket)?;
+    tokio::spawn(spiderpool_agent::gc::run(
+        agent.clone(),
+        Duration::from_millis(args.gc_interval_ms.max(100)),
+        args.gc_margin_secs,
+        stop_rx.clone(),
+    ));
     if !args.no_watch {
         tokio::spawn(server::follow_store(agent.clone(), stop_rx.clone()));
     }

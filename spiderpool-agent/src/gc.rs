@@ -1,0 +1,195 @@
+//! The agent's pod-lifecycle garbage collection (views that track pods: Kubernetes).
+//!
+//! Every interval: this node's records are judged against their pods
+//! ([`spiderpool_core::lifecycle::judge`]): pods gone, Succeeded/Failed, terminating past their
+//! grace period plus a margin, or replaced by a pod of the same name with another UID. A pod the
+//! watch cache shows alive is alive; any other verdict is confirmed by reading the pod from the
+//! API server. With a store every node shares, records of nodes that no longer exist are judged
+//! too. Nothing is freed before it was judged dead in two rounds in a row
+//! ([`spiderpool_core::lifecycle::Suspects`]), and a pod that cannot be read keeps its address.
+//! Frees are conditional releases of exactly the record judged, so a record that changed hands
+//! in between is left alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiderpool_core::lifecycle::{judge, PodFacts, Reason, Suspects};
+use spiderpool_core::store::{Filter, Lease, LeaseStore, Outcome, Release, Txn};
+use spiderpool_core::types::Pod;
+
+use crate::metrics::LIFECYCLE_REASONS;
+use crate::server::Agent;
+
+/// Seconds since the epoch of an RFC 3339 UTC time as Kubernetes writes it
+/// (`2026-11-27T15:20:07Z`); `None` for anything else.
+pub fn parse_time(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !s.ends_with('Z') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+fn facts(pod: &Option<Pod>) -> PodFacts<'_> {
+    match pod {
+        None => PodFacts::Gone,
+        Some(p) => PodFacts::Present {
+            uid: p.metadata.uid.as_deref().unwrap_or(""),
+            phase: p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            deletion: p
+                .metadata
+                .deletion_timestamp
+                .as_deref()
+                .and_then(parse_time),
+        },
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One round: judges, remembers suspects, frees what was dead twice. Returns what it freed.
+pub async fn round(
+    agent: &Agent,
+    suspects: &mut Suspects,
+    margin: u64,
+) -> Result<Vec<(Lease, Reason)>, String> {
+    let store = agent.engine.store();
+    let mine = store
+        .list(Filter::Node(&agent.node))
+        .await
+        .map_err(|e| e.to_string())?
+        .leases;
+    let snap = agent.view.snapshot();
+    let t = now();
+    let mut fresh: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
+    let mut verdicts = Vec::with_capacity(mine.len());
+    for l in mine {
+        let key = (l.owner.pod_namespace.clone(), l.owner.pod_name.clone());
+        let cached = snap.pods.get(&key).cloned();
+        let mut verdict = judge(&l, facts(&cached), t, margin);
+        if verdict.is_some() {
+            // The cache says dead: ask the API server (once per pod per round).
+            if !fresh.contains_key(&key) {
+                match agent.view.pod_now(&key.0, &key.1).await {
+                    Ok(p) => {
+                        fresh.insert(key.clone(), p);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "GC: pod unreadable; its addresses are kept");
+                        verdicts.push((l, None));
+                        continue;
+                    }
+                }
+            }
+            verdict = fresh.get(&key).and_then(|p| judge(&l, facts(p), t, margin));
+        }
+        verdicts.push((l, verdict));
+    }
+    // Records of nodes that are gone: only where every node's records are at hand (a store all
+    // nodes share and this agent mirrors: kube).
+    if store.backend() == "kube" {
+        let all = store
+            .list(Filter::All)
+            .await
+            .map_err(|e| e.to_string())?
+            .leases;
+        let nodes: BTreeSet<&str> = all
+            .iter()
+            .map(|l| l.owner.node.as_str())
+            .filter(|n| *n != agent.node && !n.is_empty())
+            .collect();
+        let mut gone = BTreeSet::new();
+        for n in nodes {
+            match agent.view.node_exists_now(n).await {
+                Ok(false) => {
+                    gone.insert(n.to_string());
+                }
+                Ok(true) => {}
+                Err(e) => tracing::warn!(error = %e, "GC: node unreadable; its addresses are kept"),
+            }
+        }
+        for l in all {
+            if gone.contains(&l.owner.node) {
+                verdicts.push((l, Some(Reason::NodeGone)));
+            }
+        }
+    }
+    let mut freed = Vec::new();
+    for (lease, reason) in suspects.round(verdicts) {
+        let txn = Txn {
+            claims: Vec::new(),
+            releases: vec![Release::from(&lease)],
+        };
+        match store.commit(txn).await {
+            Ok(Outcome::Committed { released, revision }) if !released.is_empty() => {
+                if let Some(i) = LIFECYCLE_REASONS.iter().position(|r| *r == reason) {
+                    agent.metrics.lifecycle_released[i].fetch_add(1, Relaxed);
+                }
+                agent.engine.observe(&lease.pool, lease.ip, revision, false);
+                tracing::info!(ip = %lease.ip, pod = %format!("{}/{}", lease.owner.pod_namespace, lease.owner.pod_name),
+                    container = %lease.owner.container_id, node = %lease.owner.node, reason = reason.as_str(), "GC freed");
+                freed.push((lease, reason));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(ip = %lease.ip, error = %e, "GC: release failed; next round"),
+        }
+    }
+    Ok(freed)
+}
+
+/// Runs [`round`] every `every` until `stop` changes (only for views that track pods).
+pub async fn run(
+    agent: Arc<Agent>,
+    every: Duration,
+    margin: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if !agent.view.tracks_pods() {
+        return;
+    }
+    let mut suspects = Suspects::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = round(&agent, &mut suspects, margin).await {
+            tracing::warn!(error = %e, "GC round failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn kubernetes_times() {
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_time("2026-11-27T15:20:07Z"), Some(1_795_792_807));
+        assert_eq!(parse_time("2000-02-29T12:00:00Z"), Some(951_825_600));
+        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}
