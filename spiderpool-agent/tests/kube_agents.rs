@@ -91,7 +91,11 @@ struct Lab {
 }
 
 fn lab() -> Option<Lab> {
-    let server = KubeServer::start()?;
+    lab_with(&[])
+}
+
+fn lab_with(users: &[spiderpool_store::testing::KubeUser]) -> Option<Lab> {
+    let server = KubeServer::start_with_users(users)?;
     server.install_crds(&crds_yaml()).expect("CRDs");
     let (ok, _, err) = server.kubectl(&["apply", "-f", "-"], &seed_objects());
     assert!(ok, "{err}");
@@ -105,7 +109,10 @@ fn lab() -> Option<Lab> {
 
 impl Lab {
     fn agent(&self, node: &str) -> Agent {
-        let kubeconfig = self.server.kubeconfig();
+        self.agent_as(node, &self.server.kubeconfig())
+    }
+
+    fn agent_as(&self, node: &str, kubeconfig: &std::path::Path) -> Agent {
         Agent::start(
             &self.dir.path().join(format!("{node}.sock")),
             &self.dir.path().join(format!("{node}.log")),
@@ -476,4 +483,176 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     // The live pod keeps its address through more rounds.
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(holders(s), ["c-gc-live"]);
+}
+
+fn deploy(name: &str) -> String {
+    let path = format!("{}/../deploy/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Multus's NetworkAttachmentDefinition CRD, minimal, so the sample network can be checked.
+const NAD_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: network-attachment-definitions.k8s.cni.cncf.io}
+spec:
+  group: k8s.cni.cncf.io
+  scope: Namespaced
+  names: {plural: network-attachment-definitions, singular: network-attachment-definition, kind: NetworkAttachmentDefinition, shortNames: [net-attach-def]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, properties: {config: {type: string}}}
+"#;
+
+/// Every manifest in deploy/ is accepted by the real API server (server-side dry run), and the
+/// seed pools shipped there are the seed's.
+#[test]
+fn every_deploy_manifest_is_accepted_by_the_api_server() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    s.install_crds(NAD_CRD).expect("NAD CRD");
+    assert_eq!(
+        deploy("kubernetes/seed-pools.yaml"),
+        include_str!("../../testdata/seed-pools.yaml"),
+        "deploy/kubernetes/seed-pools.yaml drifted from the seed"
+    );
+    let dir = format!("{}/../deploy/kubernetes", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let mut checked = vec!["crds.yaml".to_string()];
+    let (ok, _, err) = s.kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        &deploy("crds.yaml"),
+    );
+    assert!(ok, "crds.yaml: {err}");
+    for f in files {
+        let (ok, out, err) = s.kubectl(
+            &["apply", "--dry-run=server", "-f", "-"],
+            &deploy(&format!("kubernetes/{f}")),
+        );
+        assert!(ok, "{f}: {err}");
+        assert!(out.contains("(server dry run)"), "{f}: {out}");
+        checked.push(f);
+    }
+    assert!(
+        checked.iter().any(|f| f == "agent-daemonset.yaml"),
+        "{checked:?}"
+    );
+}
+
+/// The agent's ClusterRole is enough for everything the agent does (ADD, DEL, pool status,
+/// finalizer, GC) and refuses writes to anything else.
+#[test]
+fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
+    let user = spiderpool_store::testing::KubeUser {
+        token: "agent-token-0123456789abcdef".into(),
+        name: "agent-user".into(),
+        groups: String::new(),
+    };
+    let Some(lab) = lab_with(std::slice::from_ref(&user)) else {
+        return;
+    };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &deploy("kubernetes/agent-rbac.yaml"));
+    assert!(ok, "{err}");
+    let bind = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: agent-user}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: spiderpool-agent}\nsubjects: [{kind: User, name: agent-user, apiGroup: rbac.authorization.k8s.io}]\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], bind);
+    assert!(ok, "{err}");
+    let kc = s
+        .write_kubeconfig("agent.kubeconfig", &user.token)
+        .expect("kubeconfig");
+    for name in ["rbac-a", "rbac-b"] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod(name, "controller-node-1"));
+        assert!(ok, "{err}");
+    }
+    let mut args: Vec<String> = Vec::new();
+    for a in ["--node-name", "controller-node-1", "--kube", "--kubeconfig"] {
+        args.push(a.into());
+    }
+    args.push(kc.to_string_lossy().into_owned());
+    for a in ["--store", "kube", "--gc-interval-ms", "500"] {
+        args.push(a.into());
+    }
+    let a = Agent::start(
+        &lab.dir.path().join("r.sock"),
+        &lab.dir.path().join("r.log"),
+        &args,
+    );
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    for name in ["rbac-a", "rbac-b"] {
+        let cargs = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+        let add = cni(
+            &env_for("ADD", &format!("c-{name}"), "eth0", &cargs),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(add.code(), 0, "{}\n{}", add.stdout, a.log_text());
+    }
+    wait_counts(
+        s,
+        &[
+            ("test-ippool-6", "2", "10"),
+            ("test-ippool-7", "<none>", "<none>"),
+        ],
+    );
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "sp",
+            "test-ippool-6",
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ],
+        "",
+    );
+    assert!(out.contains("spiderpool.spidernet.io"), "finalizer: {out}");
+    // GC with the same identity: rbac-b goes, its address is freed.
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "rbac-b", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let t0 = Instant::now();
+    while holders(s) != ["c-rbac-a"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{:?}\n{}",
+            holders(s),
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let del = cni(
+        &env_for(
+            "DEL",
+            "c-rbac-a",
+            "eth0",
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=rbac-a",
+        ),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(del.code(), 0, "{}", del.stdout);
+    assert!(!a.log_text().contains("forbidden"), "{}", a.log_text());
+    // And nothing more: writes to other kinds, deletes, pool specs are refused.
+    for (args, stdin) in [
+        (vec!["create", "configmap", "x", "-n", "default"], ""),
+        (vec!["delete", "spiderippool", "test-ippool-7"], ""),
+        (vec!["delete", "spideripblocks", "--all"], ""),
+        (vec!["label", "node", "controller-node-1", "x=y"], ""),
+        (vec!["patch", "pod", "rbac-a", "-p", r#"{"metadata":{"labels":{"x":"y"}}}"#], ""),
+        (vec!["apply", "-f", "-"], "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: sneaky}\nspec: {subnet: 10.99.0.0/16, ips: [10.99.0.1]}\n"),
+    ] {
+        let (ok, _, err) = s.kubectl_as(&kc, &args, stdin);
+        assert!(!ok && err.contains("forbidden"), "{args:?} was allowed: {err}");
+    }
 }

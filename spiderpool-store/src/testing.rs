@@ -584,9 +584,19 @@ impl KubeServer {
 
     /// Runs `kubectl` as the admin with `stdin`; returns (success, stdout, stderr).
     pub fn kubectl(&self, args: &[&str], stdin: &str) -> (bool, String, String) {
+        self.kubectl_as(&self.kubeconfig(), args, stdin)
+    }
+
+    /// Runs `kubectl` with another kubeconfig (another user, see [`KubeServer::write_kubeconfig`]).
+    pub fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        stdin: &str,
+    ) -> (bool, String, String) {
         let child = Command::new("kubectl")
             .arg("--kubeconfig")
-            .arg(self.kubeconfig())
+            .arg(kubeconfig)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -618,7 +618,9 @@ impl Inner {
         }
     }
 
-    /// Brings one pool's status up to date; whether it wrote.
+    /// Brings one pool's status up to date: `Ok(true)` when it is (written now, already
+    /// current, or the pool is gone), `Ok(false)` when a concurrent change to the pool refused
+    /// the write (the caller tries again).
     async fn project(&self, pool: &str) -> Result<bool, StoreError> {
         let Some(obj) = self
             .pools
@@ -626,7 +628,7 @@ impl Inner {
             .await
             .map_err(|e| self.unavailable(&format!("reading SpiderIPPool {pool}"), e))?
         else {
-            return Ok(false);
+            return Ok(true);
         };
         let (revision, leases) = {
             let m = self.lock();
@@ -635,16 +637,20 @@ impl Inner {
         };
         let deleting = obj.metadata.deletion_timestamp.is_some();
         let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+        let mut resource_version = obj.resource_version();
         if !deleting && !has_finalizer {
             let mut fins = obj.finalizers().to_vec();
             fins.push(FINALIZER.to_string());
             let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
-            if let Err(e) = self
+            match self
                 .pools
                 .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                tracing::debug!(pool, error = %e, "adding the finalizer failed; next time");
+                // The status write below must name the version the finalizer made.
+                Ok(o) => resource_version = o.resource_version(),
+                Err(e) if api_code(&e) == Some(409) => return Ok(false),
+                Err(e) => tracing::warn!(pool, error = %e, "adding the finalizer failed; next time"),
             }
         }
         if deleting && has_finalizer && leases.is_empty() {
@@ -663,7 +669,7 @@ impl Inner {
         let current = obj.status.clone().unwrap_or_default();
         let rev = i64::try_from(revision).unwrap_or(i64::MAX);
         if current.allocated_revision.is_some_and(|r| r >= rev) {
-            return Ok(false);
+            return Ok(true);
         }
         let total = serde_json::to_value(&obj)
             .ok()
@@ -692,7 +698,7 @@ impl Inner {
             allocated_revision: Some(rev),
         };
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": obj.resource_version()},
+            "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
         // `allocatedIPs` must go when the pool outgrows it: a merge patch drops a null field.
@@ -847,11 +853,12 @@ async fn project_statuses(inner: std::sync::Weak<Inner>, every: Duration) {
         };
         for (pool, rev) in dirty {
             match inner.project(&pool).await {
-                Ok(_) => {
+                Ok(true) => {
                     done.insert(pool, rev);
                 }
+                Ok(false) => {}
                 Err(e) => {
-                    tracing::debug!(pool = %pool, error = %e, "pool status not written; next time")
+                    tracing::warn!(pool = %pool, error = %e, "pool status not written; next time")
                 }
             }
         }
