@@ -235,6 +235,48 @@ pub async fn release_semantics<S: LeaseStore>(s: &S) {
     ));
 }
 
+/// A claim may take an address that a release of the same transaction frees (a StatefulSet
+/// pod's address moving to its new sandbox); a late release by the old sandbox then frees
+/// nothing, and a move whose release names the wrong holder is refused.
+pub async fn moves<S: LeaseStore>(s: &S) {
+    let b = s.backend();
+    let old = lease("10.0.8.1", "p", "old-sandbox", "eth0", "n1");
+    commit(s, vec![old.clone()], vec![]).await;
+    let before = s
+        .pool_revision("p")
+        .await
+        .unwrap_or_else(|e| panic!("{b}: {e}"));
+    let new = lease("10.0.8.1", "p", "new-sandbox", "eth0", "n2");
+    match commit(s, vec![new.clone()], vec![Release::from(&old)]).await {
+        Outcome::Committed { released, .. } => {
+            assert_eq!(strip(released), vec![old.clone()], "{b}: the old record is released")
+        }
+        x => panic!("{b}: move refused: {x:?}"),
+    }
+    assert_eq!(strip(all(s, Filter::All).await), vec![new.clone()], "{b}: moved");
+    assert!(all(s, Filter::Container("old-sandbox")).await.is_empty(), "{b}");
+    assert!(
+        s.pool_revision("p").await.unwrap_or(0) > before,
+        "{b}: a move changes the pool"
+    );
+    // The old sandbox's late DEL frees nothing.
+    match commit(s, vec![], vec![Release::from(&old)]).await {
+        Outcome::Committed { released, .. } => assert!(released.is_empty(), "{b}: late DEL"),
+        x => panic!("{b}: {x:?}"),
+    }
+    assert_eq!(all(s, Filter::All).await.len(), 1, "{b}: the new holder keeps it");
+    // A move naming a holder that is not the holder is refused and changes nothing.
+    let third = lease("10.0.8.1", "p", "third", "eth0", "n3");
+    match commit(s, vec![third], vec![Release::from(&old)]).await {
+        Outcome::Conflict(c) => assert!(
+            matches!(&c[0], Conflict::IpTaken(l) if l.owner.container_id == "new-sandbox"),
+            "{b}: {c:?}"
+        ),
+        x => panic!("{b}: move from a wrong holder accepted: {x:?}"),
+    }
+    assert_eq!(strip(all(s, Filter::All).await), vec![new], "{b}: unchanged");
+}
+
 /// Filters return exactly the matching records; revisions grow with writes.
 pub async fn listing<S: LeaseStore>(s: &S) {
     let b = s.backend();
@@ -568,6 +610,7 @@ where
     release_semantics(&make().await).await;
     listing(&make().await).await;
     pool_revisions(&make().await).await;
+    moves(&make().await).await;
     engine_idempotency_and_gc(make().await).await;
     gc_is_scoped_to_network_and_container(make().await).await;
     full_pool_is_not_reread_per_add(make().await).await;

@@ -772,6 +772,15 @@ impl LeaseTable {
         let next = batch.revision + 1;
         let mut conflicts = Vec::new();
         let mut writes = Vec::new();
+        // A claim may take an address that a release of the same transaction frees (a move: a
+        // StatefulSet pod's address passing to its new sandbox).
+        let released_here = |ip: &IpAddr, holder: &Lease| {
+            txn.releases.iter().any(|r| {
+                r.ip == *ip
+                    && r.container_id == holder.owner.container_id
+                    && r.ifname == holder.owner.ifname
+            })
+        };
         let mut seen_ips = BTreeSet::new();
         let mut seen_slots: BTreeSet<(&str, &str, IpFamily)> = BTreeSet::new();
         for c in &txn.claims {
@@ -786,10 +795,13 @@ impl LeaseTable {
                 continue;
             }
             if let Some(cur) = self.current(batch, &c.ip) {
-                if !cur.owner.same_attachment(&c.owner) {
-                    conflicts.push(Conflict::IpTaken(cur.into_owned()));
+                if cur.owner.same_attachment(&c.owner) {
+                    continue; // same attachment: idempotent no-op
                 }
-                continue; // same attachment: idempotent no-op
+                if !released_here(&c.ip, &cur) {
+                    conflicts.push(Conflict::IpTaken(cur.into_owned()));
+                    continue;
+                }
             }
             if let Some(cur) = self.slot_holder(batch, c) {
                 conflicts.push(Conflict::AttachmentBound(cur.into_owned()));

@@ -314,9 +314,16 @@ impl EtcdStore {
             let mut compares = Vec::new();
             let mut success = Vec::new();
             let mut failure = Vec::new();
+            // A claim of an address a release of this transaction frees (a move): the release's
+            // compare on the record's revision guards the address key, which is overwritten,
+            // not deleted (etcd refuses two operations on one key in a transaction).
+            let mut put_keys = std::collections::HashSet::new();
             for c in &claims {
                 let [ipk, slot, poolk, nodek] = self.keys_of(c);
-                compares.push(Compare::create_revision(ipk.clone(), CompareOp::Equal, 0));
+                if !victims.iter().any(|v| v.ip == c.ip) {
+                    compares.push(Compare::create_revision(ipk.clone(), CompareOp::Equal, 0));
+                }
+                put_keys.extend([ipk.clone(), slot.clone(), poolk.clone(), nodek.clone()]);
                 compares.push(Compare::create_revision(slot.clone(), CompareOp::Equal, 0));
                 let mut rec = c.clone();
                 rec.revision = 0;
@@ -336,7 +343,9 @@ impl EtcdStore {
                     i64::try_from(v.revision).unwrap_or(i64::MAX),
                 ));
                 for k in keys {
-                    success.push(TxnOp::delete(k, None));
+                    if !put_keys.contains(&k) {
+                        success.push(TxnOp::delete(k, None));
+                    }
                 }
             }
             let mut touched: Vec<&str> = claims

@@ -110,13 +110,18 @@ struct Inner {
 
 /// One transaction's change to one block.
 enum Edit {
-    Claim(Vec<Lease>),
+    /// Records to add; a record of another holder refuses all, unless one of the releases
+    /// names that holder (a move: the record is replaced).
+    Claim(Vec<Lease>, Vec<Release>),
     Release(Vec<Release>),
+    /// Undoes a claim: removes the claimed records, puts back those it replaced.
+    Undo(Vec<Release>, Vec<Lease>),
 }
 
 /// What an edit did.
 enum Done {
-    Claimed,
+    /// Claimed; the records a move replaced.
+    Claimed(Vec<Lease>),
     Released(Vec<Lease>),
 }
 
@@ -493,8 +498,15 @@ impl Inner {
                     Ok(edits
                         .iter()
                         .map(|e| match e {
-                            Edit::Claim(l) => claim_into(recs, l).map(|()| Done::Claimed),
+                            Edit::Claim(l, movable) => claim_into(recs, l, movable).map(Done::Claimed),
                             Edit::Release(r) => Ok(Done::Released(release_from(recs, r))),
+                            Edit::Undo(r, back) => {
+                                release_from(recs, r);
+                                for l in back {
+                                    recs.entry(l.ip.to_string()).or_insert_with(|| to_record(l));
+                                }
+                                Ok(Done::Released(Vec::new()))
+                            }
                         })
                         .collect::<Vec<_>>())
                 })
@@ -562,13 +574,27 @@ impl Inner {
                 .push(d.clone());
         }
         let mut revision = 0;
-        let mut written: Vec<(String, IpAddr, Vec<Lease>)> = Vec::new();
+        let mut released = Vec::new();
+        let mut written: Vec<(String, IpAddr, Vec<Lease>, Vec<Lease>)> = Vec::new();
         for (name, (base, leases)) in claims {
-            let res = self.submit(&name, base, Edit::Claim(leases.clone())).await;
+            let movable: Vec<Release> = txn
+                .releases
+                .iter()
+                .filter(|r| leases.iter().any(|l| l.ip == r.ip))
+                .cloned()
+                .collect();
+            let res = self
+                .submit(&name, base, Edit::Claim(leases.clone(), movable))
+                .await;
             match res {
-                Ok(Ok((rv, _))) => {
+                Ok(Ok((rv, done))) => {
                     revision = revision.max(rv);
-                    written.push((name, base, leases));
+                    let replaced = match done {
+                        Done::Claimed(r) => r,
+                        Done::Released(_) => Vec::new(),
+                    };
+                    released.extend(replaced.iter().cloned());
+                    written.push((name, base, leases, replaced));
                     crash_point("after-claim-block");
                 }
                 Ok(Err(conflicts)) => {
@@ -581,7 +607,6 @@ impl Inner {
                 }
             }
         }
-        let mut released = Vec::new();
         for (name, (base, rels)) in releases {
             let res = self.submit(&name, base, Edit::Release(rels)).await;
             match res {
@@ -609,10 +634,13 @@ impl Inner {
 
     /// Removes the claims a refused transaction had written (best effort: what a failure here
     /// leaves is what a crash leaves, and is cleaned up the same way).
-    async fn roll_back(self: &Arc<Self>, written: &[(String, IpAddr, Vec<Lease>)]) {
-        for (name, base, leases) in written {
+    async fn roll_back(self: &Arc<Self>, written: &[(String, IpAddr, Vec<Lease>, Vec<Lease>)]) {
+        for (name, base, leases, replaced) in written {
             let rels: Vec<Release> = leases.iter().map(Release::from).collect();
-            if let Err(e) = self.submit(name, *base, Edit::Release(rels)).await {
+            if let Err(e) = self
+                .submit(name, *base, Edit::Undo(rels, replaced.clone()))
+                .await
+            {
                 tracing::warn!(block = %name, error = %e, "rolling back a refused transaction failed; DEL or GC frees the records");
             }
         }
@@ -720,30 +748,44 @@ impl Inner {
     }
 }
 
-/// Adds `leases` to a block's records; a record held by another attachment refuses all.
+/// Adds `leases` to a block's records; a record held by another attachment refuses all, unless
+/// `movable` releases it (then it is replaced, and returned).
 fn claim_into(
     recs: &mut BTreeMap<String, BlockRecord>,
     leases: &[Lease],
-) -> Result<(), Vec<Conflict>> {
+    movable: &[Release],
+) -> Result<Vec<Lease>, Vec<Conflict>> {
     // Checked first, applied after: a refused edit changes nothing (other edits of the same
     // batch share `recs`).
-    let conflicts: Vec<Conflict> = leases
-        .iter()
-        .filter_map(|l| match recs.get(&l.ip.to_string()) {
-            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {
-                None
+    let mut conflicts = Vec::new();
+    let mut replaced = Vec::new();
+    for l in leases {
+        match recs.get(&l.ip.to_string()) {
+            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {}
+            Some(r)
+                if movable.iter().any(|m| {
+                    m.ip == l.ip && m.container_id == r.container_id && m.ifname == r.interface
+                }) =>
+            {
+                replaced.push(from_record(l.ip, r, 0));
             }
-            Some(r) => Some(Conflict::IpTaken(from_record(l.ip, r, 0))),
-            None => None,
-        })
-        .collect();
+            Some(r) => conflicts.push(Conflict::IpTaken(from_record(l.ip, r, 0))),
+            None => {}
+        }
+    }
     if !conflicts.is_empty() {
         return Err(conflicts);
     }
     for l in leases {
-        recs.entry(l.ip.to_string()).or_insert_with(|| to_record(l));
+        let key = l.ip.to_string();
+        let same = recs
+            .get(&key)
+            .is_some_and(|r| r.container_id == l.owner.container_id && r.interface == l.owner.ifname);
+        if !same {
+            recs.insert(key, to_record(l));
+        }
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// Removes the records still held as `rels` say; returns them.
