@@ -103,6 +103,18 @@ pub async fn round(
                 }
             }
             verdict = fresh.get(&key).and_then(|p| judge(&l, facts(p), t, margin));
+            // A StatefulSet pod between two incarnations keeps its address while its ordinal
+            // is wanted (its next sandbox takes the record over).
+            if matches!(verdict, Some(Reason::PodGone | Reason::PodReplaced)) {
+                match agent.view.statefulset_wants(&key.0, &key.1).await {
+                    Ok(Some(true)) => verdict = None,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "GC: StatefulSet unreadable; addresses kept");
+                        verdict = None;
+                    }
+                }
+            }
         }
         verdicts.push((l, verdict));
     }

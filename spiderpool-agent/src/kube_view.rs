@@ -307,6 +307,28 @@ impl ClusterView for KubeView {
         }
     }
 
+    async fn statefulset_wants(&self, namespace: &str, name: &str) -> Result<Option<bool>, String> {
+        let Some((base, ordinal)) = name
+            .rsplit_once('-')
+            .and_then(|(b, o)| Some((b, o.parse::<i64>().ok()?)))
+        else {
+            return Ok(None);
+        };
+        let api: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+            Api::namespaced(self.pods.clone().into_client(), namespace);
+        match api.get_opt(base).await {
+            Ok(Some(sts)) => {
+                let replicas = sts.spec.and_then(|s| s.replicas).unwrap_or(1);
+                Ok(Some(ordinal < i64::from(replicas)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!(
+                "reading StatefulSet {namespace}/{base} from {}: {e}",
+                self.server
+            )),
+        }
+    }
+
     async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
         let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
         api.get_opt(name)

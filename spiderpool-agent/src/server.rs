@@ -238,6 +238,15 @@ async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
         cni: Some(&req.cni),
         default_families: families,
     };
+    let is_statefulset = pod.is_some_and(|p| {
+        p.metadata
+            .owner_references
+            .iter()
+            .any(|o| o.controller == Some(true) && o.kind == "StatefulSet")
+    });
+    if is_statefulset {
+        keep_statefulset_address(a, &snap.pools, &input, &req.attachment, uid).await;
+    }
     match a
         .engine
         .allocate(&snap.pools, &input, &req.attachment, uid, now())
@@ -265,11 +274,110 @@ async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
     }
 }
 
+/// Where a StatefulSet pod's earlier records may be: anywhere with a store every node shares and
+/// this agent mirrors (kube: the pod may have been rescheduled to another node of its zone),
+/// else on this node.
+async fn records_of_pod(
+    a: &Agent,
+    namespace: &str,
+    name: &str,
+) -> Vec<spiderpool_core::store::Lease> {
+    let store = a.engine.store();
+    let filter = if store.backend() == "kube" {
+        Filter::All
+    } else {
+        Filter::Node(&a.node)
+    };
+    match store.list(filter).await {
+        Ok(l) => l
+            .leases
+            .into_iter()
+            .filter(|l| l.owner.pod_namespace == namespace && l.owner.pod_name == name)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the pod's earlier records");
+            Vec::new()
+        }
+    }
+}
+
+/// A StatefulSet pod whose ordinal its StatefulSet still wants takes over the addresses of its
+/// latest earlier sandbox (a restart, or a reschedule within the zone), before allocating.
+async fn keep_statefulset_address(
+    a: &Agent,
+    pools: &PoolSet,
+    input: &SelectionInput<'_>,
+    att: &spiderpool_core::engine::Attachment,
+    uid: &str,
+) {
+    if a.view
+        .statefulset_wants(input.pod_namespace, input.pod_name)
+        .await
+        != Ok(Some(true))
+    {
+        return;
+    }
+    let mut previous = records_of_pod(a, input.pod_namespace, input.pod_name).await;
+    previous.retain(|l| l.owner.container_id != att.container_id);
+    let Some(latest) = previous
+        .iter()
+        .max_by_key(|l| (l.owner.created, l.revision))
+        .map(|l| l.owner.container_id.clone())
+    else {
+        return;
+    };
+    previous.retain(|l| l.owner.container_id == latest);
+    match a
+        .engine
+        .adopt(pools, input, &previous, att, uid, now())
+        .await
+    {
+        Ok(moved) if !moved.is_empty() => tracing::info!(
+            pod = %format!("{}/{}", input.pod_namespace, input.pod_name),
+            from = %latest, to = %att.container_id,
+            addresses = ?moved.iter().map(|l| l.ip.to_string()).collect::<Vec<_>>(),
+            "StatefulSet pod keeps its addresses"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "StatefulSet pod could not keep its addresses"),
+    }
+}
+
+/// Whether DEL keeps `container`'s records: they belong to a StatefulSet pod whose ordinal is
+/// still wanted (the pod's next sandbox takes them over). A pod that still exists must be owned
+/// by a StatefulSet; one that is gone is judged by the StatefulSet alone.
+async fn kept_for_statefulset(a: &Agent, container: &str) -> bool {
+    if !a.view.tracks_pods() {
+        return false;
+    }
+    let Ok(listing) = a.engine.store().list(Filter::Container(container)).await else {
+        return false;
+    };
+    let Some(l) = listing.leases.first() else {
+        return false;
+    };
+    let (ns, name) = (&l.owner.pod_namespace, &l.owner.pod_name);
+    let owned = match a.view.pod_now(ns, name).await {
+        Ok(Some(p)) => p
+            .metadata
+            .owner_references
+            .iter()
+            .any(|o| o.controller == Some(true) && o.kind == "StatefulSet"),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    owned && a.view.statefulset_wants(ns, name).await == Ok(Some(true))
+}
+
 async fn del(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelResponse>, Fail> {
     let t0 = Instant::now();
     a.metrics.releases.fetch_add(1, Relaxed);
     let out = async {
         let req: DelRequest = body(&bytes)?;
+        if kept_for_statefulset(&a, &req.attachment.container_id).await {
+            tracing::info!(container = %req.attachment.container_id, "DEL: addresses kept for the StatefulSet pod's next sandbox");
+            return Ok(Json(DelResponse { released: Vec::new() }));
+        }
         let freed = a
             .engine
             .release(&req.attachment.container_id, Some(&req.attachment.ifname))

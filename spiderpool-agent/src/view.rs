@@ -95,6 +95,18 @@ pub trait ClusterView: Send + Sync {
             .cloned())
     }
 
+    /// Whether a StatefulSet wants the pod `name` (`<statefulset>-<ordinal>`) in `namespace`:
+    /// `Some(true)` while the StatefulSet exists and the ordinal is below its `spec.replicas`
+    /// (the pod keeps its address across restarts), `Some(false)` when it exists but was scaled
+    /// below the ordinal, `None` when there is no such StatefulSet (or the view knows none).
+    async fn statefulset_wants(
+        &self,
+        _namespace: &str,
+        _name: &str,
+    ) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
+
     /// Whether the node exists now, read past any cache.
     async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
         Ok(self.snapshot().nodes.contains_key(name))

@@ -656,3 +656,161 @@ fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
         assert!(!ok && err.contains("forbidden"), "{args:?} was allowed: {err}");
     }
 }
+
+/// A StatefulSet pod (created by the test: no controllers run here) with an owner reference.
+fn sts_pod(name: &str, node: &str, sts_uid: &str) -> String {
+    pod(name, node).replace(
+        "  labels: {app: test-app}\n",
+        &format!(
+            "  labels: {{app: web}}\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: StatefulSet, name: web, uid: {sts_uid}, controller: true}}\n"
+        ),
+    )
+}
+
+/// StatefulSet pods keep their addresses across a restart (new sandbox on the same node) and a
+/// reschedule to another node of the same zone; the old sandbox's late DEL frees nothing; a
+/// scale-down releases the higher ordinals.
+#[test]
+fn statefulset_pods_keep_their_addresses() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let node2 = "apiVersion: v1\nkind: Node\nmetadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}\n";
+    let sts = r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 3
+  serviceName: web
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: app, image: busybox}]}
+"#;
+    for y in [node2, sts] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], y);
+        assert!(ok, "{err}");
+    }
+    let (_, sts_uid, _) = s.kubectl(&["get", "sts", "web", "-o", "jsonpath={.metadata.uid}"], "");
+    for i in 0..3 {
+        let (ok, _, err) = s.kubectl(
+            &["apply", "-f", "-"],
+            &sts_pod(&format!("web-{i}"), "controller-node-1", &sts_uid),
+        );
+        assert!(ok, "{err}");
+    }
+    let a1 = lab.agent("controller-node-1");
+    let a2 = lab.agent("controller-node-2");
+    let conf1 = netconf("1.0.0", "macvlan-conf", &a1.sock(), serde_json::json!({}));
+    let conf2 = netconf("1.0.0", "macvlan-conf", &a2.sock(), serde_json::json!({}));
+    let args = |i: usize| format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-{i}");
+    let add = |conf: &serde_json::Value, c: &str, i: usize| {
+        let r = cni(
+            &env_for("ADD", c, "eth0", &args(i)),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(
+            r.code(),
+            0,
+            "{c}: {}\n{}\n{}",
+            r.stdout,
+            a1.log_text(),
+            a2.log_text()
+        );
+        r.ip()
+    };
+    let del = |conf: &serde_json::Value, c: &str, i: usize| {
+        let r = cni(
+            &env_for("DEL", c, "eth0", &args(i)),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(r.code(), 0, "{c}: {}", r.stdout);
+    };
+    let ip0 = add(&conf1, "web-0-a", 0);
+    let ip1 = add(&conf1, "web-1-a", 1);
+    let ip2 = add(&conf1, "web-2-a", 2);
+    assert_eq!(
+        [&ip0, &ip1, &ip2]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3
+    );
+
+    // Restart of web-0: the runtime DELs the old sandbox (kept), ADDs a new one: same address.
+    del(&conf1, "web-0-a", 0);
+    assert!(
+        holders(s).contains(&"web-0-a".to_string()),
+        "DEL of a wanted ordinal kept it"
+    );
+    // Meanwhile another pod ADDs: it must not get web-0's address.
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("other", "controller-node-1"));
+    assert!(ok, "{err}");
+    let other = cni(
+        &env_for(
+            "ADD",
+            "other-a",
+            "eth0",
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=other",
+        ),
+        conf1.to_string().as_bytes(),
+    );
+    assert_eq!(other.code(), 0, "{}", other.stdout);
+    assert!(
+        ![&ip0, &ip1, &ip2].contains(&&other.ip()),
+        "{} reused",
+        other.ip()
+    );
+    assert_eq!(
+        add(&conf1, "web-0-b", 0),
+        ip0,
+        "web-0 keeps its address after a restart"
+    );
+    del(&conf1, "web-0-a", 0); // late DEL of the old sandbox
+    assert!(
+        holders(s).contains(&"web-0-b".to_string()),
+        "late DEL freed the new sandbox's address"
+    );
+
+    // Reschedule of web-1 to another node of the zone: the pod is recreated (new UID).
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "web-1", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &sts_pod("web-1", "controller-node-2", &sts_uid),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        add(&conf2, "web-1-b", 1),
+        ip1,
+        "web-1 keeps its address on another node"
+    );
+    assert!(!holders(s).contains(&"web-1-a".to_string()));
+
+    // Scale down to 1: web-1 and web-2 go, their addresses are freed by their DELs.
+    let (ok, _, err) = s.kubectl(&["scale", "sts", "web", "--replicas=1"], "");
+    assert!(ok, "{err}");
+    for (i, c, conf) in [(2, "web-2-a", &conf1), (1, "web-1-b", &conf2)] {
+        let (ok, _, err) = s.kubectl(
+            &[
+                "delete",
+                "pod",
+                &format!("web-{i}"),
+                "--grace-period=0",
+                "--force",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        del(conf, c, i);
+    }
+    let mut left = holders(s);
+    left.sort();
+    assert_eq!(
+        left,
+        ["other-a", "web-0-b"],
+        "scale-down released the higher ordinals"
+    );
+}

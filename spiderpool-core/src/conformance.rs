@@ -249,12 +249,23 @@ pub async fn moves<S: LeaseStore>(s: &S) {
     let new = lease("10.0.8.1", "p", "new-sandbox", "eth0", "n2");
     match commit(s, vec![new.clone()], vec![Release::from(&old)]).await {
         Outcome::Committed { released, .. } => {
-            assert_eq!(strip(released), vec![old.clone()], "{b}: the old record is released")
+            assert_eq!(
+                strip(released),
+                vec![old.clone()],
+                "{b}: the old record is released"
+            )
         }
         x => panic!("{b}: move refused: {x:?}"),
     }
-    assert_eq!(strip(all(s, Filter::All).await), vec![new.clone()], "{b}: moved");
-    assert!(all(s, Filter::Container("old-sandbox")).await.is_empty(), "{b}");
+    assert_eq!(
+        strip(all(s, Filter::All).await),
+        vec![new.clone()],
+        "{b}: moved"
+    );
+    assert!(
+        all(s, Filter::Container("old-sandbox")).await.is_empty(),
+        "{b}"
+    );
     assert!(
         s.pool_revision("p").await.unwrap_or(0) > before,
         "{b}: a move changes the pool"
@@ -264,7 +275,11 @@ pub async fn moves<S: LeaseStore>(s: &S) {
         Outcome::Committed { released, .. } => assert!(released.is_empty(), "{b}: late DEL"),
         x => panic!("{b}: {x:?}"),
     }
-    assert_eq!(all(s, Filter::All).await.len(), 1, "{b}: the new holder keeps it");
+    assert_eq!(
+        all(s, Filter::All).await.len(),
+        1,
+        "{b}: the new holder keeps it"
+    );
     // A move naming a holder that is not the holder is refused and changes nothing.
     let third = lease("10.0.8.1", "p", "third", "eth0", "n3");
     match commit(s, vec![third], vec![Release::from(&old)]).await {
@@ -274,7 +289,11 @@ pub async fn moves<S: LeaseStore>(s: &S) {
         ),
         x => panic!("{b}: move from a wrong holder accepted: {x:?}"),
     }
-    assert_eq!(strip(all(s, Filter::All).await), vec![new], "{b}: unchanged");
+    assert_eq!(
+        strip(all(s, Filter::All).await),
+        vec![new],
+        "{b}: unchanged"
+    );
 }
 
 /// Filters return exactly the matching records; revisions grow with writes.

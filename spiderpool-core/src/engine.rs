@@ -379,6 +379,80 @@ impl<S: LeaseStore> Engine<S> {
         })
     }
 
+    /// Moves the records an earlier sandbox of the same pod holds (`previous`) to the
+    /// attachment `att`, keeping their addresses: a StatefulSet pod keeps its address across
+    /// restarts and rescheduling within its zone. Only records whose pool the pod may still use
+    /// here (eligible for this NIC and family on this node) move, in one transaction (a release
+    /// of the old record and a claim of the same address for `att`); a later DEL of the old
+    /// sandbox then frees nothing. Returns the records moved (empty when nothing could move:
+    /// the caller then allocates as usual).
+    pub async fn adopt(
+        &self,
+        pools: &PoolSet,
+        input: &SelectionInput<'_>,
+        previous: &[Lease],
+        att: &Attachment,
+        pod_uid: &str,
+        now: u64,
+    ) -> Result<Vec<Lease>, EngineError> {
+        let Ok(plan) = select::resolve(pools, input, &att.ifname) else {
+            return Ok(Vec::new());
+        };
+        let already = self
+            .store
+            .list(Filter::Container(&att.container_id))
+            .await?;
+        let mut claims = Vec::new();
+        let mut releases = Vec::new();
+        for old in previous {
+            if old.owner.container_id == att.container_id
+                || already
+                    .leases
+                    .iter()
+                    .any(|l| l.owner.ifname == old.owner.ifname && l.family() == old.family())
+            {
+                continue;
+            }
+            let eligible = plan.nics.iter().any(|nic| {
+                nic.ifname == old.owner.ifname
+                    && nic
+                        .family(old.family())
+                        .is_some_and(|fp| fp.eligible().any(|p| p == old.pool))
+            });
+            if !eligible {
+                continue;
+            }
+            let mut new = old.clone();
+            new.owner.container_id = att.container_id.clone();
+            new.owner.node = self.node.clone();
+            new.owner.pod_uid = pod_uid.to_string();
+            new.owner.created = now;
+            new.revision = 0;
+            claims.push(new);
+            releases.push(Release::from(old));
+        }
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self
+            .store
+            .commit(Txn {
+                claims: claims.clone(),
+                releases,
+            })
+            .await?
+        {
+            Outcome::Committed { revision, .. } => {
+                for c in &claims {
+                    self.caches.learn(&c.pool, c.ip, revision, true);
+                }
+                Ok(claims)
+            }
+            // Someone else moved or freed them meanwhile: allocate as usual.
+            Outcome::Conflict(_) => Ok(Vec::new()),
+        }
+    }
+
     /// The answer to a repeated ADD: what the store recorded.
     fn replay(
         &self,

@@ -512,3 +512,67 @@ fn retried_add_completes_an_allocation_cut_short() {
     let again = block_on(e.allocate(&set, &p.input(), &att("ca", "eth0"), "u", 3)).expect("replay");
     assert_eq!(again, a);
 }
+
+/// `adopt` moves an earlier sandbox's addresses to the new one when the pool is still the pod's
+/// here, and leaves them when it is not (a node of another zone).
+#[test]
+fn adopt_moves_addresses_only_within_the_pods_pools() {
+    let set = pools(SEED_POOLS);
+    let store = Arc::new(MemoryStore::new());
+    let annos = [("ipam.spidernet.io/ippool", BOTH)];
+    let e6 = Engine::new(store.clone(), "controller-node-1");
+    let p = Pod::new(
+        "web-0",
+        "controller-node-1",
+        &[("node-subnet", "subnet-6")],
+        &annos,
+    );
+    let first = block_on(e6.allocate(&set, &p.input(), &att("old", "eth0"), "u1", 1)).expect("add");
+    let old = block_on(store.list(Filter::Container("old")))
+        .expect("list")
+        .leases;
+    // Another node of the same zone adopts: same address, old sandbox holds nothing.
+    let e6b = Engine::new(store.clone(), "controller-node-2");
+    let q = Pod::new(
+        "web-0",
+        "controller-node-2",
+        &[("node-subnet", "subnet-6")],
+        &annos,
+    );
+    let moved =
+        block_on(e6b.adopt(&set, &q.input(), &old, &att("new", "eth0"), "u2", 2)).expect("adopt");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].ip, old[0].ip);
+    assert_eq!(moved[0].owner.node, "controller-node-2");
+    assert!(block_on(store.list(Filter::Container("old")))
+        .expect("list")
+        .leases
+        .is_empty());
+    let again =
+        block_on(e6b.allocate(&set, &q.input(), &att("new", "eth0"), "u2", 2)).expect("replay");
+    assert_eq!(
+        again.nic("eth0").map(|n| &n.ipv4),
+        first.nic("eth0").map(|n| &n.ipv4)
+    );
+    // A node of the other zone cannot use test-ippool-6: nothing moves.
+    let now = block_on(store.list(Filter::Container("new")))
+        .expect("list")
+        .leases;
+    let e7 = Engine::new(store.clone(), "worker-node-1");
+    let r = Pod::new(
+        "web-0",
+        "worker-node-1",
+        &[("node-subnet", "subnet-7")],
+        &annos,
+    );
+    let none =
+        block_on(e7.adopt(&set, &r.input(), &now, &att("third", "eth0"), "u3", 3)).expect("adopt");
+    assert!(none.is_empty(), "{none:?}");
+    assert_eq!(
+        block_on(store.list(Filter::Container("new")))
+            .expect("list")
+            .leases
+            .len(),
+        1
+    );
+}

@@ -498,7 +498,9 @@ impl Inner {
                     Ok(edits
                         .iter()
                         .map(|e| match e {
-                            Edit::Claim(l, movable) => claim_into(recs, l, movable).map(Done::Claimed),
+                            Edit::Claim(l, movable) => {
+                                claim_into(recs, l, movable).map(Done::Claimed)
+                            }
                             Edit::Release(r) => Ok(Done::Released(release_from(recs, r))),
                             Edit::Undo(r, back) => {
                                 release_from(recs, r);
@@ -678,7 +680,9 @@ impl Inner {
                 // The status write below must name the version the finalizer made.
                 Ok(o) => resource_version = o.resource_version(),
                 Err(e) if api_code(&e) == Some(409) => return Ok(false),
-                Err(e) => tracing::warn!(pool, error = %e, "adding the finalizer failed; next time"),
+                Err(e) => {
+                    tracing::warn!(pool, error = %e, "adding the finalizer failed; next time")
+                }
             }
         }
         if deleting && has_finalizer && leases.is_empty() {
@@ -778,9 +782,9 @@ fn claim_into(
     }
     for l in leases {
         let key = l.ip.to_string();
-        let same = recs
-            .get(&key)
-            .is_some_and(|r| r.container_id == l.owner.container_id && r.interface == l.owner.ifname);
+        let same = recs.get(&key).is_some_and(|r| {
+            r.container_id == l.owner.container_id && r.interface == l.owner.ifname
+        });
         if !same {
             recs.insert(key, to_record(l));
         }
