@@ -11,6 +11,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ctl;
+#[cfg(feature = "kube")]
+pub mod endpoints;
 pub mod gc;
 #[cfg(feature = "kube")]
 pub mod kube_view;

@@ -191,6 +191,24 @@ fn seed_scenario_through_the_api_server() {
     let (ok, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
     assert!(ok && out.contains("\"containerID\": \"c6\""), "{out}");
 
+    // A SpiderEndpoint per pod, in Spiderpool's shape.
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = s.kubectl(
+            &["get", "se", "test-app-j9ftl", "-n", "default", "-o",
+              "jsonpath={.status.current.ips[0].ipv4} {.status.current.ips[0].ipv4Pool} {.status.current.node} {.status.current.uid}"],
+            "",
+        );
+        if out == format!("{} test-ippool-6 controller-node-1 u6", add6.ip()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "SpiderEndpoint: {out:?}\n{}",
+            a6.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A pool holding allocations is not deleted (finalizer) and hands out nothing more.
     let (ok, _, err) = s.kubectl(&["delete", "sp", "test-ippool-6", "--wait=false"], "");
     assert!(ok, "{err}");
@@ -210,6 +228,18 @@ fn seed_scenario_through_the_api_server() {
         assert_eq!(del.code(), 0, "{}", del.stdout);
     }
     wait_counts(s, &[("test-ippool-7", "0", "10")]);
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = s.kubectl(&["get", "se", "-n", "default", "-o", "name"], "");
+        if out.trim().is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "SpiderEndpoints left: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let _ = testdata("seed-pools.yaml");
 }
 

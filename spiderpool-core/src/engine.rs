@@ -640,8 +640,9 @@ impl<S: LeaseStore> Engine<S> {
         Ok(None)
     }
 
-    /// Turns records into per-NIC answers using the pools' current gateways and routes.
-    fn describe(&self, pools: &PoolSet, leases: &[Lease]) -> Allocation {
+    /// Turns records (one container's) into per-NIC answers using the pools' current prefix
+    /// lengths, gateways and routes.
+    pub fn describe(&self, pools: &PoolSet, leases: &[Lease]) -> Allocation {
         let mut nics: BTreeMap<String, NicAllocation> = BTreeMap::new();
         for l in leases {
             let nic = nics

@@ -132,6 +132,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("opening the lease store {}", args.store))?,
     };
     #[cfg(feature = "kube")]
+    let endpoint_client = kube_client.as_ref().map(|(c, _)| c.clone());
+    #[cfg(feature = "kube")]
     let kube_view = match kube_client {
         Some((client, server)) => Some(
             spiderpool_agent::kube_view::KubeView::start(
@@ -168,6 +170,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
     let listener = bind(&args.socket)?;
+    #[cfg(feature = "kube")]
+    if let Some(client) = endpoint_client {
+        tokio::spawn(spiderpool_agent::endpoints::run(
+            agent.clone(),
+            client,
+            Duration::from_millis(1000),
+            stop_rx.clone(),
+        ));
+    }
     tokio::spawn(spiderpool_agent::gc::run(
         agent.clone(),
         Duration::from_millis(args.gc_interval_ms.max(100)),

@@ -81,11 +81,41 @@ pub struct SpiderReservedIPSpec(pub ReservedIpSpec);
 /// (Spiderpool's shape, which has no spec, so it is not derived).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct SpiderEndpoint {
+    /// `spiderpool.spidernet.io/v2beta1`.
+    #[serde(rename = "apiVersion", default = "endpoint_api_version")]
+    pub api_version: String,
+    /// `SpiderEndpoint`.
+    #[serde(default = "endpoint_kind")]
+    pub kind: String,
     /// Metadata.
     pub metadata: ObjectMeta,
     /// What the pod holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<EndpointStatus>,
+}
+
+fn endpoint_api_version() -> String {
+    format!("{GROUP}/{VERSION}")
+}
+
+fn endpoint_kind() -> String {
+    "SpiderEndpoint".into()
+}
+
+impl SpiderEndpoint {
+    /// A SpiderEndpoint with only a name.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        SpiderEndpoint {
+            api_version: endpoint_api_version(),
+            kind: endpoint_kind(),
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            },
+            status: None,
+        }
+    }
 }
 
 impl Resource for SpiderEndpoint {
