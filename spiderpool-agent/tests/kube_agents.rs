@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{cni, env_for, netconf, testdata, Agent};
@@ -842,5 +843,143 @@ spec:
         left,
         ["other-a", "web-0-b"],
         "scale-down released the higher ordinals"
+    );
+}
+
+/// Three agents on three nodes against one API server, 90 parallel ADDs through the plugin; one
+/// agent is killed (-9) mid-burst and restarted, the runtime retrying its failed ADDs; then the
+/// API server itself is killed: ADDs fail with code 11 naming it, and succeed again once it is
+/// back. No address twice, none lost, and DEL of everything leaves nothing.
+#[test]
+fn agents_survive_kill9_and_an_api_server_restart_mid_burst() {
+    let Some(mut lab) = lab() else { return };
+    let burst = r#"apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata: {name: burst}
+spec: {subnet: 10.40.0.0/16, ips: [10.40.0.1-10.40.0.200], default: true}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
+"#;
+    let (ok, _, err) = lab.server.kubectl(&["apply", "-f", "-"], burst);
+    assert!(ok, "{err}");
+    let nodes = ["controller-node-1", "worker-node-1", "controller-node-2"];
+    let mut agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    let socks: Vec<String> = agents.iter().map(|a| a.sock()).collect();
+    let add = |sock: &str, c: &str| {
+        let conf = netconf("1.0.0", "burst-net", sock, serde_json::json!({}));
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={c}");
+        cni(
+            &env_for("ADD", c, "eth0", &args),
+            conf.to_string().as_bytes(),
+        )
+    };
+    // The burst, with agent 0 killed and restarted in the middle of it.
+    let results = std::sync::Mutex::new(BTreeMap::new());
+    std::thread::scope(|scope| {
+        for (i, sock) in socks.iter().enumerate() {
+            for w in 0..3 {
+                let (results, add) = (&results, &add);
+                scope.spawn(move || {
+                    for k in 0..10 {
+                        let c = format!("burst-{i}-{w}-{k}");
+                        let t0 = Instant::now();
+                        loop {
+                            let r = add(sock, &c);
+                            if r.code() == 0 {
+                                results.lock().expect("lock").insert(c.clone(), r.ip());
+                                break;
+                            }
+                            assert!(t0.elapsed() < Duration::from_secs(60), "{c}: {}", r.stdout);
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                });
+            }
+        }
+        // Kill once a fifth of the burst is answered, so requests are in flight.
+        let t0 = Instant::now();
+        while results.lock().expect("lock").len() < 18 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let answered = results.lock().expect("lock").len();
+        assert!(answered < 90, "the burst ended before the kill");
+        agents[0].kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        agents[0].start_again();
+    });
+    let results = results.into_inner().expect("lock");
+    assert_eq!(results.len(), 90);
+    let distinct: std::collections::BTreeSet<&String> = results.values().collect();
+    assert_eq!(
+        distinct.len(),
+        90,
+        "an address was handed out twice: {results:?}"
+    );
+    assert_eq!(holders(&lab.server).len(), 90, "records and answers differ");
+    // A retried ADD answers what was recorded (the killed agent's included).
+    for (c, ip) in results.iter().take(10) {
+        let i: usize = c
+            .split('-')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .expect("agent index");
+        assert_eq!(&add(&socks[i], c).ip(), ip, "{c}");
+    }
+
+    // The API server goes away: an ADD that must write fails with code 11, naming it.
+    lab.server.kill_apiserver();
+    let down = add(&socks[1], "during-outage");
+    assert_eq!(down.code(), 11, "{}", down.stdout);
+    assert!(
+        down.stdout.contains("127.0.0.1"),
+        "the error names the API server: {}",
+        down.stdout
+    );
+    lab.server.start_apiserver().expect("API server back");
+    let t0 = Instant::now();
+    let back = loop {
+        let r = add(&socks[1], "during-outage");
+        if r.code() == 0 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", r.stdout);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        !distinct.contains(&back.ip()),
+        "{} handed out twice",
+        back.ip()
+    );
+    assert_eq!(holders(&lab.server).len(), 91);
+
+    // DEL everything: nothing left.
+    for (c, _) in results
+        .iter()
+        .chain([(&"during-outage".to_string(), &String::new())])
+    {
+        let i: usize = c
+            .split('-')
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(1);
+        let conf = netconf(
+            "1.0.0",
+            "burst-net",
+            &socks[i.min(2)],
+            serde_json::json!({}),
+        );
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={c}");
+        let r = cni(
+            &env_for("DEL", c, "eth0", &args),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(r.code(), 0, "{c}: {}", r.stdout);
+    }
+    assert!(
+        holders(&lab.server).is_empty(),
+        "{:?}",
+        holders(&lab.server)
     );
 }
