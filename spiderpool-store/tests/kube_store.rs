@@ -107,3 +107,94 @@ async fn two_stores_share_one_pool_without_duplicates() {
     }
     assert!(a.conflicts() + b.conflicts() > 0 || total == 40);
 }
+
+/// A pool of 65,000 allocations: every object the store writes stays small (16 records), a
+/// fresh store reads them all back, and the pool's status counts them without `allocatedIPs`
+/// (too large for one object).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_65000_allocations() {
+    use spiderpool_core::conformance::lease;
+    use spiderpool_core::store::{Filter, LeaseStore, Outcome, Txn};
+    use std::net::Ipv4Addr;
+    const N: u32 = 65_000;
+    let Some(s) = server() else { return };
+    let pool = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: big}\nspec: {subnet: 10.100.0.0/16, ips: [10.100.0.1-10.100.253.232]}\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], pool);
+    assert!(ok, "{err}");
+    let store = fresh(&s).await;
+    let base = u32::from(Ipv4Addr::new(10, 100, 0, 0));
+    // One transaction per block (16 addresses), 8 at a time.
+    let blocks: Vec<Vec<u32>> = (1..=N)
+        .collect::<Vec<_>>()
+        .chunk_by(|a, b| a / 16 == b / 16)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = Vec::new();
+    for chunk in blocks {
+        let (st, sem) = (store.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("permit");
+            let claims = chunk
+                .iter()
+                .map(|n| {
+                    let ip = Ipv4Addr::from(base + n).to_string();
+                    lease(&ip, "big", &format!("c{n}"), "eth0", "n1")
+                })
+                .collect();
+            match st
+                .commit(Txn {
+                    claims,
+                    releases: vec![],
+                })
+                .await
+            {
+                Ok(Outcome::Committed { .. }) => {}
+                other => panic!("block {}: {other:?}", chunk[0]),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        store
+            .list(Filter::Pool("big"))
+            .await
+            .expect("list")
+            .leases
+            .len(),
+        N as usize
+    );
+    // A fresh store (an agent starting) reads all of them back.
+    let again = KubeStore::connect(client(&s).await, opts(&s))
+        .await
+        .expect("connect");
+    assert_eq!(
+        again
+            .pool_addresses("big")
+            .await
+            .expect("addresses")
+            .ips
+            .len(),
+        N as usize
+    );
+    // Every object stays small: the largest block is 16 records.
+    let (ok, out, err) = s.kubectl(
+        &["get", "spideripblock", "v4-10-100-0-16", "-o", "json"],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert!(out.len() < 8 * 1024, "a full block is {} bytes", out.len());
+    // The pool's status counts them; allocatedIPs would not fit one object, so it is left out.
+    assert!(again.write_status("big").await.expect("status"));
+    let (ok, out, err) = s.kubectl(&["get", "sp", "big", "-o", "json"], "");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["status"]["allocatedIPCount"], 65_000, "{}", v["status"]);
+    assert_eq!(v["status"]["totalIPCount"], 65_000);
+    assert!(
+        v["status"].get("allocatedIPs").is_none(),
+        "allocatedIPs written for 65,000 records"
+    );
+}
