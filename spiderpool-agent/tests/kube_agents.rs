@@ -177,6 +177,45 @@ fn seed_scenario_through_the_api_server() {
         s,
         &[("test-ippool-6", "1", "10"), ("test-ippool-7", "1", "10")],
     );
+    // What the seed's `kubectl get spiderippool` prints, column for column.
+    let (ok, out, err) = s.kubectl(&["get", "spiderippool"], "");
+    assert!(ok, "{err}");
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "NAME",
+                "VERSION",
+                "SUBNET",
+                "ALLOCATED-IP-COUNT",
+                "TOTAL-IP-COUNT",
+                "DEFAULT",
+                "DISABLE"
+            ],
+            vec![
+                "test-ippool-6",
+                "4",
+                "10.6.0.0/16",
+                "1",
+                "10",
+                "false",
+                "false"
+            ],
+            vec![
+                "test-ippool-7",
+                "4",
+                "10.7.0.0/16",
+                "1",
+                "10",
+                "false",
+                "false"
+            ],
+        ]
+    );
     let (ok, out, _) = s.kubectl(
         &[
             "get",

@@ -668,10 +668,27 @@ impl Inner {
         let deleting = obj.metadata.deletion_timestamp.is_some();
         let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
         let mut resource_version = obj.resource_version();
-        if !deleting && !has_finalizer {
+        // Spiderpool's mutations an agent can make late: the finalizer, and `ipVersion` inferred
+        // from the subnet when the pool does not say (its VERSION column).
+        let inferred = obj.spec.0.ip_version.is_none().then(|| {
+            obj.spec
+                .0
+                .subnet
+                .split('/')
+                .next()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(|a| if a.is_ipv4() { 4 } else { 6 })
+        });
+        let inferred = inferred.flatten();
+        if !deleting && (!has_finalizer || inferred.is_some()) {
             let mut fins = obj.finalizers().to_vec();
-            fins.push(FINALIZER.to_string());
-            let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
+            if !has_finalizer {
+                fins.push(FINALIZER.to_string());
+            }
+            let mut patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
+            if let Some(v) = inferred {
+                patch["spec"] = serde_json::json!({ "ipVersion": v });
+            }
             match self
                 .pools
                 .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
