@@ -381,13 +381,36 @@ spec: {subnet: "fd00:30::/64", ips: ["fd00:30::10-fd00:30::20"]}
         "kept {}: {ips:?}",
         held[0]
     );
+    // Second crash point: killed between the two block writes of the DEL. One record is
+    // freed, one is left; the runtime's retried DEL frees the rest.
+    agent.kill9();
+    agent.env = vec![("SPIDERPOOL_CRASH_AT".into(), "after-release-block".into())];
+    agent.start_again();
+    let del = cni(
+        &env_for("DEL", "cds", "eth0", cargs),
+        conf.to_string().as_bytes(),
+    );
+    assert_ne!(
+        del.code(),
+        0,
+        "the agent should have died mid-DEL: {}",
+        del.stdout
+    );
+    let left = holders(s);
+    assert_eq!(left, ["cds"], "one record left after the cut DEL: {left:?}");
+    agent.kill9();
+    agent.env.clear();
+    agent.start_again();
     let del = cni(
         &env_for("DEL", "cds", "eth0", cargs),
         conf.to_string().as_bytes(),
     );
     assert_eq!(del.code(), 0, "{}", del.stdout);
-    let (_, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
-    assert!(!out.contains("\"cds\""), "records left after DEL: {out}");
+    assert!(
+        holders(s).is_empty(),
+        "records left after DEL: {:?}",
+        holders(s)
+    );
 }
 
 /// Containers that hold a record in the API server.
@@ -1021,4 +1044,54 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
         "{:?}",
         holders(&lab.server)
     );
+}
+
+/// A pod recreated under the same name (new UID) gets its own address; the old sandbox's late
+/// DEL frees only the old one.
+#[test]
+fn a_recreated_pod_never_shares_or_loses_an_address() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=again";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("again", "controller-node-1"));
+    assert!(ok, "{err}");
+    let first = cni(
+        &env_for("ADD", "again-1", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(first.code(), 0, "{}", first.stdout);
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "again", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("again", "controller-node-1"));
+    assert!(ok, "{err}");
+    let second = cni(
+        &env_for("ADD", "again-2", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(second.code(), 0, "{}", second.stdout);
+    assert_ne!(
+        first.ip(),
+        second.ip(),
+        "the old sandbox still holds its address"
+    );
+    let late = cni(
+        &env_for("DEL", "again-1", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(late.code(), 0, "{}", late.stdout);
+    assert_eq!(
+        holders(s),
+        ["again-2"],
+        "the late DEL freed the new pod's address"
+    );
+    let replay = cni(
+        &env_for("ADD", "again-2", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(replay.ip(), second.ip());
 }
