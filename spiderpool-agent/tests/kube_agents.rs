@@ -1016,6 +1016,57 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
     );
     assert_eq!(holders(&lab.server).len(), 91);
 
+    // A second burst, with the API server killed and restarted in the middle of it: the
+    // runtime retries what failed; every ADD ends with its own address.
+    let second = std::sync::Mutex::new(BTreeMap::new());
+    let server = std::sync::Mutex::new(&mut lab.server);
+    std::thread::scope(|scope| {
+        for (i, sock) in socks.iter().enumerate() {
+            let (second, add) = (&second, &add);
+            scope.spawn(move || {
+                for k in 0..10 {
+                    let c = format!("again-{i}-{k}");
+                    let t0 = Instant::now();
+                    loop {
+                        let r = add(sock, &c);
+                        if r.code() == 0 {
+                            second.lock().expect("lock").insert(c.clone(), r.ip());
+                            break;
+                        }
+                        assert!(t0.elapsed() < Duration::from_secs(90), "{c}: {}", r.stdout);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            });
+        }
+        let t0 = Instant::now();
+        while second.lock().expect("lock").len() < 6 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            second.lock().expect("lock").len() < 30,
+            "the burst ended before the restart"
+        );
+        let mut srv = server.lock().expect("lock");
+        srv.kill_apiserver();
+        std::thread::sleep(Duration::from_millis(1500));
+        srv.start_apiserver().expect("API server back");
+    });
+    let second = second.into_inner().expect("lock");
+    assert_eq!(second.len(), 30);
+    let mut all: std::collections::BTreeSet<String> =
+        distinct.iter().map(|s| s.to_string()).collect();
+    all.insert(back.ip());
+    for ip in second.values() {
+        assert!(all.insert(ip.clone()), "{ip} handed out twice");
+    }
+    assert_eq!(
+        holders(&lab.server).len(),
+        121,
+        "records and answers differ"
+    );
+    let results: BTreeMap<String, String> = results.into_iter().chain(second).collect();
+
     // DEL everything: nothing left.
     for (c, _) in results
         .iter()
