@@ -10,6 +10,8 @@
 //! - [`metrics`]: Prometheus counters and histograms with Spiderpool's names.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "kube")]
+pub mod controller;
 pub mod ctl;
 #[cfg(feature = "kube")]
 pub mod endpoints;
