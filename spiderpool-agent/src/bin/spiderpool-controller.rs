@@ -1,1 +1,163 @@
-fn main() {}
+//! `spiderpool-controller`: the admission webhook for Spiderpool's pools, subnets and reserved
+//! IPs.
+//!
+//! ```text
+//! spiderpool-controller --kubeconfig PATH [--webhook-addr HOST:PORT]   # outside a cluster
+//! spiderpool-controller                                                # in a cluster (its Service)
+//! ```
+//! With `--webhook-addr` it serves the webhooks there and registers webhook configurations that
+//! point at `https://HOST:PORT` by URL; in a cluster it listens on `--listen` (default
+//! `0.0.0.0:5722`) and registers the Service `--namespace`/`--service`. Its CA and serving
+//! certificate live in the Secret `--namespace`/`--secret` (made on first start, renewed before
+//! expiry). SIGTERM or SIGINT stop it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use spiderpool_agent::controller::{tls, webhook};
+
+#[derive(Parser)]
+#[command(
+    name = "spiderpool-controller",
+    version,
+    about = "Spiderpool's admission webhook"
+)]
+struct Args {
+    /// The kubeconfig (default: in-cluster config, else $KUBECONFIG, ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Serve the webhooks on HOST:PORT and register them by URL (outside a cluster).
+    #[arg(long)]
+    webhook_addr: Option<String>,
+    /// In a cluster: where to listen.
+    #[arg(long, default_value = "0.0.0.0:5722")]
+    listen: String,
+    /// Namespace of the Service and the certificate Secret.
+    #[arg(long, default_value = "kube-system")]
+    namespace: String,
+    /// The Service in front of the controller (in a cluster).
+    #[arg(long, default_value = "spiderpool-controller")]
+    service: String,
+    /// The Secret holding the webhook's CA and certificate.
+    #[arg(long, default_value = "spiderpool-controller-webhook")]
+    secret: String,
+    /// How often the certificate is checked for renewal, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    renew_check_secs: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spiderpool-controller: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("spiderpool-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (client, server) = spiderpool_store::k8s::client(args.kubeconfig.as_deref())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (listen, hosts, endpoint) = match &args.webhook_addr {
+        Some(addr) => {
+            let host = addr
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string())
+                .context("--webhook-addr must be HOST:PORT")?;
+            (
+                addr.clone(),
+                vec![host],
+                webhook::Endpoint::Url(format!("https://{addr}")),
+            )
+        }
+        None => {
+            let (svc, ns) = (&args.service, &args.namespace);
+            let port = args
+                .listen
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .context("--listen must be HOST:PORT")?;
+            (
+                args.listen.clone(),
+                vec![
+                    svc.clone(),
+                    format!("{svc}.{ns}"),
+                    format!("{svc}.{ns}.svc"),
+                    format!("{svc}.{ns}.svc.cluster.local"),
+                ],
+                webhook::Endpoint::Service(ns.clone(), svc.clone(), port),
+            )
+        }
+    };
+    let certs = tls::ensure(&client, &args.namespace, &args.secret, &hosts)
+        .await
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("the webhook certificate (API server {server})"))?;
+    let config = Arc::new(RwLock::new(Arc::new(
+        tls::server_config(&certs).map_err(anyhow::Error::msg)?,
+    )));
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(webhook::serve(
+        listener,
+        config.clone(),
+        webhook::router(client.clone()),
+        stop_rx.clone(),
+    ));
+    // Registered once the server answers: the API server calls it from the first write on.
+    webhook::register(&client, &endpoint, &certs.ca_pem)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(webhook::rotate(
+        webhook::Renewal {
+            client,
+            namespace: args.namespace.clone(),
+            secret: args.secret.clone(),
+            hosts,
+            endpoint,
+        },
+        certs,
+        config,
+        Duration::from_secs(args.renew_check_secs.max(1)),
+        stop_rx,
+    ));
+    tracing::info!(listen = %listen, server = %server, "serving the admission webhooks");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("watching SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -109,6 +109,22 @@ pub fn validate(
     cluster: &[Object],
     in_use: Option<&IpSet>,
 ) -> Result<(), Vec<String>> {
+    // Fixed fields first: a changed subnet makes every address look invalid, which would bury
+    // the one message that matters.
+    if let (Some(old), "SpiderIPPool" | "SpiderSubnet") = (old, kind) {
+        let mut fixed = Vec::new();
+        for field in ["subnet", "ipVersion"] {
+            let (was, now) = (&old["spec"][field], &new["spec"][field]);
+            if !was.is_null() && !now.is_null() && was != now {
+                fixed.push(format!(
+                    "{kind}/{name}: spec.{field}: cannot be changed (was {was})"
+                ));
+            }
+        }
+        if !fixed.is_empty() {
+            return Err(fixed);
+        }
+    }
     let object = Object::from_value(new.clone()).map_err(|e| vec![e.to_string()])?;
     let mut all: Vec<Object> = cluster.to_vec();
     all.push(object.clone());

@@ -1,0 +1,207 @@
+//! `spiderpool-controller` against the real API server: `kubectl apply` of invalid pools is
+//! refused with `spiderctl validate`'s messages, valid ones come back mutated, updates that would
+//! strand allocated addresses are refused naming them, and the certificate survives a restart.
+#![cfg(feature = "kube")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spiderpool_store::k8s::crd::crds_yaml;
+use spiderpool_store::testing::KubeServer;
+
+const SEED_POOLS: &str = include_str!("../../testdata/seed-pools.yaml");
+
+struct Controller {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Controller {
+    fn start(s: &KubeServer, addr: &str, log: &std::path::Path) -> Controller {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
+            .arg("--kubeconfig")
+            .arg(s.kubeconfig())
+            .args(["--webhook-addr", addr])
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("controller starts");
+        let c = Controller {
+            child,
+            log: log.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        while !c.log_text().contains("serving the admission webhooks") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "controller not up:\n{}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    l.local_addr().expect("addr").to_string()
+}
+
+fn pool(name: &str, subnet: &str, ips: &str) -> String {
+    format!("apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {{name: {name}}}\nspec: {{subnet: {subnet}, ips: {ips}}}\n")
+}
+
+#[test]
+fn the_webhook_refuses_invalid_pools_and_mutates_valid_ones() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let addr = free_addr();
+    let mut c = Controller::start(&s, &addr, &dir.path().join("c.log"));
+
+    // The seed's pools go in and come back the way Spiderpool's webhook leaves them.
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SEED_POOLS);
+    assert!(ok, "{err}\n{}", c.log_text());
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "sp",
+            "test-ippool-6",
+            "-o",
+            "jsonpath={.spec.ipVersion} {.metadata.finalizers}",
+        ],
+        "",
+    );
+    assert_eq!(out, r#"4 ["spiderpool.spidernet.io"]"#);
+
+    // Merged and sorted addresses.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool(
+            "tidy",
+            "10.8.0.0/16",
+            "[10.8.0.20, 10.8.0.10-10.8.0.19, 10.8.0.2]",
+        ),
+    );
+    assert!(ok, "{err}");
+    let (_, out, _) = s.kubectl(&["get", "sp", "tidy", "-o", "jsonpath={.spec.ips}"], "");
+    assert_eq!(out, r#"["10.8.0.2","10.8.0.10-10.8.0.20"]"#);
+
+    // Refused, with spiderctl validate's messages.
+    for (yaml, want) in [
+        (
+            pool("bad-subnet", "10.9.0.1/16", "[10.9.0.1]"),
+            "please change it to 10.9.0.0/16",
+        ),
+        (
+            pool("overlap", "10.6.0.0/16", "[10.6.168.65-10.6.168.80]"),
+            "test-ippool-6",
+        ),
+        (pool("outside", "10.9.0.0/16", "[10.10.0.1]"), "10.10.0.1"),
+    ] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &yaml);
+        assert!(!ok, "accepted:\n{yaml}");
+        assert!(
+            err.contains("denied the request") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+
+    // An update that would strand an allocated address is refused, naming it.
+    let block = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPBlock\nmetadata: {name: v4-10-6-168-64}\nspec:\n  base: 10.6.168.64\n  allocations:\n    10.6.168.66: {pool: test-ippool-6, pod: default/a, podUid: u, containerID: c, interface: eth0, node: node-a}\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], block);
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "sp",
+            "test-ippool-6",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ips":["10.6.168.60-10.6.168.64"]}}"#,
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("10.6.168.66"), "{err}");
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "sp",
+            "test-ippool-6",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"subnet":"10.16.0.0/16"}}"#,
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("spec.subnet"), "{err}");
+    // Growing it is fine.
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "sp",
+            "test-ippool-6",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ips":["10.6.168.60-10.6.168.79"]}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+
+    // The controller down: failurePolicy Fail refuses pool writes (nothing unchecked enters).
+    let (_, ca_before, _) = s.kubectl(
+        &[
+            "get",
+            "validatingwebhookconfiguration",
+            "spiderpool-controller",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ],
+        "",
+    );
+    c.kill();
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("while-down", "10.11.0.0/16", "[10.11.0.1]"),
+    );
+    assert!(!ok && err.contains("failed calling webhook"), "{err}");
+    // Back: the same CA from the Secret, the same caBundle, writes accepted again.
+    let _c2 = Controller::start(&s, &addr, &dir.path().join("c2.log"));
+    let (_, ca_after, _) = s.kubectl(
+        &[
+            "get",
+            "validatingwebhookconfiguration",
+            "spiderpool-controller",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ],
+        "",
+    );
+    assert_eq!(ca_before, ca_after, "the CA changed across a restart");
+    assert!(!ca_after.is_empty());
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("while-down", "10.11.0.0/16", "[10.11.0.1]"),
+    );
+    assert!(ok, "{err}");
+}
