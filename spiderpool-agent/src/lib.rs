@@ -11,6 +11,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 #[cfg(feature = "kube")]
+pub mod autopool;
+#[cfg(feature = "kube")]
 pub mod controller;
 pub mod ctl;
 #[cfg(feature = "kube")]
