@@ -329,6 +329,35 @@ impl ClusterView for KubeView {
         }
     }
 
+    async fn auto_pools(&self, pod: &Pod) -> Result<Option<crate::view::AutoPools>, String> {
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let client = self.pods.clone().into_client();
+        let Some((annotations, labels, pools)) = crate::autopool::for_pod(
+            &client,
+            &ns,
+            &pod.metadata.name,
+            &pod.metadata.annotations,
+            &pod.metadata.owner_references,
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        // The pools as written, in the view now: the ADD that made them uses them at once.
+        for p in pools {
+            self.put("SpiderIPPool", p);
+        }
+        self.rebuild();
+        Ok(Some(crate::view::AutoPools {
+            annotations,
+            labels,
+        }))
+    }
+
     async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
         let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
         api.get_opt(name)

@@ -210,6 +210,26 @@ async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
         // No Kubernetes identity: only the CNI config's default pools apply.
         None => ("", req.attachment.container_id.as_str(), "", None, None),
     };
+    // SpiderSubnet auto-pools: made or grown now (the first pod of an application waits for
+    // nothing but the API round trips), then selected like pools the pod names.
+    let auto = match pod {
+        Some(p) if a.view.tracks_pods() => a
+            .view
+            .auto_pools(p)
+            .await
+            .map_err(|m| Fail(ApiError::new(ErrorKind::NoPool, m)))?,
+        _ => None,
+    };
+    let pools_snap = if auto.is_some() {
+        a.view.snapshot()
+    } else {
+        snap.clone()
+    };
+    let auto_labels = auto.as_ref().map(|x| {
+        let mut l = pod.map(|p| p.metadata.labels.clone()).unwrap_or_default();
+        l.extend(x.labels.clone());
+        l
+    });
     let owner = pod.and_then(|p| {
         p.metadata
             .owner_references
@@ -223,13 +243,16 @@ async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
             ipv6: false,
         }
     } else {
-        snap.pools.default_families().unwrap_or_default()
+        pools_snap.pools.default_families().unwrap_or_default()
     };
     let input = SelectionInput {
         pod_namespace: ns,
         pod_name: name,
-        pod_labels: pod.map(|p| &p.metadata.labels),
-        pod_annotations: pod.map(|p| &p.metadata.annotations),
+        pod_labels: auto_labels.as_ref().or(pod.map(|p| &p.metadata.labels)),
+        pod_annotations: auto
+            .as_ref()
+            .map(|x| &x.annotations)
+            .or(pod.map(|p| &p.metadata.annotations)),
         namespace_labels: namespace.map(|n| &n.metadata.labels),
         namespace_annotations: namespace.map(|n| &n.metadata.annotations),
         node_name: &a.node,
@@ -245,11 +268,11 @@ async fn add_inner(a: &Agent, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
             .any(|o| o.controller == Some(true) && o.kind == "StatefulSet")
     });
     if is_statefulset {
-        keep_statefulset_address(a, &snap.pools, &input, &req.attachment, uid).await;
+        keep_statefulset_address(a, &pools_snap.pools, &input, &req.attachment, uid).await;
     }
     match a
         .engine
-        .allocate(&snap.pools, &input, &req.attachment, uid, now())
+        .allocate(&pools_snap.pools, &input, &req.attachment, uid, now())
         .await
     {
         Ok(alloc) => {

@@ -64,6 +64,15 @@ impl Snapshot {
     }
 }
 
+/// What [`ClusterView::auto_pools`] answers.
+#[derive(Debug, Clone)]
+pub struct AutoPools {
+    /// The pod's annotations with `subnet(s)` replaced by `ippool(s)` naming the pools.
+    pub annotations: BTreeMap<String, String>,
+    /// The application's labels, added to the pod's (the pools' `podAffinity`).
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Where the agent learns about the cluster.
 #[async_trait::async_trait]
 pub trait ClusterView: Send + Sync {
@@ -104,6 +113,15 @@ pub trait ClusterView: Send + Sync {
         _namespace: &str,
         _name: &str,
     ) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
+
+    /// For a pod that asks for SpiderSubnet auto-pools (`ipam.spidernet.io/subnet(s)`): makes or
+    /// grows its application's pools now and answers the annotations that name them
+    /// (`ippool`/`ippools`) and the labels to add to the pod's for selection. `Ok(None)` when the
+    /// pod asks for none or the view cannot make pools (manifests: selection then names the
+    /// placeholder `auto4-<app>-<nic>-?????`); `Err` with a message for the runtime.
+    async fn auto_pools(&self, _pod: &Pod) -> Result<Option<AutoPools>, String> {
         Ok(None)
     }
 

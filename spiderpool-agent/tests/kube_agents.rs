@@ -1146,3 +1146,237 @@ fn a_recreated_pod_never_shares_or_loses_an_address() {
     );
     assert_eq!(replay.ip(), second.ip());
 }
+
+const SUBNET_16: &str = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderSubnet\nmetadata: {name: subnet-16}\nspec: {subnet: 10.16.0.0/16, ips: [10.16.0.10-10.16.0.109], gateway: 10.16.0.1}\n";
+
+/// An application object with a pod template asking for an auto-pool from subnet-16.
+fn app_yaml(kind: &str, name: &str, replicas: u32, extra_annos: &str) -> String {
+    let api = if kind == "Job" || kind == "CronJob" {
+        "batch/v1"
+    } else {
+        "apps/v1"
+    };
+    let template = format!(
+        "metadata:\n      labels: {{app: {name}}}\n      annotations:\n        ipam.spidernet.io/subnet: '{{\"ipv4\": [\"subnet-16\"]}}'\n{extra_annos}    spec: {{containers: [{{name: app, image: busybox}}], restartPolicy: {}}}",
+        if kind == "Job" || kind == "CronJob" { "Never" } else { "Always" }
+    );
+    match kind {
+        "CronJob" => format!("apiVersion: {api}\nkind: CronJob\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  schedule: '* * * * *'\n  jobTemplate:\n    spec:\n      parallelism: {replicas}\n      template:\n  {}\n", template.replace("\n", "\n  ")),
+        "Job" => format!("apiVersion: {api}\nkind: Job\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  parallelism: {replicas}\n  template:\n    {template}\n"),
+        "DaemonSet" => format!("apiVersion: {api}\nkind: DaemonSet\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    {template}\n"),
+        _ => format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  replicas: {replicas}\n{}  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    {template}\n",
+            if kind == "StatefulSet" { format!("  serviceName: {name}\n") } else { String::new() }),
+    }
+}
+
+fn uid_of(s: &KubeServer, kind: &str, name: &str) -> String {
+    let (ok, out, err) = s.kubectl(
+        &[
+            "get",
+            kind,
+            name,
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    out
+}
+
+/// A pod of an application (as its controller would make it), with the template's annotation.
+fn app_pod(name: &str, owner_kind: &str, owner: &str, owner_uid: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: x}}\n  annotations:\n    ipam.spidernet.io/subnet: '{{\"ipv4\": [\"subnet-16\"]}}'\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: {owner_kind}, name: {owner}, uid: {owner_uid}, controller: true}}\nspec:\n  nodeName: controller-node-1\n  containers: [{{name: app, image: busybox}}]\n"
+    )
+}
+
+fn auto_pool_ips(s: &KubeServer, prefix: &str) -> Vec<String> {
+    let (ok, out, err) = s.kubectl(&["get", "sp", "-o", "json"], "");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .flat_map(|p| p["spec"]["ips"].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The seed's second half: a Deployment annotated with `ipam.spidernet.io/subnet` gets a pool
+/// carved from the subnet at its first ADD (no waiting for a controller), sized replicas + 1, its
+/// own (a second application never shares an address), grown by the agent when scaled up; a bare
+/// pod asking for an auto-pool is refused with a clear error.
+#[test]
+fn an_application_gets_its_auto_pool_at_its_first_add() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SUBNET_16);
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml("Deployment", "web", 3, ""));
+    assert!(ok, "{err}");
+    let dep_uid = uid_of(s, "deployment", "web");
+    let rs = format!("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: web-5d9\n  namespace: default\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: Deployment, name: web, uid: {dep_uid}, controller: true}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: app, image: busybox}}]}}\n");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rs);
+    assert!(ok, "{err}");
+    let rs_uid = uid_of(s, "replicaset", "web-5d9");
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let add = |pod: &str| {
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
+        cni(
+            &env_for("ADD", &format!("c-{pod}"), "eth0", &args),
+            conf.to_string().as_bytes(),
+        )
+    };
+    let mut ips = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        let name = format!("web-5d9-{i}");
+        let (ok, _, err) = s.kubectl(
+            &["apply", "-f", "-"],
+            &app_pod(&name, "ReplicaSet", "web-5d9", &rs_uid),
+        );
+        assert!(ok, "{err}");
+        let t0 = Instant::now();
+        let r = add(&name);
+        assert_eq!(r.code(), 0, "{}\n{}", r.stdout, a.log_text());
+        if i == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "first ADD took {:?}",
+                t0.elapsed()
+            );
+            let last: u8 = r
+                .ip()
+                .trim_end_matches("/16")
+                .rsplit('.')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                (10..=13).contains(&last),
+                "{} is not from the pool carved first",
+                r.ip()
+            );
+        }
+        assert!(ips.insert(r.ip()), "{} twice", r.ip());
+    }
+    let pool = format!("auto4-web-eth0-{}", &dep_uid[..5]);
+    assert_eq!(
+        auto_pool_ips(s, "auto4-web-"),
+        ["10.16.0.10-10.16.0.13"],
+        "replicas + 1, lowest first"
+    );
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "sp",
+            &pool,
+            "-o",
+            "jsonpath={.spec.podAffinity.matchLabels.ipam\\.spidernet\\.io/app-kind}",
+        ],
+        "",
+    );
+    assert_eq!(out, "Deployment");
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "ss",
+            "subnet-16",
+            "-o",
+            "jsonpath={.status.allocatedIPCount} {.status.totalIPCount}",
+        ],
+        "",
+    );
+    assert_eq!(out, "4 100");
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "ss",
+            "subnet-16",
+            "-o",
+            "jsonpath={.status.controlledIPPools}",
+        ],
+        "",
+    );
+    assert!(
+        out.contains(&pool) && out.contains("apps_v1_Deployment_default_web"),
+        "{out}"
+    );
+
+    // A second application: its own addresses.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_yaml(
+            "StatefulSet",
+            "api",
+            2,
+            "        ipam.spidernet.io/ippool-ip-number: '5'\n",
+        ),
+    );
+    assert!(ok, "{err}");
+    let sts_uid = uid_of(s, "statefulset", "api");
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_pod("api-0", "StatefulSet", "api", &sts_uid),
+    );
+    assert!(ok, "{err}");
+    let r = add("api-0");
+    assert_eq!(r.code(), 0, "{}", r.stdout);
+    assert_eq!(
+        auto_pool_ips(s, "auto4-api-"),
+        ["10.16.0.14-10.16.0.18"],
+        "a fixed 5, after web's"
+    );
+    assert!(ips.insert(r.ip()));
+
+    // Scale web to 10: the next pod's ADD grows the pool to 11, past api's addresses.
+    let (ok, _, err) = s.kubectl(&["scale", "deployment", "web", "--replicas=10"], "");
+    assert!(ok, "{err}");
+    for i in 3..10 {
+        let name = format!("web-5d9-{i}");
+        let (ok, _, err) = s.kubectl(
+            &["apply", "-f", "-"],
+            &app_pod(&name, "ReplicaSet", "web-5d9", &rs_uid),
+        );
+        assert!(ok, "{err}");
+        let r = add(&name);
+        assert_eq!(r.code(), 0, "{}\n{}", r.stdout, a.log_text());
+        assert!(ips.insert(r.ip()), "{} twice", r.ip());
+    }
+    assert_eq!(
+        auto_pool_ips(s, "auto4-web-"),
+        ["10.16.0.10-10.16.0.13", "10.16.0.19-10.16.0.25"]
+    );
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "ss",
+            "subnet-16",
+            "-o",
+            "jsonpath={.status.allocatedIPCount}",
+        ],
+        "",
+    );
+    assert_eq!(out, "16");
+
+    // A bare pod cannot have an auto-pool: refused, saying why and what to do.
+    let bare = app_pod("bare", "ReplicaSet", "x", "y").replace("  ownerReferences:\n  - {apiVersion: apps/v1, kind: ReplicaSet, name: x, uid: y, controller: true}\n", "");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &bare);
+    assert!(ok, "{err}");
+    let r = add("bare");
+    assert_ne!(r.code(), 0);
+    assert!(
+        r.stdout.contains("has no controller") && r.stdout.contains("ipam.spidernet.io/ippool"),
+        "{}",
+        r.stdout
+    );
+}
