@@ -535,6 +535,19 @@ async fn write_controlled(
     }
 }
 
+/// Sets a pool's `status.totalIPCount` after its addresses changed (agents count allocations;
+/// the size changes here). Best effort: the agents' next status write has it too.
+pub async fn set_total(client: &kube::Client, pool: &str, ips: &IpSet) {
+    let api: Api<SpiderIPPool> = Api::all(client.clone());
+    let patch = json!({"status": {"totalIPCount": ips.count_i64()}});
+    if let Err(e) = api
+        .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(pool, error = %e, "totalIPCount not written");
+    }
+}
+
 /// Makes sure `app` has its pool for `want` holding at least `desired` addresses (creating it,
 /// or growing it from the subnet); returns the pool as the API server has it.
 pub async fn ensure_pool(
@@ -668,7 +681,9 @@ pub async fn ensure_pool(
                     .await
             }
         };
-        return written.map_err(|e| api_err(&format!("writing auto-pool {name}"), e));
+        let written = written.map_err(|e| api_err(&format!("writing auto-pool {name}"), e))?;
+        set_total(client, &name, &total).await;
+        return Ok(written);
     }
     Err(format!(
         "SpiderSubnet {}: too many concurrent changes",

@@ -1380,3 +1380,207 @@ fn an_application_gets_its_auto_pool_at_its_first_add() {
         r.stdout
     );
 }
+
+/// `spiderpool-controller --kubeconfig PATH --webhook-addr HOST:PORT`, killed on drop.
+struct ControllerProc {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl ControllerProc {
+    fn start(s: &KubeServer, dir: &std::path::Path, tag: &str) -> ControllerProc {
+        let log = dir.join(format!("controller-{tag}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .to_string();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
+            .arg("--kubeconfig")
+            .arg(s.kubeconfig())
+            .args(["--webhook-addr", &addr, "--reconcile-interval-ms", "300"])
+            .stdout(std::process::Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("controller");
+        let c = ControllerProc { child, log };
+        let t0 = Instant::now();
+        while !c.log_text().contains("serving the admission webhooks") {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{}", c.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn subnet_allocated(s: &KubeServer) -> String {
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "ss",
+            "subnet-16",
+            "-o",
+            "jsonpath={.status.allocatedIPCount}",
+        ],
+        "",
+    );
+    out
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool, log: &dyn Fn() -> String) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The controller follows applications: makes the pool before the first pod, grows it ahead of
+/// a scale-up, shrinks it by free addresses only on a scale-down, reclaims it with the
+/// application (after its last address is freed), and 20 create/delete cycles leave the
+/// subnet's free count where it started.
+#[test]
+fn the_controller_follows_applications_and_reclaims_their_pools() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let c = ControllerProc::start(s, lab.dir.path(), "a");
+    let log = || c.log_text();
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SUBNET_16);
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml("Deployment", "web", 3, ""));
+    assert!(ok, "{err}");
+    // Made ahead of any pod: replicas + 1.
+    wait_for(
+        "pool made ahead",
+        Duration::from_secs(15),
+        || auto_pool_ips(s, "auto4-web-") == ["10.16.0.10-10.16.0.13"],
+        &log,
+    );
+    let dep_uid = uid_of(s, "deployment", "web");
+    let rs = format!("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: web-5d9\n  namespace: default\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: Deployment, name: web, uid: {dep_uid}, controller: true}}\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: app, image: busybox}}]}}\n");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rs);
+    assert!(ok, "{err}");
+    let rs_uid = uid_of(s, "replicaset", "web-5d9");
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let call = |cmd: &str, pod: &str| {
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
+        cni(
+            &env_for(cmd, &format!("c-{pod}"), "eth0", &args),
+            conf.to_string().as_bytes(),
+        )
+    };
+    // Scale to 10 first: the pool grows to 11 before the pods come.
+    let (ok, _, err) = s.kubectl(&["scale", "deployment", "web", "--replicas=10"], "");
+    assert!(ok, "{err}");
+    wait_for(
+        "grown ahead",
+        Duration::from_secs(15),
+        || auto_pool_ips(s, "auto4-web-") == ["10.16.0.10-10.16.0.20"],
+        &log,
+    );
+    for i in 0..10 {
+        let name = format!("web-5d9-{i}");
+        let (ok, _, err) = s.kubectl(
+            &["apply", "-f", "-"],
+            &app_pod(&name, "ReplicaSet", "web-5d9", &rs_uid),
+        );
+        assert!(ok, "{err}");
+        let r = call("ADD", &name);
+        assert_eq!(r.code(), 0, "{}\n{}", r.stdout, a.log_text());
+    }
+    // Scale down to 2: eight pods go (their DELs free their addresses); the pool shrinks to
+    // 3 by free addresses only, keeping the two in use.
+    let (ok, _, err) = s.kubectl(&["scale", "deployment", "web", "--replicas=2"], "");
+    assert!(ok, "{err}");
+    for i in 2..10 {
+        let name = format!("web-5d9-{i}");
+        assert_eq!(call("DEL", &name).code(), 0);
+        let _ = s.kubectl(&["delete", "pod", &name, "--grace-period=0", "--force"], "");
+    }
+    let in_use: Vec<String> = holders(s);
+    assert_eq!(in_use.len(), 2);
+    wait_for(
+        "shrunk to 3",
+        Duration::from_secs(20),
+        || {
+            let (_, out, _) = s.kubectl(
+                &[
+                    "get",
+                    "sp",
+                    "-l",
+                    "ipam.spidernet.io/app-name=web",
+                    "-o",
+                    "jsonpath={.items[0].status.totalIPCount}",
+                ],
+                "",
+            );
+            out == "3"
+        },
+        &log,
+    );
+    wait_for(
+        "subnet counts follow",
+        Duration::from_secs(10),
+        || subnet_allocated(s) == "3",
+        &log,
+    );
+
+    // The application goes: its pool is reclaimed once its last addresses are freed.
+    let (ok, _, err) = s.kubectl(&["delete", "deployment", "web"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["delete", "replicaset", "web-5d9"], "");
+    assert!(ok, "{err}");
+    for i in 0..2 {
+        assert_eq!(call("DEL", &format!("web-5d9-{i}")).code(), 0);
+    }
+    wait_for(
+        "reclaimed",
+        Duration::from_secs(20),
+        || auto_pool_ips(s, "auto4-web-").is_empty(),
+        &log,
+    );
+    wait_for(
+        "subnet empty again",
+        Duration::from_secs(10),
+        || subnet_allocated(s) == "0",
+        &log,
+    );
+
+    // 20 create/delete cycles: the subnet's free count returns to its start.
+    for cycle in 0..20 {
+        let name = format!("cyc{cycle}");
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml("Deployment", &name, 2, ""));
+        assert!(ok, "{err}");
+        wait_for(
+            "cycle pool",
+            Duration::from_secs(15),
+            || auto_pool_ips(s, &format!("auto4-{name}-")).len() == 1,
+            &log,
+        );
+        let (ok, _, err) = s.kubectl(&["delete", "deployment", &name], "");
+        assert!(ok, "{err}");
+    }
+    wait_for(
+        "all cycles reclaimed",
+        Duration::from_secs(30),
+        || auto_pool_ips(s, "auto4-cyc").is_empty(),
+        &log,
+    );
+    wait_for(
+        "subnet free count back at its start",
+        Duration::from_secs(10),
+        || subnet_allocated(s) == "0",
+        &log,
+    );
+}

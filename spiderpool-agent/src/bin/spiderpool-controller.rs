@@ -45,6 +45,9 @@ struct Args {
     /// The Secret holding the webhook's CA and certificate.
     #[arg(long, default_value = "spiderpool-controller-webhook")]
     secret: String,
+    /// How often auto-pools are reconciled (by the leader), in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    reconcile_interval_ms: u64,
     /// How often the certificate is checked for renewal, in seconds.
     #[arg(long, default_value_t = 3600)]
     renew_check_secs: u64,
@@ -138,7 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     tokio::spawn(webhook::rotate(
         webhook::Renewal {
-            client,
+            client: client.clone(),
             namespace: args.namespace.clone(),
             secret: args.secret.clone(),
             hosts,
@@ -147,7 +150,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         certs,
         config,
         Duration::from_secs(args.renew_check_secs.max(1)),
-        stop_rx,
+        stop_rx.clone(),
+    ));
+    let identity = format!(
+        "{}-{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "controller".into()),
+        std::process::id()
+    );
+    tokio::spawn(spiderpool_agent::controller::subnets::run(
+        client.clone(),
+        args.namespace.clone(),
+        identity,
+        Duration::from_millis(args.reconcile_interval_ms.max(50)),
+        stop_rx.clone(),
     ));
     tracing::info!(listen = %listen, server = %server, "serving the admission webhooks");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -3,5 +3,6 @@
 //! cluster's current objects), with its own TLS.
 
 pub mod admission;
+pub mod subnets;
 pub mod tls;
 pub mod webhook;
