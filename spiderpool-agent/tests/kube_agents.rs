@@ -1161,7 +1161,9 @@ fn app_yaml(kind: &str, name: &str, replicas: u32, extra_annos: &str) -> String 
         if kind == "Job" || kind == "CronJob" { "Never" } else { "Always" }
     );
     match kind {
-        "CronJob" => format!("apiVersion: {api}\nkind: CronJob\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  schedule: '* * * * *'\n  jobTemplate:\n    spec:\n      parallelism: {replicas}\n      template:\n  {}\n", template.replace("\n", "\n  ")),
+        "CronJob" => format!(
+            "apiVersion: {api}\nkind: CronJob\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  schedule: '* * * * *'\n  jobTemplate:\n    spec:\n      parallelism: {replicas}\n      template:\n        metadata:\n          labels: {{app: {name}}}\n          annotations:\n            ipam.spidernet.io/subnet: '{{\"ipv4\": [\"subnet-16\"]}}'\n        spec: {{containers: [{{name: app, image: busybox}}], restartPolicy: Never}}\n"
+        ),
         "Job" => format!("apiVersion: {api}\nkind: Job\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  parallelism: {replicas}\n  template:\n    {template}\n"),
         "DaemonSet" => format!("apiVersion: {api}\nkind: DaemonSet\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    {template}\n"),
         _ => format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  replicas: {replicas}\n{}  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    {template}\n",
@@ -1583,4 +1585,164 @@ fn the_controller_follows_applications_and_reclaims_their_pools() {
         || subnet_allocated(s) == "0",
         &log,
     );
+}
+
+/// Addresses in a list of `a` / `a-b` IPv4 entries.
+fn count_ips(entries: &[String]) -> u32 {
+    let n = |ip: &str| {
+        ip.parse::<std::net::Ipv4Addr>()
+            .map(u32::from)
+            .expect("ipv4")
+    };
+    entries
+        .iter()
+        .map(|e| match e.split_once('-') {
+            Some((a, b)) => n(b) - n(a) + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+fn pool_size(s: &KubeServer, app: &str) -> u32 {
+    count_ips(&auto_pool_ips(s, &format!("auto4-{app}-")))
+}
+
+/// Every kind of application gets its pool, sized by its replicas (or the template's number),
+/// and scaled with it; pools never share an address; a kept pool (`ippool-reclaim: "false"`)
+/// outlives its application and goes back to a re-created one of the same kind, namespace and
+/// name, not to another kind.
+#[test]
+fn every_kind_gets_a_pool_and_kept_pools_go_back() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let c = ControllerProc::start(s, lab.dir.path(), "k");
+    let log = || c.log_text();
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SUBNET_16);
+    assert!(ok, "{err}");
+    let apps = [
+        ("StatefulSet", "s1", 2, 3),
+        ("DaemonSet", "d1", 0, 2),
+        ("ReplicaSet", "r1", 2, 3),
+        ("Job", "j1", 2, 3),
+        ("CronJob", "cj1", 1, 2),
+    ];
+    for (kind, name, replicas, _) in apps {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml(kind, name, replicas, ""));
+        assert!(ok, "{kind}: {err}");
+    }
+    for (kind, name, _, size) in apps {
+        wait_for(
+            &format!("{kind} {name} pool of {size}"),
+            Duration::from_secs(20),
+            || pool_size(s, name) == size,
+            &log,
+        );
+    }
+    let mut all: Vec<String> = apps
+        .iter()
+        .flat_map(|(_, n, _, _)| auto_pool_ips(s, &format!("auto4-{n}-")))
+        .collect();
+    let total: u32 = count_ips(&all);
+    all.sort();
+    all.dedup();
+    assert_eq!(count_ips(&all), total, "pools share an address");
+    // Scale the StatefulSet 2 -> 4 -> 1.
+    let (ok, _, err) = s.kubectl(&["scale", "statefulset", "s1", "--replicas=4"], "");
+    assert!(ok, "{err}");
+    wait_for(
+        "s1 grown to 5",
+        Duration::from_secs(15),
+        || pool_size(s, "s1") == 5,
+        &log,
+    );
+    let (ok, _, err) = s.kubectl(&["scale", "statefulset", "s1", "--replicas=1"], "");
+    assert!(ok, "{err}");
+    wait_for(
+        "s1 shrunk to 2",
+        Duration::from_secs(15),
+        || pool_size(s, "s1") == 2,
+        &log,
+    );
+    for (kind, name, _, _) in apps {
+        let (ok, _, err) = s.kubectl(&["delete", &kind.to_lowercase(), name], "");
+        assert!(ok, "{err}");
+    }
+    wait_for(
+        "all reclaimed",
+        Duration::from_secs(20),
+        || subnet_allocated(s) == "0",
+        &log,
+    );
+
+    // Kept pools.
+    let keep = "        ipam.spidernet.io/ippool-reclaim: 'false'\n        ipam.spidernet.io/ippool-ip-number: '2'\n";
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_yaml("Deployment", "keep", 1, keep),
+    );
+    assert!(ok, "{err}");
+    wait_for(
+        "keep's pool",
+        Duration::from_secs(15),
+        || pool_size(s, "keep") == 2,
+        &log,
+    );
+    let kept = auto_pool_ips(s, "auto4-keep-");
+    let (_, pool_name, _) = s.kubectl(
+        &[
+            "get",
+            "sp",
+            "-l",
+            "ipam.spidernet.io/app-name=keep",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+        "",
+    );
+    let (ok, _, err) = s.kubectl(&["delete", "deployment", "keep"], "");
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        auto_pool_ips(s, "auto4-keep-"),
+        kept,
+        "a kept pool outlives its application"
+    );
+    // Another kind of the same name gets a pool of its own.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_yaml("StatefulSet", "keep", 1, keep),
+    );
+    assert!(ok, "{err}");
+    wait_for(
+        "the StatefulSet's own pool",
+        Duration::from_secs(15),
+        || pool_size(s, "keep") == 4,
+        &log,
+    );
+    // The Deployment re-created: it takes its kept pool back, no new pool.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_yaml("Deployment", "keep", 1, keep),
+    );
+    assert!(ok, "{err}");
+    let new_uid = uid_of(s, "deployment", "keep");
+    wait_for(
+        "taken back",
+        Duration::from_secs(15),
+        || {
+            let (_, out, _) = s.kubectl(
+                &[
+                    "get",
+                    "sp",
+                    &pool_name,
+                    "-o",
+                    "jsonpath={.metadata.labels.ipam\\.spidernet\\.io/app-uid}",
+                ],
+                "",
+            );
+            out == new_uid
+        },
+        &log,
+    );
+    assert_eq!(pool_size(s, "keep"), 4, "no third pool");
 }
