@@ -559,9 +559,32 @@ pub async fn ensure_pool(
 ) -> Result<SpiderIPPool, String> {
     let pools: Api<SpiderIPPool> = Api::all(client.clone());
     let subnets: Api<SpiderSubnet> = Api::all(client.clone());
+    // One writer per pool in this process (an application's pods ADD together); other
+    // processes are met by the compare-and-swaps below.
+    let key = format!(
+        "{}/{}/{}/{}/{}",
+        app.kind,
+        app.namespace,
+        app.name,
+        want.nic,
+        want.family.version()
+    );
+    let lock = {
+        type Locks = BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>;
+        static LOCKS: std::sync::OnceLock<std::sync::Mutex<Locks>> = std::sync::OnceLock::new();
+        let mut m = LOCKS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if m.len() > 1024 {
+            m.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+        }
+        m.entry(key).or_default().clone()
+    };
+    let _guard = lock.lock().await;
     for attempt in 0..20u32 {
         let existing = find_pool(client, app, want).await?;
-        let have = existing
+        let mut have = existing
             .as_ref()
             .and_then(pool_set)
             .unwrap_or_else(|| IpSet::empty(want.family));
@@ -621,33 +644,34 @@ pub async fn ensure_pool(
         }
         let mut ctl = controlled(&subnet);
         for (pool, v) in &ctl {
-            if *pool != name {
-                let ips: Vec<String> = serde_json::from_value(v["ips"].clone()).unwrap_or_default();
-                if let Ok(s) = IpSet::parse(fam, &ips) {
-                    taken = taken.union(&s);
-                }
+            let ips: Vec<String> = serde_json::from_value(v["ips"].clone()).unwrap_or_default();
+            let Ok(s) = IpSet::parse(fam, &ips) else {
+                continue;
+            };
+            if *pool == name {
+                // Promised to this pool already (by another agent that has not written the
+                // pool yet, or before a crash): those addresses are this pool's.
+                have = have.union(&s);
+            } else {
+                taken = taken.union(&s);
             }
         }
-        let extra =
-            carve(&whole.subtract(&have), &taken, desired - have.count()).map_err(|free| {
-                format!(
-                    "SpiderSubnet {} has {free} free addresses; {} {}/{} needs {} more for NIC {}",
-                    want.subnet,
-                    app.kind,
-                    app.namespace,
-                    app.name,
-                    desired - have.count(),
-                    want.nic
-                )
-            })?;
+        let need = desired.saturating_sub(have.count());
+        let extra = carve(&whole.subtract(&have), &taken, need).map_err(|free| {
+            format!(
+                "SpiderSubnet {} has {free} free addresses; {} {}/{} needs {need} more for NIC {}",
+                want.subnet, app.kind, app.namespace, app.name, want.nic
+            )
+        })?;
         let total = have.union(&extra);
-        ctl.insert(
-            name.clone(),
-            json!({"ips": total.to_strings(), "application": app.application()}),
-        );
-        if !write_controlled(client, &subnet, &ctl, fam).await? {
-            tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt + 1))).await;
-            continue; // another application carved meanwhile: look again
+        let entry = json!({"ips": total.to_strings(), "application": app.application()});
+        if ctl.get(&name) != Some(&entry) {
+            ctl.insert(name.clone(), entry);
+            if !write_controlled(client, &subnet, &ctl, fam).await? {
+                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt + 1)))
+                    .await;
+                continue; // another application carved meanwhile: look again
+            }
         }
         // The subnet promised these addresses to the pool; now the pool itself.
         let mut labels = app.labels();
@@ -681,7 +705,11 @@ pub async fn ensure_pool(
                     .await
             }
         };
-        let written = written.map_err(|e| api_err(&format!("writing auto-pool {name}"), e))?;
+        let written = match written {
+            // Another agent created it meanwhile: look again.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            w => w.map_err(|e| api_err(&format!("writing auto-pool {name}"), e))?,
+        };
         set_total(client, &name, &total).await;
         return Ok(written);
     }

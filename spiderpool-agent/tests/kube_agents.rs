@@ -1746,3 +1746,126 @@ fn every_kind_gets_a_pool_and_kept_pools_go_back() {
     );
     assert_eq!(pool_size(s, "keep"), 4, "no third pool");
 }
+
+fn replicaset_for(s: &KubeServer, dep: &str) -> (String, String) {
+    let dep_uid = uid_of(s, "deployment", dep);
+    let rs = format!("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: {dep}-rs\n  namespace: default\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: Deployment, name: {dep}, uid: {dep_uid}, controller: true}}\nspec:\n  selector: {{matchLabels: {{app: {dep}}}}}\n  template:\n    metadata: {{labels: {{app: {dep}}}}}\n    spec: {{containers: [{{name: app, image: busybox}}]}}\n");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rs);
+    assert!(ok, "{err}");
+    (
+        format!("{dep}-rs"),
+        uid_of(s, "replicaset", &format!("{dep}-rs")),
+    )
+}
+
+/// Two applications' first pods on two agents at once: each application's pool is carved once,
+/// no address is in both; a controller killed in the middle of a scale-up converges after its
+/// restart; a StatefulSet pod with an auto-pool keeps its address across a restart.
+#[test]
+fn concurrent_applications_never_share_and_the_controller_converges() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let node2 = "apiVersion: v1\nkind: Node\nmetadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}\n";
+    for y in [SUBNET_16, node2] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], y);
+        assert!(ok, "{err}");
+    }
+    let mut pods = Vec::new();
+    for (app, node) in [("a1", "controller-node-1"), ("a2", "controller-node-2")] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml("Deployment", app, 5, ""));
+        assert!(ok, "{err}");
+        let (rs, rs_uid) = replicaset_for(s, app);
+        for i in 0..5 {
+            let name = format!("{app}-{i}");
+            let y = app_pod(&name, "ReplicaSet", &rs, &rs_uid).replace("controller-node-1", node);
+            let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &y);
+            assert!(ok, "{err}");
+            pods.push((name, node));
+        }
+    }
+    let agents = [
+        lab.agent("controller-node-1"),
+        lab.agent("controller-node-2"),
+    ];
+    let socks: Vec<String> = agents.iter().map(|a| a.sock()).collect();
+    let got = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for (name, node) in &pods {
+            let sock = if *node == "controller-node-1" {
+                &socks[0]
+            } else {
+                &socks[1]
+            };
+            let got = &got;
+            scope.spawn(move || {
+                let conf = netconf("1.0.0", "macvlan-conf", sock, serde_json::json!({}));
+                let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+                let r = cni(
+                    &env_for("ADD", &format!("c-{name}"), "eth0", &args),
+                    conf.to_string().as_bytes(),
+                );
+                assert_eq!(r.code(), 0, "{name}: {}", r.stdout);
+                got.lock().expect("lock").push(r.ip());
+            });
+        }
+    });
+    let mut got = got.into_inner().expect("lock");
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 10, "an address twice: {got:?}");
+    let (p1, p2) = (auto_pool_ips(s, "auto4-a1-"), auto_pool_ips(s, "auto4-a2-"));
+    assert_eq!((count_ips(&p1), count_ips(&p2)), (6, 6), "{p1:?} {p2:?}");
+    let mut both = [p1.clone(), p2.clone()].concat();
+    both.sort();
+    both.dedup();
+    assert_eq!(count_ips(&both), 12, "the two pools overlap: {p1:?} {p2:?}");
+    assert_eq!(subnet_allocated(s), "12");
+
+    // Scale a1 to 12 and kill the controller at once; its successor converges.
+    let c = ControllerProc::start(s, lab.dir.path(), "1");
+    let (ok, _, err) = s.kubectl(&["scale", "deployment", "a1", "--replicas=12"], "");
+    assert!(ok, "{err}");
+    drop(c);
+    let c2 = ControllerProc::start(s, lab.dir.path(), "2");
+    let log = || c2.log_text();
+    wait_for(
+        "a1 grown to 13",
+        Duration::from_secs(30),
+        || pool_size(s, "a1") == 13,
+        &log,
+    );
+    wait_for(
+        "subnet counts converge",
+        Duration::from_secs(15),
+        || subnet_allocated(s) == "19",
+        &log,
+    );
+
+    // A StatefulSet pod with an auto-pool keeps its address across a restart.
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &app_yaml("StatefulSet", "db", 2, ""));
+    assert!(ok, "{err}");
+    let sts_uid = uid_of(s, "statefulset", "db");
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_pod("db-0", "StatefulSet", "db", &sts_uid),
+    );
+    assert!(ok, "{err}");
+    let conf = netconf("1.0.0", "macvlan-conf", &socks[0], serde_json::json!({}));
+    let call = |cmd: &str, c: &str| {
+        cni(
+            &env_for(
+                cmd,
+                c,
+                "eth0",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=db-0",
+            ),
+            conf.to_string().as_bytes(),
+        )
+    };
+    let first = call("ADD", "db-0-a");
+    assert_eq!(first.code(), 0, "{}", first.stdout);
+    assert_eq!(call("DEL", "db-0-a").code(), 0);
+    let again = call("ADD", "db-0-b");
+    assert_eq!(again.code(), 0, "{}", again.stdout);
+    assert_eq!(again.ip(), first.ip(), "db-0 keeps its address");
+}
