@@ -205,3 +205,51 @@ fn the_webhook_refuses_invalid_pools_and_mutates_valid_ones() {
     );
     assert!(ok, "{err}");
 }
+
+/// `spiderctl validate`'s cases, one `kubectl apply` each, refused by the webhook with the same
+/// messages (a valid document is accepted, and then counts against the next one).
+#[test]
+fn the_webhook_refuses_what_spiderctl_validate_refuses() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let _c = Controller::start(&s, &free_addr(), &dir.path().join("c.log"));
+    let text = include_str!("../../testdata/invalid-pools.yaml");
+    let cases: [(&str, &[&str]); 6] = [
+        ("unformatted", &["spec.subnet: unformatted subnet 10.6.168.1/24, please change it to 10.6.168.0/24"]),
+        ("bad-ranges", &[
+            "spec.ips[0]: invalid IP range '10.7.0.20-10.7.0.10': start must not be greater than end",
+            "spec.ips[1]: '10.8.0.1' is not inside subnet 10.7.0.0/16",
+            "spec.ips[2]: invalid IP range '10.7.0.1 - 10.7.0.2': must not contain spaces",
+            "spec.excludeIPs[0]: invalid IP range '10.7.0.0/24': CIDR notation is not allowed",
+        ]),
+        ("overlap-a", &[]),
+        ("overlap-b", &["spec.ips: IPs 10.9.0.40-10.9.0.50 are also in SpiderIPPool overlap-a"]),
+        ("gw-in-ips", &["spec.gateway: gateway 10.10.0.1 is inside spec.ips: add it to spec.excludeIPs too"]),
+        ("bad-reserved", &["spec.ips[0]: IP range 'fd00::1' is not IPv4"]),
+    ];
+    let mut checked = 0;
+    for doc in text.split("\n---\n") {
+        let Some((name, wants)) = cases
+            .iter()
+            .find(|(n, _)| doc.contains(&format!("name: {n}}}")))
+        else {
+            continue;
+        };
+        checked += 1;
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], doc);
+        if wants.is_empty() {
+            assert!(ok, "{name} refused: {err}");
+            continue;
+        }
+        assert!(!ok, "{name} accepted");
+        for w in *wants {
+            assert!(err.contains(w), "{name}: missing {w:?} in {err}");
+        }
+    }
+    assert_eq!(
+        checked,
+        cases.len(),
+        "cases not found in testdata/invalid-pools.yaml"
+    );
+}
