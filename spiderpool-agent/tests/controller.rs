@@ -18,6 +18,10 @@ struct Controller {
 
 impl Controller {
     fn start(s: &KubeServer, addr: &str, log: &std::path::Path) -> Controller {
+        Self::start_as(&s.kubeconfig(), addr, log)
+    }
+
+    fn start_as(kubeconfig: &std::path::Path, addr: &str, log: &std::path::Path) -> Controller {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -25,8 +29,8 @@ impl Controller {
             .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
             .arg("--kubeconfig")
-            .arg(s.kubeconfig())
-            .args(["--webhook-addr", addr])
+            .arg(kubeconfig)
+            .args(["--webhook-addr", addr, "--reconcile-interval-ms", "300"])
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -252,4 +256,118 @@ fn the_webhook_refuses_what_spiderctl_validate_refuses() {
         cases.len(),
         "cases not found in testdata/invalid-pools.yaml"
     );
+}
+
+/// The controller works with its least-privilege roles (deploy/kubernetes/controller.yaml):
+/// certificate Secret, Lease, webhook registration, validation, auto-pools made and reclaimed;
+/// and is refused anything else.
+#[test]
+fn the_controller_works_with_its_roles_and_nothing_more() {
+    let user = spiderpool_store::testing::KubeUser {
+        token: "controller-token-0123456789".into(),
+        name: "controller-user".into(),
+        groups: String::new(),
+    };
+    let Some(s) = KubeServer::start_with_users(std::slice::from_ref(&user)) else {
+        return;
+    };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let deploy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/controller.yaml"
+    ))
+    .expect("controller.yaml");
+    let rbac: Vec<&str> = deploy
+        .split("\n---\n")
+        .filter(|d| {
+            d.contains("kind: ClusterRole")
+                || d.contains("kind: Role")
+                || d.contains("kind: RoleBinding")
+                || d.contains("kind: ServiceAccount")
+        })
+        .collect();
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rbac.join("\n---\n"));
+    assert!(ok, "{err}");
+    let binds = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: controller-user}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: controller-user, namespace: kube-system}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], binds);
+    assert!(ok, "{err}");
+    let kc = s
+        .write_kubeconfig("controller.kubeconfig", &user.token)
+        .expect("kubeconfig");
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start_as(&kc, &free_addr(), &dir.path().join("c.log"));
+    // Validation through the webhook (it reads pools, subnets, reserved IPs, blocks).
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("bad", "10.9.0.1/16", "[10.9.0.1]"),
+    );
+    assert!(!ok && err.contains("please change it to"), "{err}");
+    // An auto-pool made ahead of the pods and reclaimed with its application.
+    let subnet = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderSubnet\nmetadata: {name: subnet-16}\nspec: {subnet: 10.16.0.0/16, ips: [10.16.0.10-10.16.0.109]}\n";
+    let dep = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata:\n      labels: {app: web}\n      annotations: {ipam.spidernet.io/subnet: '{\"ipv4\": [\"subnet-16\"]}'}\n    spec: {containers: [{name: app, image: busybox}]}\n";
+    for y in [subnet, dep] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], y);
+        assert!(ok, "{err}");
+    }
+    let count = || {
+        s.kubectl(
+            &[
+                "get",
+                "sp",
+                "-l",
+                "ipam.spidernet.io/app-name=web",
+                "-o",
+                "name",
+            ],
+            "",
+        )
+        .1
+        .lines()
+        .count()
+    };
+    let t0 = Instant::now();
+    while count() != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no pool:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = s.kubectl(&["delete", "deployment", "web"], "");
+    assert!(ok, "{err}");
+    let t0 = Instant::now();
+    while count() != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "not reclaimed:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!c.log_text().contains("forbidden"), "{}", c.log_text());
+    // Nothing more.
+    let other = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: other, namespace: default}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: other}}\n  template:\n    metadata: {labels: {app: other}}\n    spec: {containers: [{name: app, image: busybox}]}\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], other);
+    assert!(ok, "{err}");
+    for args in [
+        vec!["create", "configmap", "x", "-n", "default"],
+        vec!["delete", "node", "any"],
+        vec!["create", "secret", "generic", "x", "-n", "default"],
+        vec!["delete", "spidersubnet", "subnet-16"],
+        vec![
+            "scale",
+            "deployment",
+            "other",
+            "--replicas=3",
+            "-n",
+            "default",
+        ],
+    ] {
+        let (ok, _, err) = s.kubectl_as(&kc, &args, "");
+        assert!(
+            !ok && err.contains("forbidden"),
+            "{args:?} was allowed: {err}"
+        );
+    }
 }
