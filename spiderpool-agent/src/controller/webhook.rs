@@ -34,7 +34,7 @@ pub enum Endpoint {
 }
 
 fn client_config(ep: &Endpoint, path: &str, ca: &str) -> Value {
-    let ca = base64(ca.as_bytes());
+    let ca = spiderpool_store::base64(ca.as_bytes());
     match ep {
         Endpoint::Url(u) => json!({"url": format!("{u}{path}"), "caBundle": ca}),
         Endpoint::Service(ns, name, port) => json!({
@@ -89,27 +89,6 @@ pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<
     Ok(())
 }
 
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn answer(
     uid: &Value,
     allowed: bool,
@@ -123,7 +102,7 @@ fn answer(
     if let Some(p) = patch.filter(|p| !p.is_empty()) {
         let bytes = serde_json::to_vec(&p).unwrap_or_default();
         response["patchType"] = json!("JSONPatch");
-        response["patch"] = json!(base64(&bytes));
+        response["patch"] = json!(spiderpool_store::base64(&bytes));
     }
     Json(json!({
         "apiVersion": "admission.k8s.io/v1",
