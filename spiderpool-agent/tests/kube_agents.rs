@@ -743,7 +743,8 @@ fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
         (vec!["delete", "spideripblocks", "--all"], ""),
         (vec!["label", "node", "controller-node-1", "x=y"], ""),
         (vec!["patch", "pod", "rbac-a", "-p", r#"{"metadata":{"labels":{"x":"y"}}}"#], ""),
-        (vec!["apply", "-f", "-"], "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: sneaky}\nspec: {subnet: 10.99.0.0/16, ips: [10.99.0.1]}\n"),
+        // Pools it may create (an application's auto-pool at its first ADD), subnets not.
+        (vec!["apply", "-f", "-"], "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderSubnet\nmetadata: {name: sneaky}\nspec: {subnet: 10.99.0.0/16, ips: [10.99.0.1]}\n"),
     ] {
         let (ok, _, err) = s.kubectl_as(&kc, &args, stdin);
         assert!(!ok && err.contains("forbidden"), "{args:?} was allowed: {err}");
