@@ -447,7 +447,8 @@ pub async fn app_of_pod(
     fetch_app(client, &kind, namespace, &name).await
 }
 
-fn pool_set(p: &SpiderIPPool) -> Option<IpSet> {
+/// The addresses a pool serves (`ips` minus `excludeIPs`), when its spec parses.
+pub fn pool_set(p: &SpiderIPPool) -> Option<IpSet> {
     let family = match p.spec.0.ip_version {
         Some(f) => f,
         None => {
@@ -493,6 +494,37 @@ fn controlled(s: &SpiderSubnet) -> Controlled {
         .unwrap_or_default()
 }
 
+/// The addresses of one `controlledIPPools` entry.
+pub fn entry_ips(entry: &Value, family: IpFamily) -> Option<IpSet> {
+    let ips: Vec<String> = serde_json::from_value(entry["ips"].clone()).ok()?;
+    IpSet::parse(family, &ips).ok()
+}
+
+/// A subnet's addresses (`ips` minus `excludeIPs`).
+pub fn subnet_set(subnet: &SpiderSubnet, family: IpFamily) -> Result<IpSet, String> {
+    let name = subnet.metadata.name.as_deref().unwrap_or_default();
+    let ips = IpSet::parse(family, &subnet.spec.0.ips)
+        .map_err(|e| format!("SpiderSubnet {name}: {e}"))?;
+    let ex = IpSet::parse(family, &subnet.spec.0.exclude_ips)
+        .map_err(|e| format!("SpiderSubnet {name}: {e}"))?;
+    Ok(ips.subtract(&ex))
+}
+
+/// A subnet's `allocatedIPCount` (the sum of its controlled pools) and `totalIPCount`.
+pub fn subnet_counts(
+    subnet: &SpiderSubnet,
+    pools: &Controlled,
+    family: IpFamily,
+) -> (i64, Option<i64>) {
+    let allocated: u128 = pools
+        .values()
+        .filter_map(|v| entry_ips(v, family))
+        .map(|s| s.count())
+        .sum();
+    let total = subnet_set(subnet, family).ok().map(|s| s.count_i64());
+    (i64::try_from(allocated).unwrap_or(i64::MAX), total)
+}
+
 /// Writes `pools` as the subnet's controlled pools (with the counts), compare-and-swap on
 /// `subnet`'s resourceVersion; `Ok(false)` when someone else wrote first.
 async fn write_controlled(
@@ -502,22 +534,12 @@ async fn write_controlled(
     family: IpFamily,
 ) -> Result<bool, String> {
     let name = subnet.metadata.name.clone().unwrap_or_default();
-    let allocated: u128 = pools
-        .values()
-        .filter_map(|v| {
-            let ips: Vec<String> = serde_json::from_value(v["ips"].clone()).ok()?;
-            IpSet::parse(family, &ips).ok().map(|s| s.count())
-        })
-        .sum();
-    let total = IpSet::parse(family, &subnet.spec.0.ips)
-        .ok()
-        .zip(IpSet::parse(family, &subnet.spec.0.exclude_ips).ok())
-        .map(|(a, b)| a.subtract(&b).count_i64());
+    let (allocated, total) = subnet_counts(subnet, pools, family);
     let patch = json!({
         "metadata": {"resourceVersion": subnet.metadata.resource_version},
         "status": {
             "controlledIPPools": serde_json::to_string(pools).unwrap_or_default(),
-            "allocatedIPCount": i64::try_from(allocated).unwrap_or(i64::MAX),
+            "allocatedIPCount": allocated,
             "totalIPCount": total,
         }
     });
@@ -608,12 +630,7 @@ pub async fn ensure_pool(
             ));
         };
         let fam = want.family;
-        let whole = IpSet::parse(fam, &subnet.spec.0.ips)
-            .map_err(|e| format!("SpiderSubnet {}: {e}", want.subnet))?
-            .subtract(
-                &IpSet::parse(fam, &subnet.spec.0.exclude_ips)
-                    .map_err(|e| format!("SpiderSubnet {}: {e}", want.subnet))?,
-            );
+        let whole = subnet_set(&subnet, fam)?;
         // Taken: every pool of the subnet (auto or not), every reserved address, and what the
         // subnet has promised to pools that may not exist yet.
         let mut taken = IpSet::empty(fam);
@@ -644,8 +661,7 @@ pub async fn ensure_pool(
         }
         let mut ctl = controlled(&subnet);
         for (pool, v) in &ctl {
-            let ips: Vec<String> = serde_json::from_value(v["ips"].clone()).unwrap_or_default();
-            let Ok(s) = IpSet::parse(fam, &ips) else {
+            let Some(s) = entry_ips(v, fam) else {
                 continue;
             };
             if *pool == name {

@@ -270,18 +270,10 @@ impl ClusterView for KubeView {
     }
 
     async fn fetch_pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        let api: Api<K8sPod> = Api::namespaced(self.pods.clone().into_client(), namespace);
-        match api.get_opt(name).await {
-            Ok(Some(p)) => match convert(&p) {
-                Some(Object::Pod(p)) => Some(p),
-                _ => None,
-            },
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "fetching the pod failed");
-                None
-            }
-        }
+        self.pod_now(namespace, name).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "fetching the pod failed");
+            None
+        })
     }
 
     fn describe(&self) -> String {
@@ -308,10 +300,7 @@ impl ClusterView for KubeView {
     }
 
     async fn statefulset_wants(&self, namespace: &str, name: &str) -> Result<Option<bool>, String> {
-        let Some((base, ordinal)) = name
-            .rsplit_once('-')
-            .and_then(|(b, o)| Some((b, o.parse::<i64>().ok()?)))
-        else {
+        let Some((base, ordinal)) = spiderpool_core::lifecycle::statefulset_ordinal(name) else {
             return Ok(None);
         };
         let api: Api<k8s_openapi::api::apps::v1::StatefulSet> =

@@ -380,6 +380,10 @@ async fn kept_for_statefulset(a: &Agent, container: &str) -> bool {
         return false;
     };
     let (ns, name) = (&l.owner.pod_namespace, &l.owner.pod_name);
+    // Only a pod named `<statefulset>-<ordinal>` can be one: every other DEL costs no API read.
+    if spiderpool_core::lifecycle::statefulset_ordinal(name).is_none() {
+        return false;
+    }
     let owned = match a.view.pod_now(ns, name).await {
         Ok(Some(p)) => p
             .metadata

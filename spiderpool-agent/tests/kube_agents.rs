@@ -232,23 +232,20 @@ fn seed_scenario_through_the_api_server() {
     assert!(ok && out.contains("\"containerID\": \"c6\""), "{out}");
 
     // A SpiderEndpoint per pod, in Spiderpool's shape.
-    let t0 = Instant::now();
-    loop {
-        let (_, out, _) = s.kubectl(
+    let endpoint = || {
+        s.kubectl(
             &["get", "se", "test-app-j9ftl", "-n", "default", "-o",
               "jsonpath={.status.current.ips[0].ipv4} {.status.current.ips[0].ipv4Pool} {.status.current.node} {.status.current.uid}"],
             "",
-        );
-        if out == format!("{} test-ippool-6 controller-node-1 u6", add6.ip()) {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "SpiderEndpoint: {out:?}\n{}",
-            a6.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        )
+        .1
+    };
+    wait_for(
+        "SpiderEndpoint",
+        Duration::from_secs(15),
+        || endpoint() == format!("{} test-ippool-6 controller-node-1 u6", add6.ip()),
+        &|| format!("{:?}\n{}", endpoint(), a6.log_text()),
+    );
     // A pool holding allocations is not deleted (finalizer) and hands out nothing more.
     let (ok, _, err) = s.kubectl(&["delete", "sp", "test-ippool-6", "--wait=false"], "");
     assert!(ok, "{err}");
@@ -268,18 +265,16 @@ fn seed_scenario_through_the_api_server() {
         assert_eq!(del.code(), 0, "{}", del.stdout);
     }
     wait_counts(s, &[("test-ippool-7", "0", "10")]);
-    let t0 = Instant::now();
-    loop {
-        let (_, out, _) = s.kubectl(&["get", "se", "-n", "default", "-o", "name"], "");
-        if out.trim().is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "SpiderEndpoints left: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let endpoints = || {
+        s.kubectl(&["get", "se", "-n", "default", "-o", "name"], "")
+            .1
+    };
+    wait_for(
+        "SpiderEndpoints left",
+        Duration::from_secs(15),
+        || endpoints().trim().is_empty(),
+        &endpoints,
+    );
     let _ = testdata("seed-pools.yaml");
 }
 
@@ -553,16 +548,12 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     let (ok, _, err) = s.kubectl(&["delete", "node", "ghost-node"], "");
     assert!(ok, "{err}");
 
-    let t0 = Instant::now();
-    while holders(s) != ["c-gc-live"] {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "left: {:?}\n{}",
-            holders(s),
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for(
+        "GC left",
+        Duration::from_secs(30),
+        || holders(s) == ["c-gc-live"],
+        &|| format!("{:?}\n{}", holders(s), a.log_text()),
+    );
     let log = a.log_text();
     for reason in [
         "pod_gone",
@@ -715,16 +706,12 @@ fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
         "",
     );
     assert!(ok, "{err}");
-    let t0 = Instant::now();
-    while holders(s) != ["c-rbac-a"] {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{:?}\n{}",
-            holders(s),
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        "GC with the agent's role",
+        Duration::from_secs(20),
+        || holders(s) == ["c-rbac-a"],
+        &|| format!("{:?}\n{}", holders(s), a.log_text()),
+    );
     let del = cni(
         &env_for(
             "DEL",
@@ -909,6 +896,33 @@ spec:
     );
 }
 
+/// Retries a CNI call as a runtime does until it succeeds; the test fails after `limit`.
+fn retry_until_ok(
+    limit: Duration,
+    pause: Duration,
+    what: &str,
+    mut call: impl FnMut() -> common::Call,
+) -> common::Call {
+    let t0 = Instant::now();
+    loop {
+        let r = call();
+        if r.code() == 0 {
+            return r;
+        }
+        assert!(t0.elapsed() < limit, "{what}: {}", r.stdout);
+        std::thread::sleep(pause);
+    }
+}
+
+/// Waits (up to 30 s) until `n` answers are in; returns how many there are.
+fn wait_answered(results: &std::sync::Mutex<BTreeMap<String, String>>, n: usize) -> usize {
+    let t0 = Instant::now();
+    while results.lock().expect("lock").len() < n && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    results.lock().expect("lock").len()
+}
+
 /// Three agents on three nodes against one API server, 90 parallel ADDs through the plugin; one
 /// agent is killed (-9) mid-burst and restarted, the runtime retrying its failed ADDs; then the
 /// API server itself is killed: ADDs fail with code 11 naming it, and succeed again once it is
@@ -947,26 +961,19 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
                 scope.spawn(move || {
                     for k in 0..10 {
                         let c = format!("burst-{i}-{w}-{k}");
-                        let t0 = Instant::now();
-                        loop {
-                            let r = add(sock, &c);
-                            if r.code() == 0 {
-                                results.lock().expect("lock").insert(c.clone(), r.ip());
-                                break;
-                            }
-                            assert!(t0.elapsed() < Duration::from_secs(60), "{c}: {}", r.stdout);
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                        let r = retry_until_ok(
+                            Duration::from_secs(60),
+                            Duration::from_millis(100),
+                            &c,
+                            || add(sock, &c),
+                        );
+                        results.lock().expect("lock").insert(c.clone(), r.ip());
                     }
                 });
             }
         }
         // Kill once a fifth of the burst is answered, so requests are in flight.
-        let t0 = Instant::now();
-        while results.lock().expect("lock").len() < 18 && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let answered = results.lock().expect("lock").len();
+        let answered = wait_answered(&results, 18);
         assert!(answered < 90, "the burst ended before the kill");
         agents[0].kill9();
         std::thread::sleep(Duration::from_millis(300));
@@ -1001,15 +1008,12 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
         down.stdout
     );
     lab.server.start_apiserver().expect("API server back");
-    let t0 = Instant::now();
-    let back = loop {
-        let r = add(&socks[1], "during-outage");
-        if r.code() == 0 {
-            break r;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{}", r.stdout);
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let back = retry_until_ok(
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        "during-outage",
+        || add(&socks[1], "during-outage"),
+    );
     assert!(
         !distinct.contains(&back.ip()),
         "{} handed out twice",
@@ -1027,25 +1031,18 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
             scope.spawn(move || {
                 for k in 0..10 {
                     let c = format!("again-{i}-{k}");
-                    let t0 = Instant::now();
-                    loop {
-                        let r = add(sock, &c);
-                        if r.code() == 0 {
-                            second.lock().expect("lock").insert(c.clone(), r.ip());
-                            break;
-                        }
-                        assert!(t0.elapsed() < Duration::from_secs(90), "{c}: {}", r.stdout);
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+                    let r = retry_until_ok(
+                        Duration::from_secs(90),
+                        Duration::from_millis(200),
+                        &c,
+                        || add(sock, &c),
+                    );
+                    second.lock().expect("lock").insert(c.clone(), r.ip());
                 }
             });
         }
-        let t0 = Instant::now();
-        while second.lock().expect("lock").len() < 6 && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
         assert!(
-            second.lock().expect("lock").len() < 30,
+            wait_answered(&second, 6) < 30,
             "the burst ended before the restart"
         );
         let mut srv = server.lock().expect("lock");

@@ -82,6 +82,16 @@ pub fn judge(lease: &Lease, pod: PodFacts<'_>, now: u64, margin: u64) -> Option<
     }
 }
 
+/// A StatefulSet pod's name split into the StatefulSet's name and the ordinal
+/// (`web-2` -> `("web", 2)`); `None` for a name of another shape.
+pub fn statefulset_ordinal(pod_name: &str) -> Option<(&str, i64)> {
+    let (base, ordinal) = pod_name.rsplit_once('-')?;
+    if base.is_empty() || ordinal.is_empty() || !ordinal.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((base, ordinal.parse().ok()?))
+}
+
 /// Records judged dead in the previous round, by (address, container).
 #[derive(Debug, Default)]
 pub struct Suspects {
@@ -184,6 +194,15 @@ mod tests {
         // No UID recorded: a recreated pod is not told apart (it is live).
         let no_uid = lease("10.0.0.3", "");
         assert_eq!(judge(&no_uid, replaced, 100, 30), None);
+    }
+
+    #[test]
+    fn statefulset_ordinals() {
+        assert_eq!(statefulset_ordinal("web-2"), Some(("web", 2)));
+        assert_eq!(statefulset_ordinal("my-db-10"), Some(("my-db", 10)));
+        assert_eq!(statefulset_ordinal("web-5d9"), None);
+        assert_eq!(statefulset_ordinal("web"), None);
+        assert_eq!(statefulset_ordinal("-1"), None);
     }
 
     #[test]

@@ -133,8 +133,7 @@ fn family(p: &SpiderIPPool) -> IpFamily {
 }
 
 fn ips(p: &SpiderIPPool) -> IpSet {
-    let f = family(p);
-    IpSet::parse(f, &p.spec.0.ips).unwrap_or_else(|_| IpSet::empty(f))
+    autopool::pool_set(p).unwrap_or_else(|| IpSet::empty(family(p)))
 }
 
 /// The addresses a pool holds, from its status (`None`: unknown, e.g. too many to list there).
@@ -450,19 +449,9 @@ impl Reconciler {
                 }
             }
         }
-        let allocated: u128 = next
-            .values()
-            .filter_map(|v| serde_json::from_value::<Vec<String>>(v["ips"].clone()).ok())
-            .filter_map(|ips| IpSet::parse(fam, &ips).ok())
-            .map(|s| s.count())
-            .sum();
-        let total = IpSet::parse(fam, &s.spec.0.ips)
-            .ok()
-            .zip(IpSet::parse(fam, &s.spec.0.exclude_ips).ok())
-            .map(|(a, b)| a.subtract(&b).count_i64())
-            .unwrap_or(0);
+        let (alloc_i, total) = autopool::subnet_counts(s, &next, fam);
+        let total = total.unwrap_or(0);
         let st = s.status.clone().unwrap_or_default();
-        let alloc_i = i64::try_from(allocated).unwrap_or(i64::MAX);
         if next == current
             && st.allocated_ip_count == Some(alloc_i)
             && st.total_ip_count == Some(total)
