@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use spiderpool_core::manifest::parse_documents;
-use spiderpool_core::select::{self, CniDefaults, Families, NicPlan, SelectionInput};
-use spiderpool_core::types::{Namespace, Node, Object, Pod};
+use spiderpool_core::select::{self, CniDefaults, NicPlan, SelectionInput};
+use spiderpool_core::Families;
+use spiderpool_core::types::{Namespace, Node, Object, ObjectRef, Pod};
 use spiderpool_core::PoolSet;
 
 /// What `validate` found.
@@ -72,22 +73,13 @@ pub fn validate(paths: &[PathBuf]) -> ValidateReport {
         errors: loaded.errors,
         ..Default::default()
     };
-    let file_of: BTreeMap<String, &Path> = loaded
+    let file_of: BTreeMap<ObjectRef, &Path> = loaded
         .objects
         .iter()
-        .map(|(p, o)| (o.describe(), p.as_path()))
+        .map(|(p, o)| (o.reference(), p.as_path()))
         .collect();
     for (_, o) in &loaded.objects {
-        let kind = match o {
-            Object::IpPool(_) => "SpiderIPPool",
-            Object::Subnet(_) => "SpiderSubnet",
-            Object::ReservedIp(_) => "SpiderReservedIP",
-            Object::Endpoint(_) => "SpiderEndpoint",
-            Object::Node(_) => "Node",
-            Object::Namespace(_) => "Namespace",
-            Object::Pod(_) => "Pod",
-        };
-        *report.counts.entry(kind).or_default() += 1;
+        *report.counts.entry(o.kind()).or_default() += 1;
     }
     let located = |e: &spiderpool_core::ValidationError| {
         let file = file_of

@@ -19,7 +19,8 @@ use spiderpool_core::api::{
     PoolRow, Status, SubnetRow,
 };
 use spiderpool_core::engine::{Allocation, Engine, EngineError};
-use spiderpool_core::select::{Families, SelectionInput};
+use spiderpool_core::select::SelectionInput;
+use spiderpool_core::Families;
 use spiderpool_core::store::{Filter, LeaseStore, StoreError};
 use spiderpool_core::PoolSet;
 use spiderpool_store::AnyStore;

@@ -22,7 +22,7 @@ use crate::select::{self, Plan, RouteRequest, SelectionError, SelectionInput};
 use crate::store::{
     Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Txn,
 };
-use crate::validate::{Pool, PoolSet};
+use crate::model::{Pool, PoolSet};
 
 /// How many times a request re-picks after losing races before giving up (retryable error).
 pub const MAX_CONFLICT_ROUNDS: usize = 64;

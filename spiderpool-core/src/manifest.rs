@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use crate::types::{Object, ObjectError};
-use crate::validate::PoolSet;
+use crate::model::PoolSet;
 
 /// One document of a manifest.
 #[derive(Debug)]

@@ -10,6 +10,24 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// Which IP families are wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Families {
+    /// IPv4 wanted.
+    pub ipv4: bool,
+    /// IPv6 wanted.
+    pub ipv6: bool,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            ipv4: true,
+            ipv6: false,
+        }
+    }
+}
+
 /// The IP version of an address, range, pool or request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpFamily {

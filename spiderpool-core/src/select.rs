@@ -10,9 +10,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::range::IpFamily;
+use crate::range::{Families, IpFamily};
 use crate::selector::{format_labels, Labels};
-use crate::validate::{Pool, PoolSet};
+use crate::model::{Pool, PoolSet};
 
 /// Pod annotation: pools for one NIC.
 pub const ANNO_IPPOOL: &str = "ipam.spidernet.io/ippool";
@@ -118,24 +118,6 @@ pub struct SelectionInput<'a> {
     pub cni: Option<&'a CniDefaults>,
     /// Families the cluster serves when the pool list comes from cluster defaults.
     pub default_families: Families,
-}
-
-/// Which IP families are wanted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Families {
-    /// IPv4 wanted.
-    pub ipv4: bool,
-    /// IPv6 wanted.
-    pub ipv6: bool,
-}
-
-impl Default for Families {
-    fn default() -> Self {
-        Families {
-            ipv4: true,
-            ipv6: false,
-        }
-    }
 }
 
 /// Where a NIC's pool list came from.

@@ -35,7 +35,7 @@ pub fn render_rows<R: AsRef<[String]>>(rows: &[R]) -> String {
 /// `kubectl get spiderippool` as Spiderpool prints it:
 /// `NAME VERSION SUBNET ALLOCATED-IP-COUNT TOTAL-IP-COUNT DEFAULT DISABLE`.
 pub fn ippools(
-    pools: &crate::validate::PoolSet,
+    pools: &crate::model::PoolSet,
     allocated: &std::collections::BTreeMap<String, u64>,
 ) -> String {
     let mut rows = vec![[

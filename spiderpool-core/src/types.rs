@@ -443,6 +443,48 @@ fn kind_endpoint() -> String {
     "SpiderEndpoint".to_string()
 }
 
+/// Which object a message is about: its kind (`SpiderIPPool`, ...) and name (`namespace/name`
+/// for namespaced objects). Displays as `Kind/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// The object's kind.
+    pub kind: &'static str,
+    /// Its name (`namespace/name` for namespaced objects).
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A SpiderIPPool.
+    pub fn pool(name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind: "SpiderIPPool",
+            name: name.into(),
+        }
+    }
+
+    /// A SpiderSubnet.
+    pub fn subnet(name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind: "SpiderSubnet",
+            name: name.into(),
+        }
+    }
+
+    /// A SpiderReservedIP.
+    pub fn reserved_ip(name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind: "SpiderReservedIP",
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
 /// One object of a manifest, by `kind`. (Variants differ in size; manifests hold few objects, so
 /// boxing would only add indirection.)
 #[derive(Debug, Clone, PartialEq)]
@@ -516,8 +558,8 @@ impl Object {
         })
     }
 
-    /// `Kind/name` for messages.
-    pub fn describe(&self) -> String {
+    /// The object's kind and name.
+    pub fn reference(&self) -> ObjectRef {
         let (kind, meta) = match self {
             Object::IpPool(o) => ("SpiderIPPool", &o.metadata),
             Object::Subnet(o) => ("SpiderSubnet", &o.metadata),
@@ -527,9 +569,20 @@ impl Object {
             Object::Namespace(o) => ("Namespace", &o.metadata),
             Object::Pod(o) => ("Pod", &o.metadata),
         };
-        match &meta.namespace {
-            Some(ns) => format!("{kind}/{ns}/{}", meta.name),
-            None => format!("{kind}/{}", meta.name),
-        }
+        let name = match &meta.namespace {
+            Some(ns) => format!("{ns}/{}", meta.name),
+            None => meta.name.clone(),
+        };
+        ObjectRef { kind, name }
+    }
+
+    /// The object's kind (`SpiderIPPool`, `Pod`, ...).
+    pub fn kind(&self) -> &'static str {
+        self.reference().kind
+    }
+
+    /// `Kind/name` for messages.
+    pub fn describe(&self) -> String {
+        self.reference().to_string()
     }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures::executor::block_on;
 use spiderpool_core::engine::{Attachment, Engine, EngineError};
 use spiderpool_core::manifest::pool_set;
-use spiderpool_core::select::{CniDefaults, Families, SelectionInput};
+use spiderpool_core::select::{CniDefaults, SelectionInput};
+use spiderpool_core::Families;
 use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
 use spiderpool_core::PoolSet;
 

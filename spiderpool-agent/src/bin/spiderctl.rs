@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use spiderpool_agent::ctl::{self, ExplainArgs, Format};
-use spiderpool_core::select::Families;
+use spiderpool_core::Families;
 
 #[derive(Parser)]
 #[command(name = "spiderctl", version, about = "Operate the spiderpool IPAM")]

@@ -7,7 +7,8 @@
 use serde_json::{json, Value};
 use spiderpool_core::range::{IpFamily, IpSet};
 use spiderpool_core::types::Object;
-use spiderpool_core::validate::{validate_update, Pool, PoolSet};
+use spiderpool_core::validate::validate_update;
+use spiderpool_core::{Pool, PoolSet};
 
 /// The finalizer Spiderpool puts on pools.
 pub const FINALIZER: &str = "spiderpool.spidernet.io";
@@ -87,17 +88,6 @@ pub fn mutate(kind: &str, obj: &Value) -> Vec<Value> {
     ops
 }
 
-/// Whether `message` names the object (`SpiderIPPool a`, not `SpiderIPPool ab`).
-fn mentions(message: &str, kind: &str, name: &str) -> bool {
-    let needle = format!("{kind} {name}");
-    message.match_indices(&needle).any(|(i, _)| {
-        message[i + needle.len()..]
-            .chars()
-            .next()
-            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '-')
-    })
-}
-
 /// Checks `new` (of `kind`, named `name`) against the cluster's other objects `cluster` (the old
 /// version of `new` excluded), and, for an update of a pool, against `old` and the addresses the
 /// pool holds (`in_use`). `Err` carries one line per problem, as `spiderctl validate` prints them.
@@ -128,12 +118,12 @@ pub fn validate(
     let object = Object::from_value(new.clone()).map_err(|e| vec![e.to_string()])?;
     let mut all: Vec<Object> = cluster.to_vec();
     all.push(object.clone());
-    let me = format!("{kind}/{name}");
+    let me = object.reference();
     let mut problems: Vec<String> = match PoolSet::build(&all) {
         Ok(_) => Vec::new(),
         Err(errors) => errors
             .into_iter()
-            .filter(|e| e.object == me || mentions(&e.message, kind, name))
+            .filter(|e| e.object == me || e.related.as_ref() == Some(&me))
             .map(|e| e.to_string())
             .collect(),
     };
