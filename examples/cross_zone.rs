@@ -18,9 +18,9 @@ use futures::executor::block_on;
 use spiderpool_core::engine::{count_by_pool, Attachment, Engine};
 use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{SelectionInput, ANNO_IPPOOL};
-use spiderpool_core::Families;
 use spiderpool_core::store::{Filter, LeaseStore};
 use spiderpool_core::table;
+use spiderpool_core::Families;
 use spiderpool_store::embedded::EmbeddedStore;
 
 const POOLS: &str = include_str!("../testdata/seed-pools.yaml");

@@ -156,7 +156,7 @@ fn main() {
             .to_string();
         let mut controller = std::process::Command::new(common::workspace_bin(
             "spiderpool-controller",
-            "spiderpool-agent",
+            "spiderpool-controller",
         ))
         .args([
             "--kubeconfig",

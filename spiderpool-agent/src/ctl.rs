@@ -9,10 +9,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use spiderpool_core::manifest::parse_documents;
 use spiderpool_core::select::{self, CniDefaults, NicPlan, SelectionInput};
-use spiderpool_core::Families;
 use spiderpool_core::types::{Namespace, Node, Object, ObjectRef, Pod};
+use spiderpool_core::Families;
 use spiderpool_core::PoolSet;
 
 /// What `validate` found.
@@ -26,49 +25,9 @@ pub struct ValidateReport {
     pub counts: BTreeMap<&'static str, usize>,
 }
 
-/// Objects read from manifest files, each remembered with the file it came from.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Every object, with its source file.
-    pub objects: Vec<(PathBuf, Object)>,
-    /// File-level and document-level errors.
-    pub errors: Vec<String>,
-}
-
-/// Reads manifest files. Unreadable files, non-YAML text and undecodable documents become errors.
-pub fn load(paths: &[PathBuf]) -> Loaded {
-    let mut out = Loaded::default();
-    for path in paths {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                out.errors
-                    .push(format!("{}: cannot read: {e}", path.display()));
-                continue;
-            }
-        };
-        match parse_documents(&text) {
-            Ok(docs) => {
-                for d in docs {
-                    match d.object {
-                        Ok(o) => out.objects.push((path.clone(), o)),
-                        Err(e) => out.errors.push(format!(
-                            "{}: document {}: {e}",
-                            path.display(),
-                            d.index
-                        )),
-                    }
-                }
-            }
-            Err(e) => out.errors.push(format!("{}: {e}", path.display())),
-        }
-    }
-    out
-}
-
 /// `spiderctl validate`: every object on its own and the whole set across files.
 pub fn validate(paths: &[PathBuf]) -> ValidateReport {
-    let loaded = load(paths);
+    let loaded = crate::view::manifest::load(paths);
     let mut report = ValidateReport {
         errors: loaded.errors,
         ..Default::default()
@@ -264,7 +223,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
 }
 
 fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>, String> {
-    let loaded = load(&args.manifests);
+    let loaded = crate::view::manifest::load(&args.manifests);
     if !loaded.errors.is_empty() {
         return Err(loaded.errors.join("\n"));
     }
@@ -353,6 +312,7 @@ fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>
         owner_name: owner,
         cni: cni.as_ref(),
         default_families: families.clone().into(),
+        auto_pools: None,
     };
     Ok(select::resolve(&pools, &input, &args.ifname)
         .map(|plan| Explanation {
@@ -409,7 +369,7 @@ pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, Strin
             .map_err(|e| e.to_string())
         }
         GetSource::Store { spec, manifests } => {
-            let loaded = load(manifests);
+            let loaded = crate::view::manifest::load(manifests);
             if !loaded.errors.is_empty() {
                 return Err(loaded.errors.join("\n"));
             }
@@ -430,20 +390,21 @@ pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, Strin
                     .map_err(|e| format!("opening {spec}: {e}"))?;
                 let v = match what {
                     GetWhat::IpPools => {
-                        let rows: Vec<PoolRow> = crate::server::pool_rows(&pools, &store)
+                        let rows: Vec<PoolRow> = spiderpool_core::usage::pool_rows(&pools, &store)
                             .await
                             .map_err(|e| e.to_string())?;
                         serde_json::to_value(rows)
                     }
                     GetWhat::Subnets => {
-                        let rows = crate::server::pool_rows(&pools, &store)
+                        let rows = spiderpool_core::usage::pool_rows(&pools, &store)
                             .await
                             .map_err(|e| e.to_string())?;
-                        let subnets: Vec<SubnetRow> = crate::server::subnet_rows(&pools, &rows);
+                        let subnets: Vec<SubnetRow> =
+                            spiderpool_core::usage::subnet_rows(&pools, &rows);
                         serde_json::to_value(subnets)
                     }
                     GetWhat::Endpoints => {
-                        let rows: Vec<EndpointRow> = crate::server::endpoint_rows(&store)
+                        let rows: Vec<EndpointRow> = spiderpool_core::usage::endpoint_rows(&store)
                             .await
                             .map_err(|e| e.to_string())?;
                         serde_json::to_value(rows)

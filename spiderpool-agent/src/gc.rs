@@ -22,30 +22,6 @@ use spiderpool_core::types::Pod;
 use crate::metrics::LIFECYCLE_REASONS;
 use crate::server::Agent;
 
-/// Seconds since the epoch of an RFC 3339 UTC time as Kubernetes writes it
-/// (`2026-11-27T15:20:07Z`); `None` for anything else.
-pub fn parse_time(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !s.ends_with('Z') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
-        return None;
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
-}
-
 fn facts(pod: &Option<Pod>) -> PodFacts<'_> {
     match pod {
         None => PodFacts::Gone,
@@ -56,16 +32,9 @@ fn facts(pod: &Option<Pod>) -> PodFacts<'_> {
                 .metadata
                 .deletion_timestamp
                 .as_deref()
-                .and_then(parse_time),
+                .and_then(spiderpool_core::rfc3339::parse),
         },
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// One round: judges, remembers suspects, frees what was dead twice. Returns what it freed.
@@ -81,7 +50,7 @@ pub async fn round(
         .map_err(|e| e.to_string())?
         .leases;
     let snap = agent.view.snapshot();
-    let t = now();
+    let t = spiderpool_store::task::now_secs();
     let mut fresh: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
     let mut verdicts = Vec::with_capacity(mine.len());
     for l in mine {
@@ -120,7 +89,7 @@ pub async fn round(
     }
     // Records of nodes that are gone: only where every node's records are at hand (a store all
     // nodes share and this agent mirrors: kube).
-    if store.backend() == "kube" {
+    if store.mirrors_all_nodes() {
         let all = store
             .list(Filter::All)
             .await
@@ -189,19 +158,5 @@ pub async fn run(
         if let Err(e) = round(&agent, &mut suspects, margin).await {
             tracing::warn!(error = %e, "GC round failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_time;
-
-    #[test]
-    fn kubernetes_times() {
-        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_time("2026-11-27T15:20:07Z"), Some(1_795_792_807));
-        assert_eq!(parse_time("2000-02-29T12:00:00Z"), Some(951_825_600));
-        assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
-        assert_eq!(parse_time("yesterday"), None);
     }
 }

@@ -1395,14 +1395,17 @@ impl ControllerProc {
             .and_then(|l| l.local_addr())
             .expect("port")
             .to_string();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
-            .arg("--kubeconfig")
-            .arg(s.kubeconfig())
-            .args(["--webhook-addr", &addr, "--reconcile-interval-ms", "300"])
-            .stdout(std::process::Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("controller");
+        let child = std::process::Command::new(spiderpool_store::testing::workspace_bin(
+            "spiderpool-controller",
+            "spiderpool-controller",
+        ))
+        .arg("--kubeconfig")
+        .arg(s.kubeconfig())
+        .args(["--webhook-addr", &addr, "--reconcile-interval-ms", "300"])
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("controller");
         let c = ControllerProc { child, log };
         let t0 = Instant::now();
         while !c.log_text().contains("serving the admission webhooks") {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use spiderpool_core::api::{PodRef, DEFAULT_SOCKET};
 use spiderpool_core::engine::Attachment;
+use spiderpool_core::netconf::{parse_ipam, IpamConf};
 use spiderpool_core::select::CniDefaults;
 
 use crate::error::{CniError, DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_CONFIG, INVALID_ENV};
@@ -258,52 +259,11 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         Some(other) => return Err(err(format!("name must be a string, not {other}"))),
     };
     let ipam = match obj.get("ipam") {
-        Some(Value::Object(m)) => m.clone(),
-        None => serde_json::Map::new(),
+        Some(Value::Object(m)) => parse_ipam(name, m).map_err(err)?,
+        None => IpamConf::default(),
         Some(other) => return Err(err(format!("ipam must be an object, not {other}"))),
     };
-    if let Some(t) = ipam.get("type") {
-        if t.as_str() != Some("spiderpool") {
-            return Err(err(format!(
-                "ipam.type is {t}: this plugin is 'spiderpool' (check the network configuration)"
-            )));
-        }
-    }
-    let list = |key: &str| -> Result<Vec<String>, CniError> {
-        match ipam.get(key) {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| match x {
-                    Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                    other => Err(err(format!(
-                        "ipam.{key} must be a list of pool names, but holds {other}"
-                    ))),
-                })
-                .collect(),
-            Some(other) => Err(err(format!(
-                "ipam.{key} must be a list of pool names, not {other}"
-            ))),
-        }
-    };
-    let string = |key: &str| -> Result<Option<String>, CniError> {
-        match ipam.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if s.is_empty() => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(err(format!("ipam.{key} must be a string, not {other}"))),
-        }
-    };
-    let clean_gateway = match ipam.get("clean_gateway") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(err(format!(
-                "ipam.clean_gateway must be true or false, not {other}"
-            )))
-        }
-    };
-    let log_level = match string("log_level")?.as_deref().map(str::to_ascii_lowercase) {
+    let log_level = match ipam.log_level.as_deref().map(str::to_ascii_lowercase) {
         None => LogLevel::Info,
         Some(l) => match l.as_str() {
             "debug" => LogLevel::Debug,
@@ -319,15 +279,10 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
     };
     let valid_attachments = attachments(obj, &cni_version)?;
     Ok(NetConf {
-        defaults: CniDefaults {
-            default_ipv4_ippool: list("default_ipv4_ippool")?,
-            default_ipv6_ippool: list("default_ipv6_ippool")?,
-            clean_gateway,
-            network_name: name,
-        },
-        socket: string("ipam_unix_socket_path")?.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
+        defaults: ipam.defaults,
+        socket: ipam.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
         log_level,
-        log_file: string("log_file_path")?,
+        log_file: ipam.log_file,
         valid_attachments,
         cni_version,
     })

@@ -17,12 +17,12 @@ use serde::{Deserialize, Serialize};
 use crate::bitmap::Allocator;
 use crate::cache::Caches;
 pub use crate::cache::Usage;
+use crate::model::{Pool, PoolSet};
 use crate::range::{IpFamily, IpSet};
 use crate::select::{self, Plan, RouteRequest, SelectionError, SelectionInput};
 use crate::store::{
     Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Txn,
 };
-use crate::model::{Pool, PoolSet};
 
 /// How many times a request re-picks after losing races before giving up (retryable error).
 pub const MAX_CONFLICT_ROUNDS: usize = 64;

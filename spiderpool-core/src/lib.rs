@@ -69,6 +69,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod autopool;
 pub mod bitmap;
 pub mod cache;
 #[cfg(feature = "conformance")]
@@ -77,17 +78,20 @@ pub mod engine;
 pub mod lifecycle;
 pub mod manifest;
 pub mod model;
+pub mod netconf;
 pub mod range;
+pub mod rfc3339;
 pub mod select;
 pub mod selector;
 pub mod store;
 pub mod table;
 pub mod types;
+pub mod usage;
 pub mod validate;
 
 pub use engine::{Allocation, Attachment, Engine, EngineError};
-pub use range::{IpFamily, IpRange, IpSet};
-pub use store::{LeaseStore, MemoryStore, StoreError};
 pub use model::{Pool, PoolSet};
 pub use range::Families;
+pub use range::{IpFamily, IpRange, IpSet};
+pub use store::{LeaseStore, MemoryStore, StoreError};
 pub use validate::ValidationError;

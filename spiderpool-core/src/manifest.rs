@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
-use crate::types::{Object, ObjectError};
 use crate::model::PoolSet;
+use crate::types::{Object, ObjectError};
 
 /// One document of a manifest.
 #[derive(Debug)]

@@ -133,3 +133,44 @@ impl PoolSet {
         (ipv4 || ipv6).then_some(Families { ipv4, ipv6 })
     }
 }
+
+/// The family of a spec: its `ipVersion`, else its subnet's.
+fn spec_family(ip_version: Option<IpFamily>, subnet: &str) -> Option<IpFamily> {
+    ip_version.or_else(|| {
+        let a: IpAddr = subnet.split('/').next()?.parse().ok()?;
+        Some(IpFamily::of(&a))
+    })
+}
+
+/// `ips` minus `excludeIPs` of a spec, when they parse: the one address-set function for specs
+/// not (yet) validated (the webhook, auto-pools, the reconcile).
+fn spec_addresses(family: Option<IpFamily>, ips: &[String], exclude: &[String]) -> Option<IpSet> {
+    let family = family?;
+    let ips = IpSet::parse(family, ips).ok()?;
+    let ex = IpSet::parse(family, exclude).ok()?;
+    Some(ips.subtract(&ex))
+}
+
+impl crate::types::IpPoolSpec {
+    /// The pool's family: `ipVersion`, else its subnet's.
+    pub fn family(&self) -> Option<IpFamily> {
+        spec_family(self.ip_version, &self.subnet)
+    }
+
+    /// The addresses the pool serves (`ips` minus `excludeIPs`), when its spec parses.
+    pub fn addresses(&self) -> Option<IpSet> {
+        spec_addresses(self.family(), &self.ips, &self.exclude_ips)
+    }
+}
+
+impl crate::types::SubnetSpec {
+    /// The subnet's family: `ipVersion`, else its CIDR's.
+    pub fn family(&self) -> Option<IpFamily> {
+        spec_family(self.ip_version, &self.subnet)
+    }
+
+    /// The subnet's addresses (`ips` minus `excludeIPs`), when its spec parses.
+    pub fn addresses(&self) -> Option<IpSet> {
+        spec_addresses(self.family(), &self.ips, &self.exclude_ips)
+    }
+}

@@ -8,8 +8,8 @@ use futures::executor::block_on;
 use spiderpool_core::engine::{Attachment, Engine, EngineError};
 use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{CniDefaults, SelectionInput};
-use spiderpool_core::Families;
 use spiderpool_core::store::{Filter, LeaseStore, MemoryStore};
+use spiderpool_core::Families;
 use spiderpool_core::PoolSet;
 
 /// The seed's two SpiderIPPools, unchanged.

@@ -18,6 +18,7 @@ pub mod embedded;
 pub mod etcd;
 #[cfg(feature = "kube")]
 pub mod k8s;
+pub mod task;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -155,6 +156,18 @@ impl LeaseStore for AnyStore {
             AnyStore::Etcd(s) => s.backend(),
             #[cfg(feature = "kube")]
             AnyStore::Kube(s) => s.backend(),
+        }
+    }
+
+    fn mirrors_all_nodes(&self) -> bool {
+        match self {
+            AnyStore::Memory(s) => s.mirrors_all_nodes(),
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.mirrors_all_nodes(),
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => s.mirrors_all_nodes(),
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.mirrors_all_nodes(),
         }
     }
 

@@ -669,3 +669,42 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of stat; here 0-based after the state field (3rd).
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// A binary of this workspace next to the running test (`target/<profile>/NAME`), for tests
+/// that run programs of other packages (an agent test with a controller beside it: cargo only
+/// provides `CARGO_BIN_EXE_*` for a package's own binaries). `cargo test --workspace` builds
+/// every package's binaries first; when it is missing (only one package's tests were asked
+/// for) it is built here (`cargo build -p PACKAGE --bin NAME`). Panics with cargo's output when
+/// that build fails: a test that needs the program cannot pass without it.
+pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a test binary under target/<profile>/deps")
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let bin = profile_dir.join(name);
+    if bin.exists() {
+        return bin;
+    }
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", package, "--bin", name])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("running cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}

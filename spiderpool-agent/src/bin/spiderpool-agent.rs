@@ -72,103 +72,115 @@ fn main() -> ExitCode {
     spiderpool_agent::daemon_main("spiderpool-agent", run(args))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let t0 = std::time::Instant::now();
-    let cfg = StoreConfig::parse(&args.store).map_err(anyhow::Error::msg)?;
+#[cfg(feature = "kube")]
+type KubeClient = Option<(kube::Client, String)>;
+#[cfg(not(feature = "kube"))]
+type KubeClient = Option<()>;
+
+/// The API server client (`--kube`), if any.
+async fn kube_client(args: &Args) -> anyhow::Result<KubeClient> {
     #[cfg(feature = "kube")]
-    let kube_client = if args.kube {
-        Some(
+    if args.kube {
+        return Ok(Some(
             spiderpool_store::k8s::client(args.kubeconfig.as_deref())
                 .await
                 .map_err(anyhow::Error::msg)?,
-        )
-    } else {
-        None
-    };
-    let store = match &cfg {
-        #[cfg(feature = "kube")]
-        StoreConfig::Kube => {
-            let Some((client, server)) = kube_client.clone() else {
-                anyhow::bail!("--store kube needs --kube (the API server the records live in)");
-            };
-            let opts = spiderpool_store::k8s::KubeStoreOptions {
-                server,
-                ..Default::default()
-            };
-            AnyStore::Kube(
-                spiderpool_store::k8s::KubeStore::connect(client, opts)
-                    .await
-                    .with_context(|| format!("opening the lease store {}", args.store))?,
-            )
-        }
-        _ => AnyStore::open(&cfg)
-            .await
-            .with_context(|| format!("opening the lease store {}", args.store))?,
-    };
-    #[cfg(feature = "kube")]
-    let endpoint_client = kube_client.as_ref().map(|(c, _)| c.clone());
-    #[cfg(feature = "kube")]
-    let kube_view = match kube_client {
-        Some((client, server)) => Some(
-            spiderpool_agent::kube_view::KubeView::start(
-                client,
-                server,
-                &args.node_name,
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
-    };
-    #[cfg(not(feature = "kube"))]
-    let kube_view: Option<Arc<ManifestView>> = None;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let view: Arc<dyn ClusterView> = match kube_view {
-        Some(v) => v,
-        None => {
-            let v = Arc::new(
-                ManifestView::load(args.manifests.clone())
-                    .map_err(anyhow::Error::msg)
-                    .context("loading the manifests")?,
-            );
-            tokio::spawn(v.clone().watch(
-                Duration::from_millis(args.reload_interval_ms.max(50)),
-                stop_rx.clone(),
-            ));
-            v
-        }
-    };
-    if !view.snapshot().nodes.contains_key(&args.node_name) {
-        tracing::warn!(node = %args.node_name, "this node is not in the view: pools with nodeAffinity will not match it");
-    }
-    let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
-    let listener = bind(&args.socket)?;
-    #[cfg(feature = "kube")]
-    if let Some(client) = endpoint_client {
-        tokio::spawn(spiderpool_agent::endpoints::run(
-            agent.clone(),
-            client,
-            Duration::from_millis(1000),
-            stop_rx.clone(),
         ));
     }
+    let _ = args;
+    Ok(None)
+}
+
+/// The lease store `--store` names.
+async fn open_store(args: &Args, kube: &KubeClient) -> anyhow::Result<AnyStore> {
+    use anyhow::Context;
+    let cfg = StoreConfig::parse(&args.store).map_err(anyhow::Error::msg)?;
+    #[cfg(feature = "kube")]
+    if let StoreConfig::Kube = cfg {
+        let Some((client, server)) = kube.clone() else {
+            anyhow::bail!("--store kube needs --kube (the API server the records live in)");
+        };
+        let opts = spiderpool_store::k8s::KubeStoreOptions {
+            server,
+            ..Default::default()
+        };
+        return Ok(AnyStore::Kube(
+            spiderpool_store::k8s::KubeStore::connect(client, opts)
+                .await
+                .with_context(|| format!("opening the lease store {}", args.store))?,
+        ));
+    }
+    let _ = kube;
+    AnyStore::open(&cfg)
+        .await
+        .with_context(|| format!("opening the lease store {}", args.store))
+}
+
+/// The cluster view: the API server (`--kube`) or the manifests (watched for changes).
+async fn open_view(
+    args: &Args,
+    kube: KubeClient,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Arc<dyn ClusterView>> {
+    use anyhow::Context;
+    #[cfg(feature = "kube")]
+    if let Some((client, server)) = kube {
+        let v = spiderpool_agent::view::KubeView::start(
+            client,
+            server,
+            &args.node_name,
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        return Ok(v);
+    }
+    let _ = kube;
+    let v = Arc::new(
+        ManifestView::load(args.manifests.clone())
+            .map_err(anyhow::Error::msg)
+            .context("loading the manifests")?,
+    );
+    tokio::spawn(v.clone().watch(
+        Duration::from_millis(args.reload_interval_ms.max(50)),
+        stop.clone(),
+    ));
+    Ok(v)
+}
+
+/// The agent's background tasks: SpiderEndpoints, GC, the store watch, the metrics endpoint.
+async fn spawn_tasks(
+    args: &Args,
+    agent: &Arc<Agent>,
+    kube: &KubeClient,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    #[cfg(feature = "kube")]
+    if let Some((client, _)) = kube {
+        tokio::spawn(spiderpool_agent::endpoints::run(
+            agent.clone(),
+            client.clone(),
+            Duration::from_millis(1000),
+            stop.clone(),
+        ));
+    }
+    let _ = kube;
     tokio::spawn(spiderpool_agent::gc::run(
         agent.clone(),
         Duration::from_millis(args.gc_interval_ms.max(100)),
         args.gc_margin_secs,
-        stop_rx.clone(),
+        stop.clone(),
     ));
     if !args.no_watch {
-        tokio::spawn(server::follow_store(agent.clone(), stop_rx.clone()));
+        tokio::spawn(server::follow_store(agent.clone(), stop.clone()));
     }
     if let Some(addr) = &args.metrics_addr {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding --metrics-addr {addr}"))?;
         let app = server::metrics_router(agent.clone());
-        let mut stop = stop_rx.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let _ = axum::serve(tcp, app)
                 .with_graceful_shutdown(async move {
@@ -177,6 +189,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await;
         });
     }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT, after telling the background tasks to stop.
+async fn shutdown_signal(stop_tx: tokio::sync::watch::Sender<bool>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+    let _ = stop_tx.send(true);
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let t0 = std::time::Instant::now();
+    let kube = kube_client(&args).await?;
+    let store = open_store(&args, &kube).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let view = open_view(&args, kube.clone(), &stop_rx).await?;
+    if !view.snapshot().nodes.contains_key(&args.node_name) {
+        tracing::warn!(node = %args.node_name, "this node is not in the view: pools with nodeAffinity will not match it");
+    }
+    let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
+    let listener = bind(&args.socket)?;
+    spawn_tasks(&args, &agent, &kube, &stop_rx).await?;
     tracing::info!(
         node = %args.node_name,
         store = %args.store,
@@ -186,23 +231,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         startup_ms = t0.elapsed().as_millis() as u64,
         "serving"
     );
-    let shutdown = async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch SIGTERM");
-                    std::future::pending::<()>().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests"),
-        }
-        let _ = stop_tx.send(true);
-    };
-    server::serve(agent, listener, shutdown)
+    server::serve(agent, listener, shutdown_signal(stop_tx))
         .await
         .context("serving the API")?;
     let _ = std::fs::remove_file(&args.socket);

@@ -9,28 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// A binary of this workspace next to the test executable (`target/<profile>/NAME`); built with
-/// cargo when missing (when only this package's tests were asked for).
+/// A binary of this workspace (see [`spiderpool_store::testing::workspace_bin`]).
 pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", package, "--bin", name]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo build runs");
-        assert!(status.success(), "building {name}");
-    }
-    path
+    spiderpool_store::testing::workspace_bin(package, name)
 }
 
 /// The CNI plugin binary.

@@ -52,4 +52,3 @@ impl MemoryStore {
         self.lock().records_visited()
     }
 }
-

@@ -288,6 +288,14 @@ pub trait LeaseStore: Send + Sync {
     /// Short backend name for messages and metrics (`memory`, `embedded`, `etcd`, ...).
     fn backend(&self) -> &'static str;
 
+    /// Whether this store holds every node's records in this process, kept current (a shared
+    /// store mirrored locally: Kubernetes blocks), so that a listing of all nodes' records is a
+    /// memory read. The agent then finds a rescheduled StatefulSet pod's records on other nodes
+    /// and collects the records of nodes that are gone. Default: no.
+    fn mirrors_all_nodes(&self) -> bool {
+        false
+    }
+
     /// Reads the records that pass `filter`, consistently, with the store revision.
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError>;
 
@@ -315,6 +323,10 @@ pub trait LeaseStore: Send + Sync {
 impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
     fn backend(&self) -> &'static str {
         (**self).backend()
+    }
+
+    fn mirrors_all_nodes(&self) -> bool {
+        (**self).mirrors_all_nodes()
     }
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
         (**self).list(filter).await

@@ -7,7 +7,6 @@ use std::net::IpAddr;
 
 use super::*;
 
-
 /// The state every single-node backend keeps: records by address, indexed by container, pool and
 /// node, so every [`Filter`] costs the records it returns. (An attachment slot is found through
 /// its container's few records, so it needs no index of its own.) Shared by [`MemoryStore`] and
@@ -627,7 +626,6 @@ impl Changes {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,4 +768,3 @@ mod tests {
         assert_eq!(t.pool_revision("never-seen"), 41);
     }
 }
-

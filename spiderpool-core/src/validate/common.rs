@@ -155,7 +155,12 @@ fn check_gateway(
 }
 
 /// `spec.routes`: non-default destinations of the family, each once, via a gateway in the subnet.
-fn check_routes(errs: &mut Errors, routes: &[Route], net: IpNet, family: IpFamily) -> Vec<PoolRoute> {
+fn check_routes(
+    errs: &mut Errors,
+    routes: &[Route],
+    net: IpNet,
+    family: IpFamily,
+) -> Vec<PoolRoute> {
     let mut out_routes = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, r) in routes.iter().enumerate() {

@@ -287,7 +287,6 @@ impl PoolSet {
         Ok(set)
     }
 
-
     /// Things that are allowed but probably not meant, one [`ValidationError`]-shaped line each:
     /// today, IPv4 network and broadcast addresses listed in `ips` of a subnet shorter than /31.
     /// They are handed out, as Spiderpool does (some underlays route them), so this is a warning.
@@ -318,11 +317,7 @@ impl PoolSet {
             push(ObjectRef::pool(&p.name), &p.subnet, &p.total());
         }
         for sub in self.subnets.values() {
-            push(
-                ObjectRef::subnet(&sub.name),
-                &sub.subnet,
-                &sub.total,
-            );
+            push(ObjectRef::subnet(&sub.name), &sub.subnet, &sub.total);
         }
         out
     }

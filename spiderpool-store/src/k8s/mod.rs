@@ -1,6 +1,8 @@
 //! Kubernetes (feature `kube`): Spiderpool's CRDs from the Rust types ([`crd`]) and the
-//! [`KubeStore`], which keeps allocation records in the API server.
+//! [`KubeStore`], which keeps allocation records in the API server; the Kubernetes I/O the agent
+//! and the controller share ([`autopool`], [`client`]).
 
+pub mod autopool;
 pub mod crd;
 mod store;
 

@@ -934,6 +934,10 @@ impl LeaseStore for KubeStore {
         "kube"
     }
 
+    fn mirrors_all_nodes(&self) -> bool {
+        true
+    }
+
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
         Ok(self.inner.lock().table.list(filter))
     }

@@ -1,7 +1,6 @@
 //! `spiderpool-controller` against the real API server: `kubectl apply` of invalid pools is
 //! refused with `spiderctl validate`'s messages, valid ones come back mutated, updates that would
 //! strand allocated addresses are refused naming them, and the certificate survives a restart.
-#![cfg(feature = "kube")]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

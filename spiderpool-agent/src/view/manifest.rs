@@ -1,135 +1,14 @@
-//! The agent's view of the cluster: nodes, namespaces, pods, pools, subnets, reserved IPs.
-//!
-//! One small interface, [`ClusterView`], so the source can change without the agent noticing:
-//! [`ManifestView`] reads `kubectl`-style YAML files or directories and reloads them when they
-//! change; the Kubernetes view (reflectors on the API server) implements the same trait.
-//!
-//! A view hands out immutable [`Snapshot`]s: one request sees one consistent cluster, and a reload
-//! swaps the whole snapshot at once. An invalid reload is refused with a log line and the last
-//! good snapshot stays in force.
+//! The cluster from manifest files and directories, reloaded when they change, and the
+//! manifest loader `spiderctl` uses too.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use spiderpool_core::types::{Namespace, Node, Object, Pod};
-use spiderpool_core::PoolSet;
+use spiderpool_core::manifest::parse_documents;
+use spiderpool_core::types::Object;
 
-/// One consistent view of the cluster.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// Pools, subnets and reserved IPs, validated together.
-    pub pools: PoolSet,
-    /// Nodes by name.
-    pub nodes: BTreeMap<String, Node>,
-    /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Pods by (namespace, name).
-    pub pods: BTreeMap<(String, String), Pod>,
-    /// Increases with every accepted reload.
-    pub generation: u64,
-}
-
-impl Snapshot {
-    /// Builds a snapshot from objects; fails with every validation problem.
-    pub fn build(objects: &[Object], generation: u64) -> Result<Snapshot, Vec<String>> {
-        let pools = PoolSet::build(objects)
-            .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-        let mut s = Snapshot {
-            pools,
-            generation,
-            ..Default::default()
-        };
-        for o in objects {
-            match o {
-                Object::Node(n) => {
-                    s.nodes.insert(n.metadata.name.clone(), n.clone());
-                }
-                Object::Namespace(n) => {
-                    s.namespaces.insert(n.metadata.name.clone(), n.clone());
-                }
-                Object::Pod(p) => {
-                    let ns = p
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".to_string());
-                    s.pods.insert((ns, p.metadata.name.clone()), p.clone());
-                }
-                _ => {}
-            }
-        }
-        Ok(s)
-    }
-}
-
-/// What [`ClusterView::auto_pools`] answers.
-#[derive(Debug, Clone)]
-pub struct AutoPools {
-    /// The pod's annotations with `subnet(s)` replaced by `ippool(s)` naming the pools.
-    pub annotations: BTreeMap<String, String>,
-    /// The application's labels, added to the pod's (the pools' `podAffinity`).
-    pub labels: BTreeMap<String, String>,
-}
-
-/// Where the agent learns about the cluster.
-#[async_trait::async_trait]
-pub trait ClusterView: Send + Sync {
-    /// The current snapshot.
-    fn snapshot(&self) -> Arc<Snapshot>;
-
-    /// A pod the snapshot does not hold yet (a Kubernetes view fetches it once); the manifest
-    /// view has nothing more to offer.
-    async fn fetch_pod(&self, _namespace: &str, _name: &str) -> Option<Pod> {
-        None
-    }
-
-    /// A short description for status and logs (`manifests: a.yaml, b/`).
-    fn describe(&self) -> String;
-
-    /// Whether the view knows pods and nodes as the cluster has them, so that garbage collection
-    /// may free the addresses of pods that are gone (the Kubernetes view; manifests are not).
-    fn tracks_pods(&self) -> bool {
-        false
-    }
-
-    /// The pod as the cluster has it now, read past any cache: `Ok(None)` when it does not exist,
-    /// `Err` when it cannot be read (then nothing is freed).
-    async fn pod_now(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
-        Ok(self
-            .snapshot()
-            .pods
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned())
-    }
-
-    /// Whether a StatefulSet wants the pod `name` (`<statefulset>-<ordinal>`) in `namespace`:
-    /// `Some(true)` while the StatefulSet exists and the ordinal is below its `spec.replicas`
-    /// (the pod keeps its address across restarts), `Some(false)` when it exists but was scaled
-    /// below the ordinal, `None` when there is no such StatefulSet (or the view knows none).
-    async fn statefulset_wants(
-        &self,
-        _namespace: &str,
-        _name: &str,
-    ) -> Result<Option<bool>, String> {
-        Ok(None)
-    }
-
-    /// For a pod that asks for SpiderSubnet auto-pools (`ipam.spidernet.io/subnet(s)`): makes or
-    /// grows its application's pools now and answers the annotations that name them
-    /// (`ippool`/`ippools`) and the labels to add to the pod's for selection. `Ok(None)` when the
-    /// pod asks for none or the view cannot make pools (manifests: selection then names the
-    /// placeholder `auto4-<app>-<nic>-?????`); `Err` with a message for the runtime.
-    async fn auto_pools(&self, _pod: &Pod) -> Result<Option<AutoPools>, String> {
-        Ok(None)
-    }
-
-    /// Whether the node exists now, read past any cache.
-    async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
-        Ok(self.snapshot().nodes.contains_key(name))
-    }
-}
+use super::{ClusterView, Snapshot};
 
 /// The cluster from manifest files and directories (`*.yaml`, `*.yml`, `*.json` in a directory).
 pub struct ManifestView {
@@ -254,6 +133,46 @@ fn stamps(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 
 type Stamps = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
+/// Objects read from manifest files, each remembered with the file it came from.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Every object, with its source file.
+    pub objects: Vec<(PathBuf, Object)>,
+    /// File-level and document-level errors.
+    pub errors: Vec<String>,
+}
+
+/// Reads manifest files. Unreadable files, non-YAML text and undecodable documents become errors.
+pub fn load(paths: &[PathBuf]) -> Loaded {
+    let mut out = Loaded::default();
+    for path in paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                out.errors
+                    .push(format!("{}: cannot read: {e}", path.display()));
+                continue;
+            }
+        };
+        match parse_documents(&text) {
+            Ok(docs) => {
+                for d in docs {
+                    match d.object {
+                        Ok(o) => out.objects.push((path.clone(), o)),
+                        Err(e) => out.errors.push(format!(
+                            "{}: document {}: {e}",
+                            path.display(),
+                            d.index
+                        )),
+                    }
+                }
+            }
+            Err(e) => out.errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    out
+}
+
 fn read_all(paths: &[PathBuf]) -> Result<(Vec<Object>, Stamps), String> {
     let stamp = stamps(paths);
     for p in paths {
@@ -262,7 +181,7 @@ fn read_all(paths: &[PathBuf]) -> Result<(Vec<Object>, Stamps), String> {
         }
     }
     let list = files(paths);
-    let loaded = crate::ctl::load(&list);
+    let loaded = load(&list);
     if !loaded.errors.is_empty() {
         return Err(loaded.errors.join("\n"));
     }

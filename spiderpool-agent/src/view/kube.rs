@@ -25,7 +25,7 @@ use serde::Serialize;
 use spiderpool_core::types::{Object, Pod};
 use spiderpool_store::k8s::crd::{SpiderIPPool, SpiderReservedIP, SpiderSubnet};
 
-use crate::view::{ClusterView, Snapshot};
+use super::{AutoPools, ClusterView, Snapshot, ViewError};
 
 /// Objects by (kind, namespace, name).
 type Key = (&'static str, String, String);
@@ -284,22 +284,28 @@ impl ClusterView for KubeView {
         true
     }
 
-    async fn pod_now(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
+    async fn pod_now(&self, namespace: &str, name: &str) -> Result<Option<Pod>, ViewError> {
         let api: Api<K8sPod> = Api::namespaced(self.pods.clone().into_client(), namespace);
         match api.get_opt(name).await {
             Ok(Some(p)) => match convert(&p) {
                 Some(Object::Pod(p)) => Ok(Some(p)),
-                _ => Err(format!("pod {namespace}/{name} not understood")),
+                _ => Err(ViewError::Unavailable(format!(
+                    "pod {namespace}/{name} not understood"
+                ))),
             },
             Ok(None) => Ok(None),
-            Err(e) => Err(format!(
+            Err(e) => Err(ViewError::Unavailable(format!(
                 "reading pod {namespace}/{name} from {}: {e}",
                 self.server
-            )),
+            ))),
         }
     }
 
-    async fn statefulset_wants(&self, namespace: &str, name: &str) -> Result<Option<bool>, String> {
+    async fn statefulset_wants(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<bool>, ViewError> {
         let Some((base, ordinal)) = spiderpool_core::lifecycle::statefulset_ordinal(name) else {
             return Ok(None);
         };
@@ -311,47 +317,47 @@ impl ClusterView for KubeView {
                 Ok(Some(ordinal < i64::from(replicas)))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(format!(
+            Err(e) => Err(ViewError::Unavailable(format!(
                 "reading StatefulSet {namespace}/{base} from {}: {e}",
                 self.server
-            )),
+            ))),
         }
     }
 
-    async fn auto_pools(&self, pod: &Pod) -> Result<Option<crate::view::AutoPools>, String> {
+    async fn auto_pools(&self, pod: &Pod) -> Result<Option<AutoPools>, ViewError> {
         let ns = pod
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
         let client = self.pods.clone().into_client();
-        let Some((annotations, labels, pools)) = crate::autopool::for_pod(
+        let Some(made) = spiderpool_store::k8s::autopool::for_pod(
             &client,
             &ns,
             &pod.metadata.name,
             &pod.metadata.annotations,
             &pod.metadata.owner_references,
         )
-        .await?
+        .await
+        .map_err(ViewError::Refused)?
         else {
             return Ok(None);
         };
         // The pools as written, in the view now: the ADD that made them uses them at once.
-        for p in pools {
+        for p in made.objects {
             self.put("SpiderIPPool", p);
         }
         self.rebuild();
-        Ok(Some(crate::view::AutoPools {
-            annotations,
-            labels,
+        Ok(Some(AutoPools {
+            selection: made.selection,
+            labels: made.labels,
         }))
     }
 
-    async fn node_exists_now(&self, name: &str) -> Result<bool, String> {
+    async fn node_exists_now(&self, name: &str) -> Result<bool, ViewError> {
         let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
-        api.get_opt(name)
-            .await
-            .map(|n| n.is_some())
-            .map_err(|e| format!("reading node {name} from {}: {e}", self.server))
+        api.get_opt(name).await.map(|n| n.is_some()).map_err(|e| {
+            ViewError::Unavailable(format!("reading node {name} from {}: {e}", self.server))
+        })
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use spiderpool_agent::controller::{tls, webhook};
+use spiderpool_controller::{tls, webhook};
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +55,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    spiderpool_agent::daemon_main("spiderpool-controller", run(args))
+    spiderpool_store::task::daemon_main("spiderpool-controller", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -134,7 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "controller".into()),
         std::process::id()
     );
-    tokio::spawn(spiderpool_agent::controller::subnets::run(
+    tokio::spawn(spiderpool_controller::reconcile::run(
         client.clone(),
         args.namespace.clone(),
         identity,

@@ -1,0 +1,473 @@
+//! The auto-pool reconcile (run by the leader): every interval it
+//! - makes the pools of applications that ask for one and have none yet (ahead of their pods),
+//! - grows a pool whose application wants more, shrinks one that holds more than it wants (its
+//!   highest free addresses; the webhook refuses any change that would strand an allocated one),
+//! - reclaims the pool of an application that is gone (or was re-created under the same name)
+//!   when `ipam.spidernet.io/ippool-reclaim` allows: the pool is deleted, its finalizer keeps it
+//!   until its last address is freed, and the subnet then forgets it; a kept pool goes back to a
+//!   re-created application of the same kind, namespace and name,
+//! - brings each subnet's `controlledIPPools` and counts in line with its pools (an entry whose
+//!   pool stays missing for two rounds is dropped: an agent killed between its two writes).
+//!
+//! Only the leader ([`crate::leader`]) reconciles; every replica serves the webhooks. What a pool
+//! should hold is decided by `spiderpool_core::autopool`; the writes are
+//! `spiderpool_store::k8s::autopool`'s (the ledger by compare-and-swap, then the pool).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::ResourceExt;
+use serde::Serialize;
+use serde_json::Value;
+use spiderpool_core::autopool::{
+    self, label_value, ControlledPool, Want, LABEL_APP_UID, LABEL_NIC, LABEL_RECLAIM, LABEL_SUBNET,
+    LABEL_VERSION,
+};
+use spiderpool_core::range::{IpFamily, IpSet};
+use spiderpool_store::k8s::autopool as apply;
+use spiderpool_store::k8s::crd::{SpiderIPBlock, SpiderIPPool, SpiderSubnet, FINALIZER};
+
+use crate::leader::lead;
+
+fn label<'a>(p: &'a SpiderIPPool, k: &str) -> &'a str {
+    p.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(k))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+fn family(p: &SpiderIPPool) -> IpFamily {
+    if label(p, LABEL_VERSION) == "6" || p.spec.0.subnet.contains(':') {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    }
+}
+
+fn ips(p: &SpiderIPPool) -> IpSet {
+    p.spec
+        .0
+        .addresses()
+        .unwrap_or_else(|| IpSet::empty(family(p)))
+}
+
+/// The addresses a pool holds, from its status (`None`: unknown, e.g. too many to list there).
+fn allocated(p: &SpiderIPPool) -> Option<IpSet> {
+    let st = p.status.as_ref();
+    let count = st.and_then(|s| s.allocated_ip_count).unwrap_or(0);
+    let map: BTreeMap<String, Value> = match st.and_then(|s| s.allocated_ips.as_deref()) {
+        Some(j) => serde_json::from_str(j).ok()?,
+        None if count == 0 => BTreeMap::new(),
+        None => return None,
+    };
+    let keys: Vec<String> = map.into_keys().collect();
+    IpSet::parse(family(p), &keys).ok()
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Pools made or grown.
+    pub grown: Vec<String>,
+    /// Pools shrunk.
+    pub shrunk: Vec<String>,
+    /// Pools deleted (reclaimed).
+    pub reclaimed: Vec<String>,
+}
+
+/// The reconcile's memory between rounds.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    /// Subnet entries seen without their pool last round.
+    missing: BTreeSet<(String, String)>,
+}
+
+async fn list<K>(client: &kube::Client) -> Result<Vec<K>, String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(client.clone());
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|e| format!("listing {}: {e}", K::plural(&())))
+}
+
+fn owned_by(
+    refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+    kind: &str,
+) -> bool {
+    refs.is_some_and(|r| {
+        r.iter()
+            .any(|o| o.controller == Some(true) && o.kind == kind)
+    })
+}
+
+/// Applications (kind, namespace, name) whose pod template asks for an auto-pool.
+async fn applications(client: &kube::Client) -> Result<Vec<(String, String, String)>, String> {
+    fn asks(t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> bool {
+        t.and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .is_some_and(|a| {
+                a.contains_key(spiderpool_core::select::ANNO_SUBNET)
+                    || a.contains_key(spiderpool_core::select::ANNO_SUBNETS)
+            })
+    }
+    let mut out = Vec::new();
+    let id = |m: &kube::core::ObjectMeta| {
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
+    for d in list::<Deployment>(client).await? {
+        if asks(d.spec.as_ref().map(|s| &s.template)) {
+            let (ns, n) = id(&d.metadata);
+            out.push(("Deployment".into(), ns, n));
+        }
+    }
+    for d in list::<StatefulSet>(client).await? {
+        if asks(d.spec.as_ref().map(|s| &s.template)) {
+            let (ns, n) = id(&d.metadata);
+            out.push(("StatefulSet".into(), ns, n));
+        }
+    }
+    for d in list::<DaemonSet>(client).await? {
+        if asks(d.spec.as_ref().map(|s| &s.template)) {
+            let (ns, n) = id(&d.metadata);
+            out.push(("DaemonSet".into(), ns, n));
+        }
+    }
+    for d in list::<ReplicaSet>(client).await? {
+        if !owned_by(d.metadata.owner_references.as_ref(), "Deployment")
+            && asks(d.spec.as_ref().and_then(|s| s.template.as_ref()))
+        {
+            let (ns, n) = id(&d.metadata);
+            out.push(("ReplicaSet".into(), ns, n));
+        }
+    }
+    for d in list::<Job>(client).await? {
+        if !owned_by(d.metadata.owner_references.as_ref(), "CronJob")
+            && asks(d.spec.as_ref().map(|s| &s.template))
+        {
+            let (ns, n) = id(&d.metadata);
+            out.push(("Job".into(), ns, n));
+        }
+    }
+    for d in list::<CronJob>(client).await? {
+        let t = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.job_template.spec.as_ref())
+            .map(|s| &s.template);
+        if asks(t) {
+            let (ns, n) = id(&d.metadata);
+            out.push(("CronJob".into(), ns, n));
+        }
+    }
+    Ok(out)
+}
+
+/// A merge patch of `metadata` and `spec` fields.
+#[derive(Debug, Serialize)]
+struct PoolPatch<M: Serialize, S: Serialize> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<M>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<S>,
+}
+
+#[derive(Debug, Serialize)]
+struct Labels<'a> {
+    labels: BTreeMap<&'a str, String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Finalizers<'a> {
+    finalizers: Vec<&'a String>,
+    resource_version: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct Ips {
+    ips: Vec<String>,
+}
+
+async fn patch_pool<M: Serialize + std::fmt::Debug, S: Serialize + std::fmt::Debug>(
+    api: &Api<SpiderIPPool>,
+    name: &str,
+    patch: PoolPatch<M, S>,
+) -> Result<SpiderIPPool, kube::Error> {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+}
+
+impl Reconciler {
+    /// One round: every auto-pool against its application, pools made ahead of pods, finalizers
+    /// of emptied deleted pools, subnets' ledgers in line.
+    pub async fn round(&mut self, client: &kube::Client) -> Result<Report, String> {
+        let mut report = Report::default();
+        let pools_api: Api<SpiderIPPool> = Api::all(client.clone());
+        let auto: Vec<SpiderIPPool> = pools_api
+            .list(&ListParams::default().labels(LABEL_SUBNET))
+            .await
+            .map_err(|e| format!("listing auto-pools: {e}"))?
+            .items;
+        for p in auto
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            follow_app(client, &pools_api, p, &mut report).await?;
+        }
+        make_ahead(client, &mut report).await?;
+        let all_pools: Vec<SpiderIPPool> = pools_api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| format!("listing pools: {e}"))?
+            .items;
+        release_finalizers(client, &pools_api, &all_pools).await?;
+        let by_name: BTreeMap<String, &SpiderIPPool> = all_pools
+            .iter()
+            .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
+            .collect();
+        let subnets: Api<SpiderSubnet> = Api::all(client.clone());
+        let mut missing_now = BTreeSet::new();
+        for s in subnets
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| format!("listing subnets: {e}"))?
+            .items
+        {
+            self.sync_subnet(client, &s, &by_name, &mut missing_now)
+                .await?;
+        }
+        self.missing = missing_now;
+        Ok(report)
+    }
+
+    async fn sync_subnet(
+        &self,
+        client: &kube::Client,
+        s: &SpiderSubnet,
+        pools: &BTreeMap<String, &SpiderIPPool>,
+        missing_now: &mut BTreeSet<(String, String)>,
+    ) -> Result<(), String> {
+        let sname = s.metadata.name.clone().unwrap_or_default();
+        let fam = apply::subnet_family(s);
+        let current = apply::ledger(s);
+        let mut next = current.clone();
+        for (pool, entry) in &current {
+            match pools.get(pool) {
+                Some(p) => {
+                    let want = ControlledPool {
+                        ips: ips(p).to_strings(),
+                        application: entry.application.clone(),
+                    };
+                    if *entry != want {
+                        next.insert(pool.clone(), want);
+                    }
+                }
+                None => {
+                    let key = (sname.clone(), pool.clone());
+                    if self.missing.contains(&key) {
+                        next.remove(pool);
+                    } else {
+                        missing_now.insert(key);
+                    }
+                }
+            }
+        }
+        let alloc_i = autopool::ledger_count(&next, fam);
+        let total = s.spec.0.addresses().map(|a| a.count_i64()).unwrap_or(0);
+        let st = s.status.clone().unwrap_or_default();
+        if next == current
+            && st.allocated_ip_count == Some(alloc_i)
+            && st.total_ip_count == Some(total)
+        {
+            return Ok(());
+        }
+        // Changed meanwhile (`false`): next round.
+        apply::write_ledger(client, s, &next).await.map(|_| ())
+    }
+}
+
+/// One auto-pool against its application: reclaimed with it, taken back by a re-created one
+/// (kept pools), grown to or shrunk towards what it wants (shrinking by free addresses only).
+async fn follow_app(
+    client: &kube::Client,
+    pools_api: &Api<SpiderIPPool>,
+    p: &SpiderIPPool,
+    report: &mut Report,
+) -> Result<(), String> {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let l = |k: &str| label(p, k).to_string();
+    let kind = l("ipam.spidernet.io/app-kind");
+    let ns = l("ipam.spidernet.io/app-namespace");
+    let app_name = l("ipam.spidernet.io/app-name");
+    let reclaim = l(LABEL_RECLAIM) != "false";
+    let app = apply::fetch_app(client, &kind, &ns, &app_name).await?;
+    let uid_label = l(LABEL_APP_UID);
+    let same = app
+        .as_ref()
+        .is_some_and(|a| !uid_label.is_empty() && a.uid.starts_with(&uid_label));
+    let Some(app) = app.filter(|_| same || !reclaim) else {
+        if reclaim {
+            let _ = pools_api.delete(&name, &DeleteParams::default()).await;
+            report.reclaimed.push(name);
+        }
+        return Ok(());
+    };
+    if !same {
+        // Kept (reclaim false) and taken back by a re-created application.
+        let patch: PoolPatch<Labels, ()> = PoolPatch {
+            metadata: Some(Labels {
+                labels: BTreeMap::from([(LABEL_APP_UID, label_value(&app.uid))]),
+            }),
+            spec: None,
+        };
+        let _ = patch_pool(pools_api, &name, patch).await;
+    }
+    let want = Want {
+        nic: l(LABEL_NIC),
+        family: family(p),
+        subnet: l(LABEL_SUBNET),
+    };
+    let Ok(desired) = autopool::desired(&app.annotations, app.replicas) else {
+        return Ok(());
+    };
+    let have = ips(p);
+    if have.count() < desired {
+        apply::ensure_pool(client, &app, &want, desired, reclaim).await?;
+        report.grown.push(name);
+    } else if have.count() > desired {
+        let Some(used) = allocated(p) else {
+            return Ok(());
+        };
+        let keep = autopool::shrink(&have, &used, desired);
+        if keep != have {
+            let patch: PoolPatch<(), Ips> = PoolPatch {
+                metadata: None,
+                spec: Some(Ips {
+                    ips: keep.to_strings(),
+                }),
+            };
+            match patch_pool(pools_api, &name, patch).await {
+                Ok(_) => {
+                    apply::set_total(client, &name, &keep).await;
+                    report.shrunk.push(name)
+                }
+                // The webhook refused (an address was just allocated): next round.
+                Err(e) => tracing::info!(pool = %name, error = %e, "not shrunk now"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applications that ask for a pool and have none yet: made ahead of their pods.
+async fn make_ahead(client: &kube::Client, report: &mut Report) -> Result<(), String> {
+    for (kind, ns, name) in applications(client).await? {
+        let Some(app) = apply::fetch_app(client, &kind, &ns, &name).await? else {
+            continue;
+        };
+        let Ok(Some(wants)) = autopool::wants(&app.annotations) else {
+            continue;
+        };
+        let Ok(desired) = autopool::desired(&app.annotations, app.replicas) else {
+            continue;
+        };
+        for w in wants {
+            if apply::find_pool(client, &app, &w).await?.is_none() {
+                let reclaim = autopool::reclaim(&app.annotations);
+                let p = apply::ensure_pool(client, &app, &w, desired, reclaim).await?;
+                report.grown.push(p.metadata.name.unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pools being deleted that hold nothing: their finalizer goes (agents remove it from pools
+/// they allocated from; a pool nobody allocated from is left to this).
+async fn release_finalizers(
+    client: &kube::Client,
+    pools_api: &Api<SpiderIPPool>,
+    all_pools: &[SpiderIPPool],
+) -> Result<(), String> {
+    let deleting: Vec<&SpiderIPPool> = all_pools
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_some() && p.finalizers().iter().any(|f| f == FINALIZER)
+        })
+        .collect();
+    if deleting.is_empty() {
+        return Ok(());
+    }
+    let blocks: Api<SpiderIPBlock> = Api::all(client.clone());
+    let held: BTreeSet<String> = blocks
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing SpiderIPBlocks: {e}"))?
+        .items
+        .iter()
+        .flat_map(|b| b.spec.allocations.values().map(|r| r.pool.clone()))
+        .collect();
+    for p in deleting {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        if !held.contains(&name) {
+            let patch: PoolPatch<Finalizers, ()> = PoolPatch {
+                metadata: Some(Finalizers {
+                    finalizers: p.finalizers().iter().filter(|f| *f != FINALIZER).collect(),
+                    resource_version: p.metadata.resource_version.as_deref(),
+                }),
+                spec: None,
+            };
+            let _ = patch_pool(pools_api, &name, patch).await;
+        }
+    }
+    Ok(())
+}
+
+/// Leads (Lease) and reconciles every `every` until `stop`.
+pub async fn run(
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut r = Reconciler::default();
+    let mut leading = false;
+    loop {
+        match lead(&client, &namespace, "spiderpool-controller", &identity, 15).await {
+            Ok(now) => {
+                if now != leading {
+                    tracing::info!(identity = %identity, leading = now, "leadership");
+                }
+                leading = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election failed");
+                leading = false;
+            }
+        }
+        if leading {
+            match r.round(&client).await {
+                Ok(rep) if rep != Report::default() => {
+                    tracing::info!(grown = ?rep.grown, shrunk = ?rep.shrunk, reclaimed = ?rep.reclaimed, "auto-pools reconciled")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "auto-pool reconcile failed; next round"),
+            }
+        }
+        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+            return;
+        }
+    }
+}
