@@ -217,6 +217,36 @@ pub enum ExplainError {
     Selection(String),
 }
 
+/// The CNI network configuration's defaults, from a file.
+fn read_cni_config(path: &Path) -> Result<CniDefaults, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    CniDefaults::from_netconf(&v).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The families asked of cluster default pools, and why.
+fn default_families(asked: Option<Families>, pools: &PoolSet) -> DefaultFamilies {
+    match (asked, pools.default_families()) {
+        (Some(f), _) => DefaultFamilies {
+            ipv4: f.ipv4,
+            ipv6: f.ipv6,
+            from: "--default-families".into(),
+        },
+        (None, Some(f)) => DefaultFamilies {
+            ipv4: f.ipv4,
+            ipv6: f.ipv6,
+            from: "pools with spec.default: true".into(),
+        },
+        (None, None) => DefaultFamilies {
+            ipv4: true,
+            ipv6: false,
+            from: "no pool has spec.default: true; IPv4 assumed".into(),
+        },
+    }
+}
+
 /// `spiderctl explain`: the dry-run pool choice for one pod's NIC.
 pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     explain_inner(args).map_err(ExplainError::Input)?
@@ -267,33 +297,12 @@ fn explain_inner(args: &ExplainArgs) -> Result<Result<Explanation, ExplainError>
             args.pod
         )
     })?;
-    let cni = match &args.cni_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-            Some(CniDefaults::from_netconf(&v).map_err(|e| format!("{}: {e}", path.display()))?)
-        }
-        None => None,
-    };
-    let families = match (args.families, pools.default_families()) {
-        (Some(f), _) => DefaultFamilies {
-            ipv4: f.ipv4,
-            ipv6: f.ipv6,
-            from: "--default-families".into(),
-        },
-        (None, Some(f)) => DefaultFamilies {
-            ipv4: f.ipv4,
-            ipv6: f.ipv6,
-            from: "pools with spec.default: true".into(),
-        },
-        (None, None) => DefaultFamilies {
-            ipv4: true,
-            ipv6: false,
-            from: "no pool has spec.default: true; IPv4 assumed".into(),
-        },
-    };
+    let cni = args
+        .cni_config
+        .as_deref()
+        .map(read_cni_config)
+        .transpose()?;
+    let families = default_families(args.families, &pools);
     let owner = pod
         .metadata
         .owner_references

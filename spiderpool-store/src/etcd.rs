@@ -300,64 +300,8 @@ impl EtcdStore {
         }
         let mut claims = txn.claims;
         for _ in 0..MAX_ROUNDS {
-            // Which releases hit a record still owned as stated, at which revision.
-            let targets: Vec<IpAddr> = txn.releases.iter().map(|r| r.ip).collect();
-            let current = self.read_ips(&targets).await?;
-            let mut victims: Vec<Lease> = Vec::new();
-            for (r, cur) in txn.releases.iter().zip(current) {
-                if let Some(cur) = cur {
-                    if owned(&cur, r) && !victims.iter().any(|v| v.ip == cur.ip) {
-                        victims.push(cur);
-                    }
-                }
-            }
-            let mut compares = Vec::new();
-            let mut success = Vec::new();
-            let mut failure = Vec::new();
-            // A claim of an address a release of this transaction frees (a move): the release's
-            // compare on the record's revision guards the address key, which is overwritten,
-            // not deleted (etcd refuses two operations on one key in a transaction).
-            let mut put_keys = std::collections::HashSet::new();
-            for c in &claims {
-                let [ipk, slot, poolk, nodek] = self.keys_of(c);
-                if !victims.iter().any(|v| v.ip == c.ip) {
-                    compares.push(Compare::create_revision(ipk.clone(), CompareOp::Equal, 0));
-                }
-                put_keys.extend([ipk.clone(), slot.clone(), poolk.clone(), nodek.clone()]);
-                compares.push(Compare::create_revision(slot.clone(), CompareOp::Equal, 0));
-                let mut rec = c.clone();
-                rec.revision = 0;
-                let json = serde_json::to_vec(&rec)
-                    .map_err(|e| StoreError::failed("cannot encode a record", e))?;
-                for k in [&ipk, &slot, &poolk, &nodek] {
-                    success.push(TxnOp::put(k.as_str(), json.clone(), None));
-                }
-                failure.push(TxnOp::get(ipk, None));
-                failure.push(TxnOp::get(slot, None));
-            }
-            for v in &victims {
-                let keys = self.keys_of(v);
-                compares.push(Compare::mod_revision(
-                    keys[0].clone(),
-                    CompareOp::Equal,
-                    i64::try_from(v.revision).unwrap_or(i64::MAX),
-                ));
-                for k in keys {
-                    if !put_keys.contains(&k) {
-                        success.push(TxnOp::delete(k, None));
-                    }
-                }
-            }
-            let mut touched: Vec<&str> = claims
-                .iter()
-                .chain(victims.iter())
-                .map(|l| l.pool.as_str())
-                .collect();
-            touched.sort_unstable();
-            touched.dedup();
-            for pool in touched {
-                success.push(TxnOp::put(self.pool_rev_key(pool), Vec::new(), None));
-            }
+            let victims = self.victims(&txn.releases).await?;
+            let (compares, success, failure) = self.operations(&claims, &victims)?;
             if success.is_empty() {
                 return Ok(Outcome::Committed {
                     revision: self.revision().await?,
@@ -382,39 +326,11 @@ impl EtcdStore {
                     released: victims,
                 });
             }
-            // Find out what stood in the way of each claim.
-            let mut gets = resp.op_responses().into_iter().map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(Self::decode).transpose(),
-                _ => Ok(None),
-            });
-            let mut conflicts = Vec::new();
-            let mut keep = Vec::new();
-            for c in claims {
-                let at_ip = gets.next().transpose()?.flatten();
-                let at_slot = gets.next().transpose()?.flatten();
-                let mut noop = false;
-                match at_ip {
-                    Some(cur) if cur.owner.same_attachment(&c.owner) => noop = true,
-                    Some(cur) => conflicts.push(Conflict::IpTaken(cur)),
-                    None => {}
-                }
-                match at_slot {
-                    Some(cur) if cur.ip == c.ip => {}
-                    Some(cur) => {
-                        noop = false;
-                        conflicts.push(Conflict::AttachmentBound(cur));
-                    }
-                    None => {}
-                }
-                if !noop {
-                    keep.push(c);
-                }
+            match Self::refusal(&resp, claims)? {
+                Err(conflicts) => return Ok(Outcome::Conflict(conflicts)),
+                // Only idempotent re-claims or changed release targets: drop the no-ops, re-read.
+                Ok(keep) => claims = keep,
             }
-            if !conflicts.is_empty() {
-                return Ok(Outcome::Conflict(conflicts));
-            }
-            // Only idempotent re-claims or changed release targets: drop the no-ops, re-read.
-            claims = keep;
         }
         Err(StoreError::Unavailable {
             message: format!(
@@ -422,6 +338,120 @@ impl EtcdStore {
                 self.endpoints
             ),
             source: None,
+        })
+    }
+
+    /// The records the releases hit: still owned as stated, each once, at their revision.
+    async fn victims(&self, releases: &[Release]) -> Result<Vec<Lease>, StoreError> {
+        let targets: Vec<IpAddr> = releases.iter().map(|r| r.ip).collect();
+        let current = self.read_ips(&targets).await?;
+        let mut victims: Vec<Lease> = Vec::new();
+        for (r, cur) in releases.iter().zip(current) {
+            if let Some(cur) = cur {
+                if owned(&cur, r) && !victims.iter().any(|v| v.ip == cur.ip) {
+                    victims.push(cur);
+                }
+            }
+        }
+        Ok(victims)
+    }
+
+    /// The transaction's compares, success operations (claims written under their four keys,
+    /// victims deleted, touched pools' revision keys bumped) and failure reads (what is at each
+    /// claim's address and slot).
+    #[allow(clippy::type_complexity)]
+    fn operations(
+        &self,
+        claims: &[Lease],
+        victims: &[Lease],
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>, Vec<TxnOp>), StoreError> {
+        let mut compares = Vec::new();
+        let mut success = Vec::new();
+        let mut failure = Vec::new();
+        // A claim of an address a release of this transaction frees (a move): the release's
+        // compare on the record's revision guards the address key, which is overwritten, not
+        // deleted (etcd refuses two operations on one key in a transaction).
+        let mut put_keys = std::collections::HashSet::new();
+        for c in claims {
+            let [ipk, slot, poolk, nodek] = self.keys_of(c);
+            if !victims.iter().any(|v| v.ip == c.ip) {
+                compares.push(Compare::create_revision(ipk.clone(), CompareOp::Equal, 0));
+            }
+            put_keys.extend([ipk.clone(), slot.clone(), poolk.clone(), nodek.clone()]);
+            compares.push(Compare::create_revision(slot.clone(), CompareOp::Equal, 0));
+            let mut rec = c.clone();
+            rec.revision = 0;
+            let json = serde_json::to_vec(&rec)
+                .map_err(|e| StoreError::failed("cannot encode a record", e))?;
+            for k in [&ipk, &slot, &poolk, &nodek] {
+                success.push(TxnOp::put(k.as_str(), json.clone(), None));
+            }
+            failure.push(TxnOp::get(ipk, None));
+            failure.push(TxnOp::get(slot, None));
+        }
+        for v in victims {
+            let keys = self.keys_of(v);
+            compares.push(Compare::mod_revision(
+                keys[0].clone(),
+                CompareOp::Equal,
+                i64::try_from(v.revision).unwrap_or(i64::MAX),
+            ));
+            for k in keys {
+                if !put_keys.contains(&k) {
+                    success.push(TxnOp::delete(k, None));
+                }
+            }
+        }
+        let mut touched: Vec<&str> = claims
+            .iter()
+            .chain(victims.iter())
+            .map(|l| l.pool.as_str())
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for pool in touched {
+            success.push(TxnOp::put(self.pool_rev_key(pool), Vec::new(), None));
+        }
+        Ok((compares, success, failure))
+    }
+
+    /// What stood in the way of each claim of a refused transaction: `Err` with the conflicts,
+    /// or `Ok` with the claims left once idempotent re-claims are dropped.
+    fn refusal(
+        resp: &etcd_client::TxnResponse,
+        claims: Vec<Lease>,
+    ) -> Result<Result<Vec<Lease>, Vec<Conflict>>, StoreError> {
+        let mut gets = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(Self::decode).transpose(),
+            _ => Ok(None),
+        });
+        let mut conflicts = Vec::new();
+        let mut keep = Vec::new();
+        for c in claims {
+            let at_ip = gets.next().transpose()?.flatten();
+            let at_slot = gets.next().transpose()?.flatten();
+            let mut noop = false;
+            match at_ip {
+                Some(cur) if cur.owner.same_attachment(&c.owner) => noop = true,
+                Some(cur) => conflicts.push(Conflict::IpTaken(cur)),
+                None => {}
+            }
+            match at_slot {
+                Some(cur) if cur.ip == c.ip => {}
+                Some(cur) => {
+                    noop = false;
+                    conflicts.push(Conflict::AttachmentBound(cur));
+                }
+                None => {}
+            }
+            if !noop {
+                keep.push(c);
+            }
+        }
+        Ok(if conflicts.is_empty() {
+            Ok(keep)
+        } else {
+            Err(conflicts)
         })
     }
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use spiderpool_agent::ctl::{self, ExplainArgs, Format};
+use spiderpool_agent::ctl::{self, ExplainArgs};
 use spiderpool_core::Families;
 
 #[derive(Parser)]
@@ -108,8 +108,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         #[cfg(feature = "kube")]
         Command::Crd => {
             print!("{}", spiderpool_store::k8s::crd::crds_yaml());
@@ -121,56 +120,8 @@ fn main() -> ExitCode {
             store,
             manifests,
             output,
-        } => {
-            let what = match what {
-                GetArg::Ippools => ctl::GetWhat::IpPools,
-                GetArg::Subnets => ctl::GetWhat::Subnets,
-                GetArg::Endpoints => ctl::GetWhat::Endpoints,
-            };
-            let source = match store {
-                Some(spec) => ctl::GetSource::Store { spec, manifests },
-                None => ctl::GetSource::Socket(
-                    socket.unwrap_or_else(|| spiderpool_core::api::DEFAULT_SOCKET.to_string()),
-                ),
-            };
-            match ctl::get(what, &source) {
-                Ok(rows) => {
-                    match output {
-                        Output::Json => println!(
-                            "{}",
-                            serde_json::to_string_pretty(&rows).unwrap_or_default()
-                        ),
-                        Output::Table => print!("{}", ctl::render_get(what, &rows)),
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::Validate { files } => {
-            let report = ctl::validate(&files);
-            for e in &report.errors {
-                println!("{e}");
-            }
-            for w in &report.warnings {
-                println!("warning: {w}");
-            }
-            if report.errors.is_empty() {
-                let summary: Vec<String> = report
-                    .counts
-                    .iter()
-                    .map(|(k, n)| format!("{n} {k}"))
-                    .collect();
-                println!("valid: {}", summary.join(", "));
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{} problem(s) found", report.errors.len());
-                ExitCode::from(1)
-            }
-        }
+        } => get(what, socket, store, manifests, output),
+        Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
             node,
@@ -202,37 +153,95 @@ fn main() -> ExitCode {
                 cni_config,
                 families,
             };
-            let format = match output {
-                Output::Json => Format::Json,
-                Output::Table => Format::Table,
-            };
-            match ctl::explain(&args) {
-                Ok(x) => {
-                    match format {
-                        Format::Json => match serde_json::to_string_pretty(&x) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return ExitCode::from(2);
-                            }
-                        },
-                        Format::Table => print!("{}", x.table()),
-                    }
-                    if x.complete() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(ctl::ExplainError::Selection(e)) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
-                Err(ctl::ExplainError::Input(e)) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+            explain(&args, output)
+        }
+    }
+}
+
+fn get(
+    what: GetArg,
+    socket: Option<String>,
+    store: Option<String>,
+    manifests: Vec<PathBuf>,
+    output: Output,
+) -> ExitCode {
+    let what = match what {
+        GetArg::Ippools => ctl::GetWhat::IpPools,
+        GetArg::Subnets => ctl::GetWhat::Subnets,
+        GetArg::Endpoints => ctl::GetWhat::Endpoints,
+    };
+    let source = match store {
+        Some(spec) => ctl::GetSource::Store { spec, manifests },
+        None => ctl::GetSource::Socket(
+            socket.unwrap_or_else(|| spiderpool_core::api::DEFAULT_SOCKET.to_string()),
+        ),
+    };
+    match ctl::get(what, &source) {
+        Ok(rows) => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                ),
+                Output::Table => print!("{}", ctl::render_get(what, &rows)),
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let report = ctl::validate(files);
+    for e in &report.errors {
+        println!("{e}");
+    }
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    if report.errors.is_empty() {
+        let summary: Vec<String> = report
+            .counts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        println!("valid: {}", summary.join(", "));
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s) found", report.errors.len());
+        ExitCode::from(1)
+    }
+}
+
+fn explain(args: &ExplainArgs, output: Output) -> ExitCode {
+    match ctl::explain(args) {
+        Ok(x) => {
+            match output {
+                Output::Json => match serde_json::to_string_pretty(&x) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                Output::Table => print!("{}", x.table()),
+            }
+            if x.complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(ctl::ExplainError::Selection(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(ctl::ExplainError::Input(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -169,6 +169,122 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// What one allocation worker did.
+#[derive(Default)]
+struct Tally {
+    lat: Vec<u64>,
+    exhausted: usize,
+    failed: usize,
+    retries: usize,
+}
+
+/// One worker: takes the next index until `count`, allocates it (retrying retryable errors for
+/// `retry_secs`), prints each outcome unless `quiet`.
+#[allow(clippy::too_many_arguments)]
+async fn alloc_worker(
+    engine: Arc<Engine<AnyStore>>,
+    pools: Arc<PoolSet>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    node: String,
+    wanted: &'static str,
+    count: usize,
+    retry_secs: u64,
+    quiet: bool,
+    reread_full_primary: bool,
+) -> Tally {
+    let annos = [(ANNO_IPPOOL.to_string(), wanted.to_string())].into();
+    let mut t = Tally::default();
+    loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i >= count {
+            return t;
+        }
+        let cid = format!("{node}-c{i}");
+        let pod = format!("pod-{i}");
+        let input = SelectionInput {
+            pod_namespace: "bench",
+            pod_name: &pod,
+            pod_annotations: Some(&annos),
+            node_name: &node,
+            ..Default::default()
+        };
+        let att = Attachment {
+            container_id: cid.clone(),
+            ifname: "eth0".into(),
+        };
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(retry_secs);
+        loop {
+            if reread_full_primary {
+                engine.invalidate(Some("primary"));
+            }
+            match engine.allocate(&pools, &input, &att, "uid", 0).await {
+                Ok(a) => {
+                    t.lat.push(t0.elapsed().as_micros() as u64);
+                    if !quiet {
+                        let ip = a.nics[0]
+                            .ipv4
+                            .as_ref()
+                            .map(|x| x.address.addr().to_string());
+                        emit(json!({"cid": cid, "ip": ip}));
+                    }
+                    break;
+                }
+                Err(EngineError::NoAvailablePool { .. }) => {
+                    t.exhausted += 1;
+                    if !quiet {
+                        emit(json!({"cid": cid, "exhausted": true}));
+                    }
+                    break;
+                }
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    t.retries += 1;
+                    if !quiet {
+                        emit(json!({"cid": cid, "retry": e.to_string()}));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    t.failed += 1;
+                    emit(
+                        json!({"cid": cid, "error": e.to_string(), "retryable": e.is_retryable()}),
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Releases every container `0..count` of `node` with `concurrency` workers; how many records.
+async fn release_all(
+    engine: &Arc<Engine<AnyStore>>,
+    node: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<usize> {
+    let mut rel_tasks = Vec::new();
+    let per = count.div_ceil(concurrency.max(1));
+    for w in 0..concurrency.max(1) {
+        let (engine, node) = (engine.clone(), node.to_string());
+        rel_tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            for i in (w * per)..((w + 1) * per).min(count) {
+                n += engine
+                    .release(&format!("{node}-c{i}"), Some("eth0"))
+                    .await?
+                    .len();
+            }
+            Ok::<usize, EngineError>(n)
+        }));
+    }
+    let mut released = 0;
+    for t in rel_tasks {
+        released += t.await.context("release task panicked")??;
+    }
+    Ok(released)
+}
+
 async fn alloc(args: AllocArgs) -> Result<()> {
     let AllocArgs {
         store,
@@ -196,116 +312,48 @@ async fn alloc(args: AllocArgs) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (engine, pools, next, node) =
-            (engine.clone(), pools.clone(), next.clone(), node.clone());
-        tasks.push(tokio::spawn(async move {
-            let annos = [(ANNO_IPPOOL.to_string(), wanted.to_string())].into();
-            let mut lat = Vec::new();
-            let (mut exhausted, mut failed, mut retries) = (0usize, 0usize, 0usize);
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
-                let cid = format!("{node}-c{i}");
-                let pod = format!("pod-{i}");
-                let input = SelectionInput {
-                    pod_namespace: "bench",
-                    pod_name: &pod,
-                    pod_annotations: Some(&annos),
-                    node_name: &node,
-                    ..Default::default()
-                };
-                let att = Attachment { container_id: cid.clone(), ifname: "eth0".into() };
-                let t0 = Instant::now();
-                let deadline = t0 + Duration::from_secs(retry_secs);
-                loop {
-                    if reread_full_primary {
-                        engine.invalidate(Some("primary"));
-                    }
-                    match engine.allocate(&pools, &input, &att, "uid", 0).await {
-                        Ok(a) => {
-                            lat.push(t0.elapsed().as_micros() as u64);
-                            if !quiet {
-                                let ip = a.nics[0].ipv4.as_ref().map(|x| x.address.addr().to_string());
-                                emit(json!({"cid": cid, "ip": ip}));
-                            }
-                            break;
-                        }
-                        Err(EngineError::NoAvailablePool { .. }) => {
-                            exhausted += 1;
-                            if !quiet {
-                                emit(json!({"cid": cid, "exhausted": true}));
-                            }
-                            break;
-                        }
-                        Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                            retries += 1;
-                            if !quiet {
-                                emit(json!({"cid": cid, "retry": e.to_string()}));
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) => {
-                            failed += 1;
-                            emit(json!({"cid": cid, "error": e.to_string(), "retryable": e.is_retryable()}));
-                            break;
-                        }
-                    }
-                }
-            }
-            (lat, exhausted, failed, retries)
-        }));
+        tasks.push(tokio::spawn(alloc_worker(
+            engine.clone(),
+            pools.clone(),
+            next.clone(),
+            node.clone(),
+            wanted,
+            count,
+            retry_secs,
+            quiet,
+            reread_full_primary,
+        )));
     }
-    let mut lat = Vec::new();
-    let (mut exhausted, mut failed, mut retries) = (0, 0, 0);
+    let mut all = Tally::default();
     for t in tasks {
-        let (l, x, f, r) = t.await.context("allocation task panicked")?;
-        lat.extend(l);
-        exhausted += x;
-        failed += f;
-        retries += r;
+        let t = t.await.context("allocation task panicked")?;
+        all.lat.extend(t.lat);
+        all.exhausted += t.exhausted;
+        all.failed += t.failed;
+        all.retries += t.retries;
     }
     let alloc_secs = started.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let mut release_secs = 0.0;
-    let mut released = 0usize;
+    all.lat.sort_unstable();
+    let (mut release_secs, mut released) = (0.0, 0usize);
     if release {
         let t0 = Instant::now();
-        let mut rel_tasks = Vec::new();
-        let per = count.div_ceil(concurrency.max(1));
-        for w in 0..concurrency.max(1) {
-            let (engine, node) = (engine.clone(), node.clone());
-            rel_tasks.push(tokio::spawn(async move {
-                let mut n = 0usize;
-                for i in (w * per)..((w + 1) * per).min(count) {
-                    n += engine
-                        .release(&format!("{node}-c{i}"), Some("eth0"))
-                        .await?
-                        .len();
-                }
-                Ok::<usize, EngineError>(n)
-            }));
-        }
-        for t in rel_tasks {
-            released += t.await.context("release task panicked")??;
-        }
+        released = release_all(&engine, &node, count, concurrency).await?;
         release_secs = t0.elapsed().as_secs_f64();
     }
     let stats = engine.stats();
     emit(json!({
         "summary": true,
         "node": node,
-        "ok": lat.len(),
-        "exhausted": exhausted,
-        "failed": failed,
-        "retries": retries,
+        "ok": all.lat.len(),
+        "exhausted": all.exhausted,
+        "failed": all.failed,
+        "retries": all.retries,
         "conflicts": stats.conflicts,
         "pool_reads": stats.pool_reads,
         "alloc_secs": alloc_secs,
-        "p50_us": percentile(&lat, 0.50),
-        "p99_us": percentile(&lat, 0.99),
-        "lat_us": lat,
+        "p50_us": percentile(&all.lat, 0.50),
+        "p99_us": percentile(&all.lat, 0.99),
+        "lat_us": all.lat,
         "released": released,
         "release_secs": release_secs,
     }));

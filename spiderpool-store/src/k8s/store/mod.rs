@@ -37,16 +37,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use spiderpool_core::store::{
     Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, Owner, PoolAddresses,
     Release, StoreError, Txn,
 };
-use spiderpool_core::types::IpPoolStatus;
 
-use super::crd::{BlockRecord, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool, FINALIZER};
+mod status;
+
+use super::crd::{BlockRecord, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool};
+use status::project_statuses;
 
 /// Addresses per block object. Smaller blocks are cheaper writes for the API server (it decodes,
 /// stores and sends every watcher the whole object): 16 cost 6.5x less API server + etcd CPU per
@@ -647,126 +649,6 @@ impl Inner {
             }
         }
     }
-
-    /// Brings one pool's status up to date: `Ok(true)` when it is (written now, already
-    /// current, or the pool is gone), `Ok(false)` when a concurrent change to the pool refused
-    /// the write (the caller tries again).
-    async fn project(&self, pool: &str) -> Result<bool, StoreError> {
-        let Some(obj) = self
-            .pools
-            .get_opt(pool)
-            .await
-            .map_err(|e| self.unavailable(&format!("reading SpiderIPPool {pool}"), e))?
-        else {
-            return Ok(true);
-        };
-        let (revision, leases) = {
-            let m = self.lock();
-            let l = m.table.list(Filter::Pool(pool));
-            (m.table.pool_revision(pool), l.leases)
-        };
-        let deleting = obj.metadata.deletion_timestamp.is_some();
-        let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
-        let mut resource_version = obj.resource_version();
-        // Spiderpool's mutations an agent can make late: the finalizer, and `ipVersion` inferred
-        // from the subnet when the pool does not say (its VERSION column).
-        let inferred = obj.spec.0.ip_version.is_none().then(|| {
-            obj.spec
-                .0
-                .subnet
-                .split('/')
-                .next()
-                .and_then(|a| a.parse::<IpAddr>().ok())
-                .map(|a| if a.is_ipv4() { 4 } else { 6 })
-        });
-        let inferred = inferred.flatten();
-        if !deleting && (!has_finalizer || inferred.is_some()) {
-            let mut fins = obj.finalizers().to_vec();
-            if !has_finalizer {
-                fins.push(FINALIZER.to_string());
-            }
-            let mut patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
-            if let Some(v) = inferred {
-                patch["spec"] = serde_json::json!({ "ipVersion": v });
-            }
-            match self
-                .pools
-                .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                // The status write below must name the version the finalizer made.
-                Ok(o) => resource_version = o.resource_version(),
-                Err(e) if api_code(&e) == Some(409) => return Ok(false),
-                Err(e) => {
-                    tracing::warn!(pool, error = %e, "adding the finalizer failed; next time")
-                }
-            }
-        }
-        if deleting && has_finalizer && leases.is_empty() {
-            let fins: Vec<&String> = obj
-                .finalizers()
-                .iter()
-                .filter(|f| *f != FINALIZER)
-                .collect();
-            let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": obj.resource_version()}});
-            let _ = self
-                .pools
-                .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
-                .await;
-            return Ok(true);
-        }
-        let current = obj.status.clone().unwrap_or_default();
-        let rev = i64::try_from(revision).unwrap_or(i64::MAX);
-        if current.allocated_revision.is_some_and(|r| r >= rev) {
-            return Ok(true);
-        }
-        let total = serde_json::to_value(&obj)
-            .ok()
-            .and_then(|v| serde_json::from_value::<spiderpool_core::types::SpiderIpPool>(v).ok())
-            .and_then(|p| spiderpool_core::Pool::from_spec(&p).ok())
-            .map(|p| p.total().count_i64());
-        let allocated = (leases.len() <= ALLOCATED_IPS_LIMIT).then(|| {
-            let map: BTreeMap<String, serde_json::Value> = leases
-                .iter()
-                .map(|l| {
-                    (
-                        l.ip.to_string(),
-                        serde_json::json!({
-                            "pod": format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
-                            "podUid": l.owner.pod_uid,
-                        }),
-                    )
-                })
-                .collect();
-            serde_json::to_string(&map).unwrap_or_default()
-        });
-        let status = IpPoolStatus {
-            allocated_ips: allocated,
-            allocated_ip_count: Some(leases.len() as i64),
-            total_ip_count: total.or(current.total_ip_count),
-            allocated_revision: Some(rev),
-        };
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": resource_version},
-            "status": status,
-        });
-        // `allocatedIPs` must go when the pool outgrows it: a merge patch drops a null field.
-        let mut patch = patch;
-        if status.allocated_ips.is_none() {
-            patch["status"]["allocatedIPs"] = serde_json::Value::Null;
-        }
-        match self
-            .pools
-            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if api_code(&e) == Some(409) => Ok(false),
-            Err(e) => {
-                Err(self.unavailable(&format!("writing the status of SpiderIPPool {pool}"), e))
-            }
-        }
-    }
 }
 
 /// Adds `leases` to a block's records; a record held by another attachment refuses all, unless
@@ -887,47 +769,6 @@ async fn watch_blocks(inner: std::sync::Weak<Inner>, api: Api<SpiderIPBlock>) {
     }
 }
 
-async fn project_statuses(inner: std::sync::Weak<Inner>, every: Duration) {
-    let mut done: HashMap<String, u64> = HashMap::new();
-    loop {
-        // Jitter: agents that changed the same pool do not all write its status together.
-        let jitter = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::from(d.subsec_nanos()) % (every.as_millis() as u64 / 2 + 1))
-            .unwrap_or(0);
-        tokio::time::sleep(every + Duration::from_millis(jitter)).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let dirty: Vec<(String, u64)> = {
-            let m = inner.lock();
-            let pools: BTreeSet<String> = m
-                .blocks
-                .values()
-                .flat_map(|(_, ips)| ips.iter().filter_map(|ip| m.table.get(ip).map(|l| l.pool)))
-                .chain(done.keys().cloned())
-                .collect();
-            pools
-                .into_iter()
-                .map(|p| {
-                    let r = m.table.pool_revision(&p);
-                    (p, r)
-                })
-                .filter(|(p, r)| done.get(p) != Some(r))
-                .collect()
-        };
-        for (pool, rev) in dirty {
-            match inner.project(&pool).await {
-                Ok(true) => {
-                    done.insert(pool, rev);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(pool = %pool, error = %e, "pool status not written; next time")
-                }
-            }
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl LeaseStore for KubeStore {
     fn backend(&self) -> &'static str {
@@ -956,20 +797,4 @@ impl LeaseStore for KubeStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_are_aligned_and_named_as_dns_labels() {
-        let (n, b) = block_of("10.6.168.65".parse().expect("ip"));
-        assert_eq!(
-            (n.as_str(), b.to_string().as_str()),
-            ("v4-10-6-168-64", "10.6.168.64")
-        );
-        let (n, _) = block_of("10.6.168.63".parse().expect("ip"));
-        assert_eq!(n, "v4-10-6-168-48");
-        let (n, b) = block_of("fd00::1:ff".parse().expect("ip"));
-        assert_eq!(n, "v6-fd0000000000000000000000000100f0");
-        assert_eq!(b.to_string(), "fd00::1:f0");
-    }
-}
+mod tests;

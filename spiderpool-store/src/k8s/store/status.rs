@@ -1,0 +1,245 @@
+//! The pool status projection: each pool's object kept in line with the records the store holds
+//! (finalizer, inferred `ipVersion`, `status.allocatedIPCount`/`allocatedIPs`/`totalIPCount`),
+//! written in the background, at most once per interval per pool, forward only
+//! (`status.allocatedRevision`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
+use serde::Serialize;
+use spiderpool_core::store::{Filter, Lease};
+use spiderpool_core::types::IpPoolStatus;
+
+use super::{api_code, Inner, ALLOCATED_IPS_LIMIT};
+use crate::k8s::crd::{SpiderIPPool, FINALIZER};
+use spiderpool_core::store::StoreError;
+
+pub(super) async fn project_statuses(inner: std::sync::Weak<Inner>, every: Duration) {
+    let mut done: HashMap<String, u64> = HashMap::new();
+    loop {
+        // Jitter: agents that changed the same pool do not all write its status together.
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()) % (every.as_millis() as u64 / 2 + 1))
+            .unwrap_or(0);
+        tokio::time::sleep(every + Duration::from_millis(jitter)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let dirty: Vec<(String, u64)> = {
+            let m = inner.lock();
+            let pools: BTreeSet<String> = m
+                .blocks
+                .values()
+                .flat_map(|(_, ips)| ips.iter().filter_map(|ip| m.table.get(ip).map(|l| l.pool)))
+                .chain(done.keys().cloned())
+                .collect();
+            pools
+                .into_iter()
+                .map(|p| {
+                    let r = m.table.pool_revision(&p);
+                    (p, r)
+                })
+                .filter(|(p, r)| done.get(p) != Some(r))
+                .collect()
+        };
+        for (pool, rev) in dirty {
+            match inner.project(&pool).await {
+                Ok(true) => {
+                    done.insert(pool, rev);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(pool = %pool, error = %e, "pool status not written; next time")
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Brings one pool's object in line with its records: the finalizer (and an inferred
+    /// `ipVersion`) while it exists, the finalizer gone once it is deleted and empty, the
+    /// status (counts, `allocatedIPs`) written forward only. `Ok(false)`: refused (409), retry.
+    pub(super) async fn project(&self, pool: &str) -> Result<bool, StoreError> {
+        let Some(obj) = self
+            .pools
+            .get_opt(pool)
+            .await
+            .map_err(|e| self.unavailable(&format!("reading SpiderIPPool {pool}"), e))?
+        else {
+            return Ok(true);
+        };
+        let (revision, leases) = {
+            let m = self.lock();
+            let l = m.table.list(Filter::Pool(pool));
+            (m.table.pool_revision(pool), l.leases)
+        };
+        let deleting = obj.metadata.deletion_timestamp.is_some();
+        let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+        if deleting && has_finalizer && leases.is_empty() {
+            self.drop_finalizer(&obj).await;
+            return Ok(true);
+        }
+        let resource_version = if deleting {
+            obj.resource_version()
+        } else {
+            match self.mark(&obj, has_finalizer).await {
+                Ok(rv) => rv,
+                Err(()) => return Ok(false),
+            }
+        };
+        let current = obj.status.clone().unwrap_or_default();
+        let rev = i64::try_from(revision).unwrap_or(i64::MAX);
+        if current.allocated_revision.is_some_and(|r| r >= rev) {
+            return Ok(true);
+        }
+        let total = obj.spec.0.addresses().map(|a| a.count_i64());
+        let status = IpPoolStatus {
+            allocated_ips: allocated_ips(&leases),
+            allocated_ip_count: Some(leases.len() as i64),
+            total_ip_count: total.or(current.total_ip_count),
+            allocated_revision: Some(rev),
+        };
+        self.write_status_patch(pool, resource_version, status)
+            .await
+    }
+
+    /// Spiderpool's mutations an agent can make late: the finalizer, and `ipVersion` inferred
+    /// from the subnet when the pool does not say (its VERSION column). Returns the
+    /// resourceVersion the status write must name; `Err` on a conflict.
+    async fn mark(&self, obj: &SpiderIPPool, has_finalizer: bool) -> Result<Option<String>, ()> {
+        let pool = obj.name_any();
+        let inferred = obj
+            .spec
+            .0
+            .ip_version
+            .is_none()
+            .then(|| obj.spec.0.family().map(|f| f.version()))
+            .flatten();
+        if has_finalizer && inferred.is_none() {
+            return Ok(obj.resource_version());
+        }
+        let mut fins = obj.finalizers().to_vec();
+        if !has_finalizer {
+            fins.push(FINALIZER.to_string());
+        }
+        let patch = MarkPatch {
+            metadata: FinalizersMeta {
+                finalizers: fins,
+                resource_version: obj.resource_version(),
+            },
+            spec: inferred.map(|v| VersionSpec { ip_version: v }),
+        };
+        match self
+            .pools
+            .patch(&pool, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            // The status write must name the version the finalizer made.
+            Ok(o) => Ok(o.resource_version()),
+            Err(e) if api_code(&e) == Some(409) => Err(()),
+            Err(e) => {
+                tracing::warn!(pool, error = %e, "adding the finalizer failed; next time");
+                Ok(obj.resource_version())
+            }
+        }
+    }
+
+    /// Removes our finalizer from a deleted pool that holds nothing.
+    async fn drop_finalizer(&self, obj: &SpiderIPPool) {
+        let patch = MarkPatch {
+            metadata: FinalizersMeta {
+                finalizers: obj
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .cloned()
+                    .collect(),
+                resource_version: obj.resource_version(),
+            },
+            spec: None,
+        };
+        let _ = self
+            .pools
+            .patch(
+                &obj.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+    }
+
+    async fn write_status_patch(
+        &self,
+        pool: &str,
+        resource_version: Option<String>,
+        status: IpPoolStatus,
+    ) -> Result<bool, StoreError> {
+        let mut patch = serde_json::json!({
+            "metadata": {"resourceVersion": resource_version},
+            "status": status,
+        });
+        // `allocatedIPs` must go when the pool outgrows it: a merge patch drops a null field.
+        if status.allocated_ips.is_none() {
+            patch["status"]["allocatedIPs"] = serde_json::Value::Null;
+        }
+        match self
+            .pools
+            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if api_code(&e) == Some(409) => Ok(false),
+            Err(e) => {
+                Err(self.unavailable(&format!("writing the status of SpiderIPPool {pool}"), e))
+            }
+        }
+    }
+}
+
+/// Spiderpool's `allocatedIPs`: address -> `{pod, podUid}`, while the pool holds at most
+/// [`ALLOCATED_IPS_LIMIT`] records.
+fn allocated_ips(leases: &[Lease]) -> Option<String> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Entry<'a> {
+        pod: String,
+        pod_uid: &'a str,
+    }
+    (leases.len() <= ALLOCATED_IPS_LIMIT).then(|| {
+        let map: BTreeMap<String, Entry<'_>> = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.ip.to_string(),
+                    Entry {
+                        pod: format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
+                        pod_uid: &l.owner.pod_uid,
+                    },
+                )
+            })
+            .collect();
+        serde_json::to_string(&map).unwrap_or_default()
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct MarkPatch {
+    metadata: FinalizersMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<VersionSpec>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FinalizersMeta {
+    finalizers: Vec<String>,
+    resource_version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionSpec {
+    ip_version: u8,
+}
