@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use futures::executor::block_on;
-use spiderpool_core::engine::{count_by_pool, Attachment, Engine};
+use spiderpool_agent::ctl::table;
+use spiderpool_core::engine::{Attachment, Engine};
 use spiderpool_core::manifest::pool_set;
 use spiderpool_core::select::{SelectionInput, ANNO_IPPOOL};
 use spiderpool_core::store::{Filter, LeaseStore};
-use spiderpool_core::table;
 use spiderpool_core::Families;
 use spiderpool_store::embedded::EmbeddedStore;
 
@@ -135,14 +135,12 @@ fn run() -> Result<(), String> {
     print!("{}", table::render(&pod_rows));
 
     let print_pools = |store: &EmbeddedStore, title: &str| -> Result<(), String> {
-        let listing = block_on(store.list(Filter::All)).map_err(|e| e.to_string())?;
         println!(
             "\nPools as `kubectl get spiderippool` shows them, counted from the store{title}:"
         );
-        print!(
-            "{}",
-            table::ippools(&pools, &count_by_pool(&listing.leases))
-        );
+        let rows = block_on(spiderpool_core::usage::pool_rows(&pools, store))
+            .map_err(|e| e.to_string())?;
+        print!("{}", table::ippools(&rows));
         Ok(())
     };
     print_pools(&store, "")?;

@@ -118,7 +118,11 @@ async fn upsert(
             Err(e) => return Err(e),
         }
     }
-    let patch = serde_json::json!({ "status": status });
+    #[derive(Debug, serde::Serialize)]
+    struct StatusOnly<'a> {
+        status: &'a EndpointStatus,
+    }
+    let patch = StatusOnly { status };
     api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
@@ -191,9 +195,8 @@ pub async fn run(
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+            return;
         }
     }
 }

@@ -151,9 +151,8 @@ pub async fn run(
     }
     let mut suspects = Suspects::default();
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+            return;
         }
         if let Err(e) = round(&agent, &mut suspects, margin).await {
             tracing::warn!(error = %e, "GC round failed");

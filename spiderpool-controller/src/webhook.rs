@@ -10,10 +10,13 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use serde_json::{json, Value};
+use k8s_openapi::ByteString;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::Value;
 use spiderpool_core::range::{IpFamily, IpSet};
 use spiderpool_core::types::Object;
 use spiderpool_store::k8s::crd::{SpiderIPBlock, SpiderIPPool, SpiderReservedIP, SpiderSubnet};
@@ -33,51 +36,79 @@ pub enum Endpoint {
     Service(String, String, u16),
 }
 
-fn client_config(ep: &Endpoint, path: &str, ca: &str) -> Value {
-    let ca = spiderpool_store::base64(ca.as_bytes());
+fn client_config(ep: &Endpoint, path: &str, ca: &str) -> WebhookClientConfig {
+    let ca_bundle = Some(ByteString(ca.as_bytes().to_vec()));
     match ep {
-        Endpoint::Url(u) => json!({"url": format!("{u}{path}"), "caBundle": ca}),
-        Endpoint::Service(ns, name, port) => json!({
-            "service": {"namespace": ns, "name": name, "port": port, "path": path},
-            "caBundle": ca
-        }),
+        Endpoint::Url(u) => WebhookClientConfig {
+            url: Some(format!("{u}{path}")),
+            ca_bundle,
+            service: None,
+        },
+        Endpoint::Service(ns, name, port) => WebhookClientConfig {
+            service: Some(ServiceReference {
+                namespace: ns.clone(),
+                name: name.clone(),
+                port: Some(i32::from(*port)),
+                path: Some(path.to_string()),
+            }),
+            ca_bundle,
+            url: None,
+        },
     }
 }
 
-fn webhook(name: &str, ep: &Endpoint, path: &str, ca: &str) -> Value {
-    json!({
-        "name": name,
-        "clientConfig": client_config(ep, path, ca),
-        "rules": [{
-            "apiGroups": ["spiderpool.spidernet.io"],
-            "apiVersions": ["v2beta1"],
-            "operations": ["CREATE", "UPDATE"],
-            "resources": ["spiderippools", "spidersubnets", "spiderreservedips"],
-            "scope": "Cluster"
-        }],
-        "sideEffects": "None",
-        "admissionReviewVersions": ["v1"],
-        "failurePolicy": "Fail",
-        "timeoutSeconds": 5
-    })
+/// What both webhooks watch: creates and updates of pools, subnets and reserved IPs.
+fn rules() -> Vec<RuleWithOperations> {
+    vec![RuleWithOperations {
+        api_groups: Some(vec!["spiderpool.spidernet.io".into()]),
+        api_versions: Some(vec!["v2beta1".into()]),
+        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        resources: Some(vec![
+            "spiderippools".into(),
+            "spidersubnets".into(),
+            "spiderreservedips".into(),
+        ]),
+        scope: Some("Cluster".into()),
+    }]
+}
+
+fn meta() -> kube::core::ObjectMeta {
+    kube::core::ObjectMeta {
+        name: Some(CONFIG_NAME.to_string()),
+        ..Default::default()
+    }
 }
 
 /// Creates or updates the mutating and validating webhook configurations (server-side apply),
 /// with `ca` as their `caBundle`.
 pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<(), String> {
     let pp = PatchParams::apply("spiderpool-controller").force();
-    let m = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": CONFIG_NAME},
-        "webhooks": [webhook("mutate.spiderpool.spidernet.io", ep, "/mutate", ca)]
-    });
-    let v = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": CONFIG_NAME},
-        "webhooks": [webhook("validate.spiderpool.spidernet.io", ep, "/validate", ca)]
-    });
+    let m = MutatingWebhookConfiguration {
+        metadata: meta(),
+        webhooks: Some(vec![MutatingWebhook {
+            name: "mutate.spiderpool.spidernet.io".into(),
+            client_config: client_config(ep, "/mutate", ca),
+            rules: Some(rules()),
+            side_effects: "None".into(),
+            admission_review_versions: vec!["v1".into()],
+            failure_policy: Some("Fail".into()),
+            timeout_seconds: Some(5),
+            ..Default::default()
+        }]),
+    };
+    let v = ValidatingWebhookConfiguration {
+        metadata: meta(),
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "validate.spiderpool.spidernet.io".into(),
+            client_config: client_config(ep, "/validate", ca),
+            rules: Some(rules()),
+            side_effects: "None".into(),
+            admission_review_versions: vec!["v1".into()],
+            failure_policy: Some("Fail".into()),
+            timeout_seconds: Some(5),
+            ..Default::default()
+        }]),
+    };
     let mapi: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mapi.patch(CONFIG_NAME, &pp, &Patch::Apply(&m))
         .await
@@ -89,33 +120,47 @@ pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<
     Ok(())
 }
 
-fn answer(
-    uid: &Value,
-    allowed: bool,
-    message: Option<String>,
-    patch: Option<Vec<Value>>,
-) -> Json<Value> {
-    let mut response = json!({"uid": uid, "allowed": allowed});
-    if let Some(m) = message {
-        response["status"] = json!({"code": 422, "reason": "Invalid", "message": m});
-    }
-    if let Some(p) = patch.filter(|p| !p.is_empty()) {
-        let bytes = serde_json::to_vec(&p).unwrap_or_default();
-        response["patchType"] = json!("JSONPatch");
-        response["patch"] = json!(spiderpool_store::base64(&bytes));
-    }
-    Json(json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": response
-    }))
+type Review = AdmissionReview<DynamicObject>;
+
+/// The request of a review, or the answer refusing an unreadable one.
+fn request(review: Review) -> Result<AdmissionRequest<DynamicObject>, Box<Json<Review>>> {
+    review.try_into().map_err(|e| {
+        Box::new(Json(
+            AdmissionResponse::invalid(format!("{e}")).into_review(),
+        ))
+    })
 }
 
-async fn mutate(Json(review): Json<Value>) -> Json<Value> {
-    let req = &review["request"];
-    let kind = req["kind"]["kind"].as_str().unwrap_or_default();
-    let ops = admission::mutate(kind, &req["object"]);
-    answer(&req["uid"], true, None, Some(ops))
+fn to_value(o: Option<&DynamicObject>) -> Value {
+    o.and_then(|o| serde_json::to_value(o).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Refuses with `message` (status code 422, reason `Invalid`, as Spiderpool's webhook does).
+fn refuse(req: &AdmissionRequest<DynamicObject>, message: String) -> Json<Review> {
+    let mut r = AdmissionResponse::from(req).deny(message);
+    r.result.code = 422;
+    r.result.reason = "Invalid".into();
+    Json(r.into_review())
+}
+
+async fn mutate(Json(review): Json<Review>) -> Json<Review> {
+    let req = match request(review) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
+    };
+    let ops = admission::mutate(&req.kind.kind, &to_value(req.object.as_ref()));
+    let allowed = AdmissionResponse::from(&req);
+    if ops.is_empty() {
+        return Json(allowed.into_review());
+    }
+    match serde_json::from_value::<json_patch::Patch>(Value::Array(ops))
+        .map_err(|e| e.to_string())
+        .and_then(|p| allowed.with_patch(p).map_err(|e| e.to_string()))
+    {
+        Ok(r) => Json(r.into_review()),
+        Err(e) => refuse(&req, format!("the webhook could not encode its patch: {e}")),
+    }
 }
 
 /// The cluster's pools, subnets and reserved IPs, as core objects, without `skip` (kind, name).
@@ -167,59 +212,60 @@ async fn in_use(client: &kube::Client, name: &str, family: IpFamily) -> Result<I
     IpSet::parse(family, &ips).map_err(|e| e.to_string())
 }
 
-async fn validate(State(client): State<kube::Client>, Json(review): Json<Value>) -> Json<Value> {
-    let req = &review["request"];
-    let uid = &req["uid"];
-    let kind = req["kind"]["kind"].as_str().unwrap_or_default();
-    let name = req["name"]
-        .as_str()
-        .or_else(|| req["object"]["metadata"]["name"].as_str())
-        .unwrap_or_default();
-    let old = req["oldObject"].is_object().then_some(&req["oldObject"]);
+/// The family of a pool as written (`ipVersion`, else its subnet's).
+fn family_of(o: &Value) -> IpFamily {
+    match o["spec"]["ipVersion"].as_i64() {
+        Some(6) => IpFamily::V6,
+        _ if o["spec"]["subnet"]
+            .as_str()
+            .is_some_and(|s| s.contains(':')) =>
+        {
+            IpFamily::V6
+        }
+        _ => IpFamily::V4,
+    }
+}
+
+async fn validate(State(client): State<kube::Client>, Json(review): Json<Review>) -> Json<Review> {
+    let req = match request(review) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
+    };
+    let kind = req.kind.kind.as_str();
+    let object = to_value(req.object.as_ref());
+    let name = if req.name.is_empty() {
+        object["metadata"]["name"].as_str().unwrap_or_default()
+    } else {
+        req.name.as_str()
+    };
+    let old_value = to_value(req.old_object.as_ref());
+    let old = old_value.is_object().then_some(&old_value);
     let others = match cluster(&client, (kind, name)).await {
         Ok(o) => o,
         Err(e) => {
-            return answer(
-                uid,
-                false,
-                Some(format!("the webhook cannot read the cluster's pools: {e}")),
-                None,
+            return refuse(
+                &req,
+                format!("the webhook cannot read the cluster's pools: {e}"),
             )
         }
     };
     let used = match (kind, old) {
-        ("SpiderIPPool", Some(o)) => {
-            let family = match o["spec"]["ipVersion"].as_i64() {
-                Some(6) => IpFamily::V6,
-                _ if o["spec"]["subnet"]
-                    .as_str()
-                    .is_some_and(|s| s.contains(':')) =>
-                {
-                    IpFamily::V6
-                }
-                _ => IpFamily::V4,
-            };
-            match in_use(&client, name, family).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    return answer(
-                        uid,
-                        false,
-                        Some(format!(
-                            "the webhook cannot read the pool's allocations: {e}"
-                        )),
-                        None,
-                    )
-                }
+        ("SpiderIPPool", Some(o)) => match in_use(&client, name, family_of(o)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                return refuse(
+                    &req,
+                    format!("the webhook cannot read the pool's allocations: {e}"),
+                )
             }
-        }
+        },
         _ => None,
     };
-    match admission::validate(kind, name, old, &req["object"], &others, used.as_ref()) {
-        Ok(()) => answer(uid, true, None, None),
+    match admission::validate(kind, name, old, &object, &others, used.as_ref()) {
+        Ok(()) => Json(AdmissionResponse::from(&req).into_review()),
         Err(problems) => {
             tracing::info!(kind, name, problems = %problems.join("; "), "refused");
-            answer(uid, false, Some(problems.join("; ")), None)
+            refuse(&req, problems.join("; "))
         }
     }
 }
@@ -303,9 +349,8 @@ pub async fn rotate(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+            return;
         }
         match tls::ensure(&r.client, &r.namespace, &r.secret, &r.hosts).await {
             Ok(certs) if certs != current => {

@@ -109,6 +109,94 @@ pub struct Status {
     pub view: String,
 }
 
+/// One column of a `kubectl get`-style table, the one list both `spiderctl get` and the CRD's
+/// printer columns are made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    /// The header (`ALLOCATED-IP-COUNT`).
+    pub header: &'static str,
+    /// The field of the row in `spiderctl get -o json` (`allocatedIpCount`).
+    pub field: &'static str,
+    /// The CRD printer column's jsonPath; empty for `NAME`, which `kubectl` prints itself.
+    pub json_path: &'static str,
+    /// The printer column's type (`string`, `integer`, `boolean`).
+    pub kind: &'static str,
+    /// The printer column's description (Spiderpool's).
+    pub description: &'static str,
+}
+
+const fn col(
+    header: &'static str,
+    field: &'static str,
+    json_path: &'static str,
+    kind: &'static str,
+    description: &'static str,
+) -> Column {
+    Column {
+        header,
+        field,
+        json_path,
+        kind,
+        description,
+    }
+}
+
+/// `kubectl get spiderippool` as Spiderpool prints it (and `spiderctl get ippools`).
+pub const IPPOOL_COLUMNS: [Column; 7] = [
+    col("NAME", "name", "", "string", "name"),
+    col(
+        "VERSION",
+        "version",
+        ".spec.ipVersion",
+        "string",
+        "ipVersion",
+    ),
+    col("SUBNET", "subnet", ".spec.subnet", "string", "subnet"),
+    col(
+        "ALLOCATED-IP-COUNT",
+        "allocatedIpCount",
+        ".status.allocatedIPCount",
+        "integer",
+        "allocatedIPCount",
+    ),
+    col(
+        "TOTAL-IP-COUNT",
+        "totalIpCount",
+        ".status.totalIPCount",
+        "integer",
+        "totalIPCount",
+    ),
+    col("DEFAULT", "default", ".spec.default", "boolean", "default"),
+    col("DISABLE", "disable", ".spec.disable", "boolean", "disable"),
+];
+
+/// `kubectl get spidersubnet` as Spiderpool prints it (and `spiderctl get subnets`).
+pub const SUBNET_COLUMNS: [Column; 5] = [
+    col("NAME", "name", "", "string", "name"),
+    col(
+        "VERSION",
+        "version",
+        ".spec.ipVersion",
+        "string",
+        "ipVersion",
+    ),
+    col("SUBNET", "subnet", ".spec.subnet", "string", "subnet"),
+    col(
+        "ALLOCATED-IP-COUNT",
+        "allocatedIpCount",
+        ".status.allocatedIPCount",
+        "integer",
+        "allocatedIPCount",
+    ),
+    col(
+        "TOTAL-IP-COUNT",
+        "totalIpCount",
+        ".status.totalIPCount",
+        "integer",
+        "totalIPCount",
+    ),
+];
+
 /// One row of `spiderctl get ippools` (the seed's columns).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

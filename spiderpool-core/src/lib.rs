@@ -4,22 +4,30 @@
 //! `spiderpool-agent` daemon drives it over a real store.
 //!
 //! # Layout
-//! - [`api`]: the agent API bodies shared by the CNI plugin and the agent.
+//! Modules depend only on modules listed above them (no cycles; `scripts/check-structure.py`).
 //! - [`range`]: `ips`/`excludeIPs` entries as intervals on `u128` ([`range::IpRange`],
-//!   [`range::IpSet`]): parse, print, merge, subtract, count, index <-> address.
-//! - [`types`]: SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderEndpoint and the Node,
-//!   Namespace, Pod fields IPAM reads, with Spiderpool's JSON field names.
+//!   [`range::IpSet`]): parse, print, merge, subtract, count, index <-> address; [`IpFamily`] and
+//!   [`Families`].
 //! - [`selector`]: Kubernetes label selectors.
-//! - [`validate`]: Spiderpool's webhook rules and messages; [`validate::PoolSet`] is the checked
-//!   set of pools, subnets and reserved IPs.
+//! - [`types`]: SpiderIPPool, SpiderSubnet, SpiderReservedIP, SpiderEndpoint and the Node,
+//!   Namespace, Pod fields IPAM reads, with Spiderpool's JSON field names; [`types::ObjectRef`].
+//! - [`rfc3339`]: Kubernetes times.
+//! - [`model`]: the checked form selection and allocation read ([`Pool`], [`PoolSet`]), and the
+//!   address sets of specs not yet checked.
+//! - [`validate`]: Spiderpool's webhook rules and messages; builds the [`model`] from [`types`].
 //! - [`select`]: candidate pools per NIC and family from annotations, namespace, CNI config and
-//!   cluster defaults, with the reason each candidate was skipped.
+//!   cluster defaults (annotation parsers, eligibility with the reason each candidate was skipped).
+//! - [`netconf`]: the CNI configuration's `ipam` keys, parsed once for the plugin and tools.
+//! - [`autopool`]: SpiderSubnet auto-pool decisions (naming, sizing, carving, shrinking, the
+//!   subnet's ledger, the pool object, what selection takes).
+//! - [`lifecycle`]: when a pod's record may be garbage-collected (judge, observe-twice).
 //! - [`bitmap`]: the per-pool allocator (next-fit over a hierarchical bitmap).
-//! - [`store`]: the [`store::LeaseStore`] contract and [`store::MemoryStore`].
+//! - [`store`]: the [`store::LeaseStore`] contract, [`store::LeaseTable`], [`store::MemoryStore`].
 //! - [`conformance`] (feature `conformance`): the suite every store backend runs.
 //! - [`engine`]: [`engine::Engine`]: allocate, release, check and GC through a store.
-//! - [`manifest`]: multi-document YAML/JSON manifests to objects (used by `spiderctl`).
-//! - [`table`]: `kubectl`-style aligned tables for tools and examples.
+//! - [`usage`]: per-pool, per-subnet and per-address use, counted from a store.
+//! - [`api`]: the agent API bodies shared by the CNI plugin and the agent; the table columns.
+//! - [`manifest`]: multi-document YAML/JSON manifests to objects.
 //!
 //! # Example
 //! ```
@@ -84,7 +92,6 @@ pub mod rfc3339;
 pub mod select;
 pub mod selector;
 pub mod store;
-pub mod table;
 pub mod types;
 pub mod usage;
 pub mod validate;

@@ -123,8 +123,6 @@ impl PoolSet {
         }
     }
 
-    /// Checks every object on its own and the set as a whole; on success returns the set, with
-
     /// The families served by cluster default pools (`spec.default: true`), or `None` when no pool
     /// is a default: a dual-stack cluster's defaults give both.
     pub fn default_families(&self) -> Option<Families> {

@@ -6,7 +6,12 @@
 //! - [`embedded`] (feature `embedded`, default): one redb file, durable on commit, group commit.
 //! - [`etcd`] (feature `etcd`): one etcd shared by every node, one key per address.
 //! - [`AnyStore`]: one type over every backend, chosen at run time from a [`StoreConfig`].
-//! - `testing` (feature `testing`): a real etcd server on loopback for tests.
+//! - `k8s` (feature `kube`): Spiderpool's CRDs from the Rust types, the `KubeStore` (records in
+//!   SpiderIPBlocks, pool status projection), and the Kubernetes I/O the agent and the controller
+//!   share (API client, auto-pools applied from core's plans).
+//! - [`task`]: what the daemons share: their `main`, the clock, "sleep the interval, or stop".
+//! - `testing` (feature `testing`): real etcd and kube-apiserver servers for tests, and the
+//!   workspace's binaries for tests that run other packages' programs.
 //!
 //! The in-memory store lives in the core crate ([`MemoryStore`]) and is re-exported here.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]

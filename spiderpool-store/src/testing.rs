@@ -676,6 +676,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// every package's binaries first; when it is missing (only one package's tests were asked
 /// for) it is built here (`cargo build -p PACKAGE --bin NAME`). Panics with cargo's output when
 /// that build fails: a test that needs the program cannot pass without it.
+#[allow(clippy::expect_used)] // a fixture: failing loudly is the point
 pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
     // target/<profile>/deps/<test>-<hash>

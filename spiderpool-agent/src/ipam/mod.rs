@@ -2,7 +2,7 @@
 //! [`check`], [`gc`] over the agent's engine and view, returning typed [`ApiError`]s. The HTTP
 //! layer (`crate::server`) only decodes, calls and encodes.
 //!
-//! ADD in phases: the pod as the cluster has it ([`PodContext`]), its auto-pools, the selection
+//! ADD in phases: the pod as the cluster has it, its auto-pools, the selection
 //! input, a StatefulSet pod's earlier addresses ([`statefulset`]), then the engine's allocation.
 
 use std::collections::BTreeMap;

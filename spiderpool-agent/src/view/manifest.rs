@@ -54,9 +54,8 @@ impl ManifestView {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.changed() => return,
+            if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+                return;
             }
             let view = self.clone();
             let out = tokio::task::spawn_blocking(move || view.reload_if_changed()).await;

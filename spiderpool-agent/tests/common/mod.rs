@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[cfg(feature = "kube")]
+pub mod kube;
+
 /// A binary of this workspace (see [`spiderpool_store::testing::workspace_bin`]).
 pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
     spiderpool_store::testing::workspace_bin(package, name)

@@ -229,6 +229,7 @@ impl Errors {
 }
 
 impl PoolSet {
+    /// Checks every object on its own and the set as a whole; on success returns the set, with
     /// gateways and routes inherited from subnets. Objects of other kinds are ignored.
     pub fn build<'a, I: IntoIterator<Item = &'a Object>>(
         objects: I,
@@ -501,14 +502,14 @@ pub fn validate_update(
 }
 
 /// Checks that a pool may be deleted: not while it holds allocations.
-pub fn validate_delete(pool: &Pool, allocated: usize) -> Result<(), ValidationError> {
+pub fn validate_delete(pool: &Pool, allocated: usize) -> Result<(), Box<ValidationError>> {
     if allocated > 0 {
-        return Err(ValidationError {
+        return Err(Box::new(ValidationError {
             object: ObjectRef::pool(&pool.name),
             related: None,
             field: "status.allocatedIPs".into(),
             message: format!("{allocated} IPs are still allocated: cannot delete the pool"),
-        });
+        }));
     }
     Ok(())
 }

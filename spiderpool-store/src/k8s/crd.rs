@@ -9,11 +9,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceColumnDefinition, CustomResourceDefinition,
+};
 use kube::core::ObjectMeta;
 use kube::{CustomResource, CustomResourceExt, Resource};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use spiderpool_core::api::{Column, IPPOOL_COLUMNS, SUBNET_COLUMNS};
 use spiderpool_core::types::{
     EndpointStatus, IpPoolSpec, IpPoolStatus, ReservedIpSpec, SubnetSpec, SubnetStatus,
 };
@@ -34,13 +37,7 @@ pub const FINALIZER: &str = "spiderpool.spidernet.io";
     plural = "spiderippools",
     shortname = "sp",
     category = "spiderpool",
-    status = "IpPoolStatus",
-    printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion","description":"ipVersion"}"#,
-    printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet","description":"subnet"}"#,
-    printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount","description":"allocatedIPCount"}"#,
-    printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount","description":"totalIPCount"}"#,
-    printcolumn = r#"{"name":"DEFAULT","type":"boolean","jsonPath":".spec.default","description":"default"}"#,
-    printcolumn = r#"{"name":"DISABLE","type":"boolean","jsonPath":".spec.disable","description":"disable"}"#
+    status = "IpPoolStatus"
 )]
 #[serde(transparent)]
 pub struct SpiderIPPoolSpec(pub IpPoolSpec);
@@ -54,11 +51,7 @@ pub struct SpiderIPPoolSpec(pub IpPoolSpec);
     plural = "spidersubnets",
     shortname = "ss",
     category = "spiderpool",
-    status = "SubnetStatus",
-    printcolumn = r#"{"name":"VERSION","type":"string","jsonPath":".spec.ipVersion","description":"ipVersion"}"#,
-    printcolumn = r#"{"name":"SUBNET","type":"string","jsonPath":".spec.subnet","description":"subnet"}"#,
-    printcolumn = r#"{"name":"ALLOCATED-IP-COUNT","type":"integer","jsonPath":".status.allocatedIPCount","description":"allocatedIPCount"}"#,
-    printcolumn = r#"{"name":"TOTAL-IP-COUNT","type":"integer","jsonPath":".status.totalIPCount","description":"totalIPCount"}"#
+    status = "SubnetStatus"
 )]
 #[serde(transparent)]
 pub struct SpiderSubnetSpec(pub SubnetSpec);
@@ -195,8 +188,8 @@ pub struct SpiderIPBlockSpec {
 /// Every CRD this project installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut out = vec![
-        SpiderIPPool::crd(),
-        SpiderSubnet::crd(),
+        with_columns(SpiderIPPool::crd(), &IPPOOL_COLUMNS),
+        with_columns(SpiderSubnet::crd(), &SUBNET_COLUMNS),
         SpiderReservedIP::crd(),
         endpoint_crd(),
         SpiderIPBlock::crd(),
@@ -205,6 +198,26 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         fix_schema(crd);
     }
     out
+}
+
+/// Sets a CRD's printer columns from the table `spiderctl get` prints too (`NAME` is
+/// `kubectl`'s own).
+fn with_columns(mut crd: CustomResourceDefinition, columns: &[Column]) -> CustomResourceDefinition {
+    let printer: Vec<CustomResourceColumnDefinition> = columns
+        .iter()
+        .filter(|c| !c.json_path.is_empty())
+        .map(|c| CustomResourceColumnDefinition {
+            name: c.header.to_string(),
+            type_: c.kind.to_string(),
+            json_path: c.json_path.to_string(),
+            description: Some(c.description.to_string()),
+            ..Default::default()
+        })
+        .collect();
+    for v in &mut crd.spec.versions {
+        v.additional_printer_columns = Some(printer.clone());
+    }
+    crd
 }
 
 /// The CRDs as one multi-document YAML stream (what `spiderctl crd` prints and

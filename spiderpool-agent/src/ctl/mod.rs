@@ -1,6 +1,7 @@
-//! `spiderctl` subcommands that need no daemon: `validate` and `explain`.
+//! `spiderctl`'s subcommands: `validate` and `explain` need no daemon, `get` reads an agent or a
+//! store; [`table`] prints what they find as `kubectl get` would.
 //!
-//! Both read manifests (multi-document YAML, as `kubectl apply -f` takes them) and work on
+//! `validate` and `explain` read manifests (multi-document YAML, as `kubectl apply -f` takes them) and work on
 //! `spiderpool-core` directly, so an operator can check pools and predict pool selection before
 //! anything is applied to a cluster.
 
@@ -8,7 +9,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+pub mod table;
+
 use serde::Serialize;
+use spiderpool_core::api::{IPPOOL_COLUMNS, SUBNET_COLUMNS};
 use spiderpool_core::select::{self, CniDefaults, NicPlan, SelectionInput};
 use spiderpool_core::types::{Namespace, Node, Object, ObjectRef, Pod};
 use spiderpool_core::Families;
@@ -151,7 +155,7 @@ impl Explanation {
                 );
             }
         }
-        out.push_str(&spiderpool_core::table::render(&rows));
+        out.push_str(&table::render(&rows));
         out
     }
 }
@@ -427,25 +431,10 @@ pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, Strin
 
 /// Renders `get`'s rows as a `kubectl`-style table.
 pub fn render_get(what: GetWhat, rows: &serde_json::Value) -> String {
-    // (header, JSON field) per column.
-    let columns: &[(&str, &str)] = match what {
-        GetWhat::IpPools => &[
-            ("NAME", "name"),
-            ("VERSION", "version"),
-            ("SUBNET", "subnet"),
-            ("ALLOCATED-IP-COUNT", "allocatedIpCount"),
-            ("TOTAL-IP-COUNT", "totalIpCount"),
-            ("DEFAULT", "default"),
-            ("DISABLE", "disable"),
-        ],
-        GetWhat::Subnets => &[
-            ("NAME", "name"),
-            ("VERSION", "version"),
-            ("SUBNET", "subnet"),
-            ("ALLOCATED-IP-COUNT", "allocatedIpCount"),
-            ("TOTAL-IP-COUNT", "totalIpCount"),
-        ],
-        GetWhat::Endpoints => &[
+    let columns = match what {
+        GetWhat::IpPools => table::headers(&IPPOOL_COLUMNS),
+        GetWhat::Subnets => table::headers(&SUBNET_COLUMNS),
+        GetWhat::Endpoints => vec![
             ("POD", "pod"),
             ("NODE", "node"),
             ("INTERFACE", "interface"),
@@ -454,22 +443,7 @@ pub fn render_get(what: GetWhat, rows: &serde_json::Value) -> String {
             ("NETWORK", "network"),
         ],
     };
-    let cell = |v: &serde_json::Value, k: &str| match &v[k] {
-        serde_json::Value::String(x) if k == "pod" && x.is_empty() => {
-            format!("(container {})", v["containerId"].as_str().unwrap_or(""))
-        }
-        serde_json::Value::String(x) => x.clone(),
-        serde_json::Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    let mut table = vec![columns
-        .iter()
-        .map(|(h, _)| h.to_string())
-        .collect::<Vec<_>>()];
-    for r in rows.as_array().into_iter().flatten() {
-        table.push(columns.iter().map(|(_, k)| cell(r, k)).collect());
-    }
-    spiderpool_core::table::render_rows(&table)
+    table::of_columns(&columns, rows)
 }
 
 #[cfg(test)]

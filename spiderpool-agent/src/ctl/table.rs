@@ -1,4 +1,7 @@
-//! Plain aligned tables, as `kubectl get` prints them.
+//! Plain aligned tables, as `kubectl get` prints them (presentation: `spiderctl` and the
+//! examples).
+
+use spiderpool_core::api::{Column, PoolRow, IPPOOL_COLUMNS};
 
 /// Renders rows (the first is the header) with columns padded to their widest cell and separated
 /// by three spaces; trailing spaces are trimmed.
@@ -32,33 +35,38 @@ pub fn render_rows<R: AsRef<[String]>>(rows: &[R]) -> String {
     out
 }
 
+/// Rows of JSON objects as a table of `columns` (header, field).
+pub fn of_columns(columns: &[(&str, &str)], rows: &serde_json::Value) -> String {
+    let cell = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(x) if k == "pod" && x.is_empty() => {
+            format!("(container {})", v["containerId"].as_str().unwrap_or(""))
+        }
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let mut table = vec![columns
+        .iter()
+        .map(|(h, _)| h.to_string())
+        .collect::<Vec<_>>()];
+    for r in rows.as_array().into_iter().flatten() {
+        table.push(columns.iter().map(|(_, k)| cell(r, k)).collect());
+    }
+    render_rows(&table)
+}
+
+/// `(header, field)` of a column list.
+pub fn headers(columns: &[Column]) -> Vec<(&'static str, &'static str)> {
+    columns.iter().map(|c| (c.header, c.field)).collect()
+}
+
 /// `kubectl get spiderippool` as Spiderpool prints it:
 /// `NAME VERSION SUBNET ALLOCATED-IP-COUNT TOTAL-IP-COUNT DEFAULT DISABLE`.
-pub fn ippools(
-    pools: &crate::model::PoolSet,
-    allocated: &std::collections::BTreeMap<String, u64>,
-) -> String {
-    let mut rows = vec![[
-        "NAME".to_string(),
-        "VERSION".into(),
-        "SUBNET".into(),
-        "ALLOCATED-IP-COUNT".into(),
-        "TOTAL-IP-COUNT".into(),
-        "DEFAULT".into(),
-        "DISABLE".into(),
-    ]];
-    for p in pools.pools.values() {
-        rows.push([
-            p.name.clone(),
-            p.family.version().to_string(),
-            p.subnet.to_string(),
-            allocated.get(&p.name).copied().unwrap_or(0).to_string(),
-            p.total().count_i64().to_string(),
-            p.default.to_string(),
-            p.disable.to_string(),
-        ]);
-    }
-    render(&rows)
+pub fn ippools(rows: &[PoolRow]) -> String {
+    of_columns(
+        &headers(&IPPOOL_COLUMNS),
+        &serde_json::to_value(rows).unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
