@@ -1,12 +1,12 @@
-# The image the DaemonSet runs: the agent, spiderctl and the CNI plugin (copied to the host by the
-# DaemonSet's init container). Build: docker build -t spiderpool-rs:0.1.0 .
+# The image the DaemonSet and the controller Deployment run: the agent, spiderctl, the CNI plugin
+# (copied to the host by the DaemonSet's init container) and spiderpool-controller. Build: docker build -t spiderpool-rs:0.1.0 .
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p spiderpool-agent -p spiderpool-cni \
- && install -m 0755 target/release/spiderpool-agent target/release/spiderctl target/release/spiderpool /usr/local/bin/
+RUN cargo build --release --locked -p spiderpool-agent -p spiderpool-cni -p spiderpool-controller \
+ && install -m 0755 target/release/spiderpool-agent target/release/spiderctl target/release/spiderpool target/release/spiderpool-controller /usr/local/bin/
 
 FROM debian:bookworm-slim
-COPY --from=build /usr/local/bin/spiderpool-agent /usr/local/bin/spiderctl /usr/local/bin/spiderpool /usr/local/bin/
+COPY --from=build /usr/local/bin/spiderpool-agent /usr/local/bin/spiderctl /usr/local/bin/spiderpool /usr/local/bin/spiderpool-controller /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/spiderpool-agent"]

@@ -37,6 +37,8 @@ command -v kubectl >/dev/null 2>&1 || echo "!! kubectl missing: Kubernetes tests
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== structure (no file over 800 lines, no function over 100, no import cycle)"
+python3 scripts/check-structure.py
 echo "== cargo clippy (all targets, all features)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test (all crates, all features)"

@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "etcd"), allow(unused_imports))]
 //! Real processes against real stores:
 //! - the embedded store SIGKILLed in the middle of a stream of allocations, then reopened;
 //! - several OS processes allocating concurrently from one small pool through one real etcd;
