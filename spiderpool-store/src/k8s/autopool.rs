@@ -271,8 +271,8 @@ pub async fn write_ledger(
 }
 
 #[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 struct TotalOnly {
+    #[serde(rename = "totalIPCount")]
     total_ip_count: i64,
 }
 
@@ -564,4 +564,20 @@ pub async fn for_pod(
         labels: app.labels(),
         objects,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_use_spiderpools_field_names() {
+        let p = serde_json::to_value(TotalOnly { total_ip_count: 3 }).expect("json");
+        assert_eq!(p, serde_json::json!({"totalIPCount": 3}));
+        let v = serde_json::to_value(VersionOnly {
+            resource_version: Some("7"),
+        })
+        .expect("json");
+        assert_eq!(v, serde_json::json!({"resourceVersion": "7"}));
+    }
 }
