@@ -83,31 +83,36 @@ fn meta() -> kube::core::ObjectMeta {
 /// with `ca` as their `caBundle`.
 pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<(), String> {
     let pp = PatchParams::apply("spiderpool-controller").force();
+    // The two configurations differ only in their type, name and path.
+    macro_rules! webhook {
+        ($ty:ident, $name:expr, $path:expr) => {
+            $ty {
+                name: $name.into(),
+                client_config: client_config(ep, $path, ca),
+                rules: Some(rules()),
+                side_effects: "None".into(),
+                admission_review_versions: vec!["v1".into()],
+                failure_policy: Some("Fail".into()),
+                timeout_seconds: Some(5),
+                ..Default::default()
+            }
+        };
+    }
     let m = MutatingWebhookConfiguration {
         metadata: meta(),
-        webhooks: Some(vec![MutatingWebhook {
-            name: "mutate.spiderpool.spidernet.io".into(),
-            client_config: client_config(ep, "/mutate", ca),
-            rules: Some(rules()),
-            side_effects: "None".into(),
-            admission_review_versions: vec!["v1".into()],
-            failure_policy: Some("Fail".into()),
-            timeout_seconds: Some(5),
-            ..Default::default()
-        }]),
+        webhooks: Some(vec![webhook!(
+            MutatingWebhook,
+            "mutate.spiderpool.spidernet.io",
+            "/mutate"
+        )]),
     };
     let v = ValidatingWebhookConfiguration {
         metadata: meta(),
-        webhooks: Some(vec![ValidatingWebhook {
-            name: "validate.spiderpool.spidernet.io".into(),
-            client_config: client_config(ep, "/validate", ca),
-            rules: Some(rules()),
-            side_effects: "None".into(),
-            admission_review_versions: vec!["v1".into()],
-            failure_policy: Some("Fail".into()),
-            timeout_seconds: Some(5),
-            ..Default::default()
-        }]),
+        webhooks: Some(vec![webhook!(
+            ValidatingWebhook,
+            "validate.spiderpool.spidernet.io",
+            "/validate"
+        )]),
     };
     let mapi: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mapi.patch(CONFIG_NAME, &pp, &Patch::Apply(&m))

@@ -142,7 +142,7 @@ const fn col(
 }
 
 /// `kubectl get spiderippool` as Spiderpool prints it (and `spiderctl get ippools`).
-pub const IPPOOL_COLUMNS: [Column; 7] = [
+pub const IPPOOL_COLUMNS: &[Column] = &[
     col("NAME", "name", "", "string", "name"),
     col(
         "VERSION",
@@ -170,32 +170,9 @@ pub const IPPOOL_COLUMNS: [Column; 7] = [
     col("DISABLE", "disable", ".spec.disable", "boolean", "disable"),
 ];
 
-/// `kubectl get spidersubnet` as Spiderpool prints it (and `spiderctl get subnets`).
-pub const SUBNET_COLUMNS: [Column; 5] = [
-    col("NAME", "name", "", "string", "name"),
-    col(
-        "VERSION",
-        "version",
-        ".spec.ipVersion",
-        "string",
-        "ipVersion",
-    ),
-    col("SUBNET", "subnet", ".spec.subnet", "string", "subnet"),
-    col(
-        "ALLOCATED-IP-COUNT",
-        "allocatedIpCount",
-        ".status.allocatedIPCount",
-        "integer",
-        "allocatedIPCount",
-    ),
-    col(
-        "TOTAL-IP-COUNT",
-        "totalIpCount",
-        ".status.totalIPCount",
-        "integer",
-        "totalIPCount",
-    ),
-];
+/// `kubectl get spidersubnet` as Spiderpool prints it (and `spiderctl get subnets`): the pool
+/// table's first five columns.
+pub const SUBNET_COLUMNS: &[Column] = IPPOOL_COLUMNS.split_at(5).0;
 
 /// One row of `spiderctl get ippools` (the seed's columns).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -432,8 +432,8 @@ pub fn get(what: GetWhat, source: &GetSource) -> Result<serde_json::Value, Strin
 /// Renders `get`'s rows as a `kubectl`-style table.
 pub fn render_get(what: GetWhat, rows: &serde_json::Value) -> String {
     let columns = match what {
-        GetWhat::IpPools => table::headers(&IPPOOL_COLUMNS),
-        GetWhat::Subnets => table::headers(&SUBNET_COLUMNS),
+        GetWhat::IpPools => table::headers(IPPOOL_COLUMNS),
+        GetWhat::Subnets => table::headers(SUBNET_COLUMNS),
         GetWhat::Endpoints => vec![
             ("POD", "pod"),
             ("NODE", "node"),

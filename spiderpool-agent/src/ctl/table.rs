@@ -64,7 +64,7 @@ pub fn headers(columns: &[Column]) -> Vec<(&'static str, &'static str)> {
 /// `NAME VERSION SUBNET ALLOCATED-IP-COUNT TOTAL-IP-COUNT DEFAULT DISABLE`.
 pub fn ippools(rows: &[PoolRow]) -> String {
     of_columns(
-        &headers(&IPPOOL_COLUMNS),
+        &headers(IPPOOL_COLUMNS),
         &serde_json::to_value(rows).unwrap_or_default(),
     )
 }

@@ -188,8 +188,8 @@ pub struct SpiderIPBlockSpec {
 /// Every CRD this project installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut out = vec![
-        with_columns(SpiderIPPool::crd(), &IPPOOL_COLUMNS),
-        with_columns(SpiderSubnet::crd(), &SUBNET_COLUMNS),
+        with_columns(SpiderIPPool::crd(), IPPOOL_COLUMNS),
+        with_columns(SpiderSubnet::crd(), SUBNET_COLUMNS),
         SpiderReservedIP::crd(),
         endpoint_crd(),
         SpiderIPBlock::crd(),
