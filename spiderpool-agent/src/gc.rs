@@ -27,6 +27,11 @@ fn facts(pod: &Option<Pod>) -> PodFacts<'_> {
         None => PodFacts::Gone,
         Some(p) => PodFacts::Present {
             uid: p.metadata.uid.as_deref().unwrap_or(""),
+            mirror_of: p
+                .metadata
+                .annotations
+                .get(spiderpool_core::lifecycle::ANNO_CONFIG_MIRROR)
+                .map(String::as_str),
             phase: p.status.as_ref().and_then(|s| s.phase.as_deref()),
             deletion: p
                 .metadata
@@ -90,31 +95,7 @@ pub async fn round(
     // Records of nodes that are gone: only where every node's records are at hand (a store all
     // nodes share and this agent mirrors: kube).
     if store.mirrors_all_nodes() {
-        let all = store
-            .list(Filter::All)
-            .await
-            .map_err(|e| e.to_string())?
-            .leases;
-        let nodes: BTreeSet<&str> = all
-            .iter()
-            .map(|l| l.owner.node.as_str())
-            .filter(|n| *n != agent.node && !n.is_empty())
-            .collect();
-        let mut gone = BTreeSet::new();
-        for n in nodes {
-            match agent.view.node_exists_now(n).await {
-                Ok(false) => {
-                    gone.insert(n.to_string());
-                }
-                Ok(true) => {}
-                Err(e) => tracing::warn!(error = %e, "GC: node unreadable; its addresses are kept"),
-            }
-        }
-        for l in all {
-            if gone.contains(&l.owner.node) {
-                verdicts.push((l, Some(Reason::NodeGone)));
-            }
-        }
+        verdicts.extend(node_gone(agent, &mut fresh, t, margin).await?);
     }
     let mut freed = Vec::new();
     for (lease, reason) in suspects.round(verdicts) {
@@ -137,6 +118,69 @@ pub async fn round(
         }
     }
     Ok(freed)
+}
+
+/// Verdicts for the records of other nodes whose Node object is gone (read twice, fresh).
+async fn node_gone(
+    agent: &Agent,
+    fresh: &mut BTreeMap<(String, String), Option<Pod>>,
+    t: u64,
+    margin: u64,
+) -> Result<Vec<(Lease, Option<Reason>)>, String> {
+    let store = agent.engine.store();
+    let mut out = Vec::new();
+    let all = store
+        .list(Filter::All)
+        .await
+        .map_err(|e| e.to_string())?
+        .leases;
+    let nodes: BTreeSet<&str> = all
+        .iter()
+        .map(|l| l.owner.node.as_str())
+        .filter(|n| *n != agent.node && !n.is_empty())
+        .collect();
+    let mut gone = BTreeSet::new();
+    for n in nodes {
+        match agent.view.node_exists_now(n).await {
+            Ok(false) => {
+                gone.insert(n.to_string());
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!(error = %e, "GC: node unreadable; its addresses are kept"),
+        }
+    }
+    for l in all {
+        if !gone.contains(&l.owner.node) {
+            continue;
+        }
+        // A Node object can be deleted while its pods still run (maintenance, a cloud
+        // controller during a partition): only a record whose pod is also gone or finished,
+        // read fresh, is freed for it.
+        let key = (l.owner.pod_namespace.clone(), l.owner.pod_name.clone());
+        if !fresh.contains_key(&key) {
+            match agent.view.pod_now(&key.0, &key.1).await {
+                Ok(p) => {
+                    fresh.insert(key.clone(), p);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "GC: pod of a gone node unreadable; kept");
+                    continue;
+                }
+            }
+        }
+        let pod_done = match fresh.get(&key) {
+            Some(None) => true,
+            Some(Some(p)) => matches!(
+                judge(&l, facts(&Some(p.clone())), t, margin),
+                Some(Reason::PodFinished | Reason::PodReplaced)
+            ),
+            None => false,
+        };
+        if pod_done && !l.owner.pod_namespace.is_empty() {
+            out.push((l, Some(Reason::NodeGone)));
+        }
+    }
+    Ok(out)
 }
 
 /// Runs [`round`] every `every` until `stop` changes (only for views that track pods).

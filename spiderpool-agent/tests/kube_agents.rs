@@ -290,14 +290,20 @@ spec: {subnet: "fd00:30::/64", ips: ["fd00:30::10-fd00:30::20"]}
 }
 
 /// Pod-lifecycle GC frees the addresses of pods that are gone, finished, terminating past grace
-/// plus margin, replaced by a pod with another UID, and of a node that is gone; never a live
-/// pod's.
+/// plus margin, replaced by a pod with another UID, and of a node that is gone once its pod is
+/// gone too; never a live pod's: not a static pod's (the kubelet's UID is in its mirror pod's
+/// `kubernetes.io/config.mirror` annotation), not a running pod's whose Node object was deleted.
 #[test]
 fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     let Some(lab) = lab() else { return };
     let s = &lab.server;
     let ghost = "apiVersion: v1\nkind: Node\nmetadata: {name: ghost-node, labels: {node-subnet: subnet-6}}\n";
     let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], ghost);
+    assert!(ok, "{err}");
+    // A static pod as the API server has it: the mirror pod, with its own metadata.uid and the
+    // kubelet's UID (the config hash, what the kubelet passes in K8S_POD_UID) in an annotation.
+    let mirror = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: gc-static\n  namespace: default\n  annotations:\n    kubernetes.io/config.mirror: static-config-hash\n    ipam.spidernet.io/ippool: '{\"ipv4\": [\"test-ippool-6\"]}'\nspec:\n  nodeName: controller-node-1\n  containers: [{name: app, image: busybox}]\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], mirror);
     assert!(ok, "{err}");
     for (name, node) in [
         ("gc-live", "controller-node-1"),
@@ -358,11 +364,11 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
         &agent_args("controller-node-1"),
     );
     let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
-    for name in ["gc-live", "gc-gone", "gc-done", "gc-term", "gc-repl"] {
-        let u = if name == "gc-repl" {
-            "an-older-pod".to_string()
-        } else {
-            uid(name)
+    for name in ["gc-live", "gc-gone", "gc-done", "gc-term", "gc-repl", "gc-static"] {
+        let u = match name {
+            "gc-repl" => "an-older-pod".to_string(),
+            "gc-static" => "static-config-hash".to_string(),
+            _ => uid(name),
         };
         let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID={u}");
         let add = cni(
@@ -371,7 +377,7 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
         );
         assert_eq!(add.code(), 0, "{name}: {}\n{}", add.stdout, a.log_text());
     }
-    assert_eq!(holders(s).len(), 6);
+    assert_eq!(holders(s).len(), 7);
     // Now make them dead, each its own way.
     let (ok, _, err) = s.kubectl(
         &["delete", "pod", "gc-gone", "--grace-period=0", "--force"],
@@ -405,10 +411,25 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     let (ok, _, err) = s.kubectl(&["delete", "node", "ghost-node"], "");
     assert!(ok, "{err}");
 
+    let kept = ["c-gc-live", "c-gc-static", "c-ghost"];
     wait_for(
         "GC left",
         Duration::from_secs(30),
-        || holders(s) == ["c-gc-live"],
+        || holders(s) == kept,
+        &|| format!("{:?}\n{}", holders(s), a.log_text()),
+    );
+    // The ghost node's pod still exists: its address stays through more rounds.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(holders(s), kept, "{}", a.log_text());
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "gc-ghost", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_for(
+        "the gone node's record freed once its pod is gone",
+        Duration::from_secs(30),
+        || holders(s) == ["c-gc-live", "c-gc-static"],
         &|| format!("{:?}\n{}", holders(s), a.log_text()),
     );
     let log = a.log_text();
@@ -421,9 +442,9 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     ] {
         assert!(log.contains(reason), "no GC for {reason}:\n{log}");
     }
-    // The live pod keeps its address through more rounds.
+    // The live pod and the static pod keep their addresses through more rounds.
     std::thread::sleep(Duration::from_millis(2000));
-    assert_eq!(holders(s), ["c-gc-live"]);
+    assert_eq!(holders(s), ["c-gc-live", "c-gc-static"]);
 }
 
 fn deploy(name: &str) -> String {

@@ -19,12 +19,19 @@ pub enum PodFacts<'a> {
     Present {
         /// Its UID.
         uid: &'a str,
+        /// For a static pod's mirror pod, the `kubernetes.io/config.mirror` annotation: the
+        /// kubelet's own UID of the static pod (the config hash), which the kubelet passes in
+        /// `K8S_POD_UID` and the record holds, while `metadata.uid` is the mirror's.
+        mirror_of: Option<&'a str>,
         /// `status.phase`.
         phase: Option<&'a str>,
         /// `metadata.deletionTimestamp` in seconds since the epoch: when the grace period ends.
         deletion: Option<u64>,
     },
 }
+
+/// The annotation a static pod's mirror pod carries: the static pod's UID as the kubelet knows it.
+pub const ANNO_CONFIG_MIRROR: &str = "kubernetes.io/config.mirror";
 
 /// Why a record is freed (the `reason` label of the GC metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,10 +72,13 @@ pub fn judge(lease: &Lease, pod: PodFacts<'_>, now: u64, margin: u64) -> Option<
         PodFacts::Gone => Some(Reason::PodGone),
         PodFacts::Present {
             uid,
+            mirror_of,
             phase,
             deletion,
         } => {
-            if !lease.owner.pod_uid.is_empty() && !uid.is_empty() && uid != lease.owner.pod_uid {
+            let recorded = lease.owner.pod_uid.as_str();
+            let same = uid == recorded || mirror_of == Some(recorded);
+            if !recorded.is_empty() && !uid.is_empty() && !same {
                 return Some(Reason::PodReplaced);
             }
             if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -157,13 +167,31 @@ mod tests {
         let l = lease("10.0.0.1", "u1");
         let live = PodFacts::Present {
             uid: "u1",
+            mirror_of: None,
             phase: Some("Running"),
             deletion: None,
         };
         assert_eq!(judge(&l, live, 100, 30), None);
+        // A static pod: the record holds the kubelet's UID (the config hash), the mirror pod
+        // another metadata.uid and the hash in its annotation: the same pod, kept.
+        let mirror = PodFacts::Present {
+            uid: "mirror-uid",
+            mirror_of: Some("u1"),
+            phase: Some("Running"),
+            deletion: None,
+        };
+        assert_eq!(judge(&l, mirror, 100, 30), None);
+        let other_mirror = PodFacts::Present {
+            uid: "mirror-uid",
+            mirror_of: Some("another-hash"),
+            phase: Some("Running"),
+            deletion: None,
+        };
+        assert_eq!(judge(&l, other_mirror, 100, 30), Some(Reason::PodReplaced));
         assert_eq!(judge(&l, PodFacts::Gone, 100, 30), Some(Reason::PodGone));
         let replaced = PodFacts::Present {
             uid: "u2",
+            mirror_of: None,
             phase: Some("Running"),
             deletion: None,
         };
@@ -171,6 +199,7 @@ mod tests {
         for phase in ["Succeeded", "Failed"] {
             let done = PodFacts::Present {
                 uid: "u1",
+                mirror_of: None,
                 phase: Some(phase),
                 deletion: None,
             };
@@ -178,6 +207,7 @@ mod tests {
         }
         let terminating = |deletion| PodFacts::Present {
             uid: "u1",
+            mirror_of: None,
             phase: Some("Running"),
             deletion: Some(deletion),
         };
