@@ -452,6 +452,18 @@ fn socket_is_private_and_manifests_reload_keeping_the_last_good_view() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    // The socket was bound in a private directory and moved into place; nothing is left of it.
+    let dir = lab.agent.socket.parent().expect("socket dir");
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".spiderpool-agent-bind")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let conf = lab.conf("1.0.0", "n", json!({"default_ipv4_ippool": ["late"]}));
     let before = cni(&env_for("ADD", "r1", "eth0", "IgnoreUnknown=1"), &conf);
     assert_eq!(before.code(), 100, "{}", before.stdout);

@@ -364,7 +364,14 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
         &agent_args("controller-node-1"),
     );
     let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
-    for name in ["gc-live", "gc-gone", "gc-done", "gc-term", "gc-repl", "gc-static"] {
+    for name in [
+        "gc-live",
+        "gc-gone",
+        "gc-done",
+        "gc-term",
+        "gc-repl",
+        "gc-static",
+    ] {
         let u = match name {
             "gc-repl" => "an-older-pod".to_string(),
             "gc-static" => "static-config-hash".to_string(),
@@ -820,6 +827,27 @@ metadata: {name: controller-node-2, labels: {node-subnet: subnet-6}}
     let (ok, _, err) = lab.server.kubectl(&["apply", "-f", "-"], burst);
     assert!(ok, "{err}");
     let nodes = ["controller-node-1", "worker-node-1", "controller-node-2"];
+    // Every pod the runtime will ADD exists in the API server first (Kubernetes mode refuses
+    // an ADD for a pod it cannot read).
+    let mut pods = String::new();
+    let mut pod_on = |name: &str, node: &str| {
+        pods.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec: {{nodeName: {node}, containers: [{{name: app, image: busybox}}]}}\n"
+        ));
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        for w in 0..3 {
+            for k in 0..10 {
+                pod_on(&format!("burst-{i}-{w}-{k}"), node);
+            }
+        }
+        for k in 0..10 {
+            pod_on(&format!("again-{i}-{k}"), node);
+        }
+    }
+    pod_on("during-outage", nodes[1]);
+    let (ok, _, err) = lab.server.kubectl(&["apply", "-f", "-"], &pods);
+    assert!(ok, "{err}");
     let mut agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
     let socks: Vec<String> = agents.iter().map(|a| a.sock()).collect();
     let add = |sock: &str, c: &str| {
@@ -1021,4 +1049,68 @@ fn a_recreated_pod_never_shares_or_loses_an_address() {
         conf.to_string().as_bytes(),
     );
     assert_eq!(replay.ip(), second.ip());
+}
+
+/// What a record says about its pod, through the full path: when the runtime passes no
+/// `K8S_POD_UID`, the record holds the UID of the pod the agent read (so "pod replaced" can be
+/// told later); an ADD for a pod the API server does not have is refused with a retryable error
+/// (code 11) naming it, and nothing is allocated.
+#[test]
+fn records_name_the_pod_read_and_a_missing_pod_is_refused() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("uid-less", "controller-node-1"));
+    assert!(ok, "{err}");
+    let (ok, uid, err) = s.kubectl(
+        &["get", "pod", "uid-less", "-o", "jsonpath={.metadata.uid}"],
+        "",
+    );
+    assert!(ok && !uid.is_empty(), "{err}");
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let add = cni(
+        &env_for(
+            "ADD",
+            "c-uid-less",
+            "eth0",
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=uid-less",
+        ),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(add.code(), 0, "{}\n{}", add.stdout, a.log_text());
+    let (ok, out, err) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let uids: Vec<String> = v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .flat_map(|b| {
+            b["spec"]["allocations"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter(|r| r["containerID"] == "c-uid-less")
+                .map(|r| r["podUid"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(uids, [uid.clone()], "{out}");
+
+    let missing = cni(
+        &env_for(
+            "ADD",
+            "c-missing",
+            "eth0",
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=not-created;K8S_POD_UID=u-x",
+        ),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(missing.code(), 11, "{}", missing.stdout);
+    assert!(
+        missing.stdout.contains("default/not-created") && missing.stdout.contains("does not exist"),
+        "{}",
+        missing.stdout
+    );
+    assert_eq!(holders(s), ["c-uid-less"]);
 }

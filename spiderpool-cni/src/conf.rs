@@ -191,6 +191,33 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
+/// The directories `ipam.log_file_path` may name a file in: Spiderpool's (`/var/log/spidernet`)
+/// and ours. The plugin runs as root and the path comes from a network configuration, which
+/// anyone who may write a NetworkAttachmentDefinition controls: it must not name any file.
+pub const LOG_DIRS: [&str; 2] = ["/var/log/spidernet", "/var/log/spiderpool"];
+
+/// Checks `ipam.log_file_path`: an absolute path of a file directly or below one of
+/// [`LOG_DIRS`], without `.` or `..` components.
+pub fn log_path(p: &str) -> Result<String, String> {
+    use std::path::Path;
+    let path = Path::new(p);
+    let plain = p.starts_with('/')
+        && p.split('/')
+            .skip(1)
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    let inside = LOG_DIRS
+        .iter()
+        .any(|d| path.starts_with(d) && path != Path::new(d));
+    if plain && inside {
+        Ok(p.to_string())
+    } else {
+        Err(format!(
+            "ipam.log_file_path '{p}' must name a file under {} (an absolute path without '.' or '..')",
+            LOG_DIRS.join(" or ")
+        ))
+    }
+}
+
 /// `log_level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -282,7 +309,10 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         defaults: ipam.defaults,
         socket: ipam.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
         log_level,
-        log_file: ipam.log_file,
+        log_file: ipam
+            .log_file
+            .map(|f| log_path(&f).map_err(err))
+            .transpose()?,
         valid_attachments,
         cni_version,
     })

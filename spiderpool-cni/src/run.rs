@@ -288,24 +288,84 @@ impl Log {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
+        if let Ok(mut f) = open_log(std::path::Path::new(path)) {
             let _ = writeln!(
                 f,
-                "{secs} {level:?} pid={} {} {msg}",
+                "{secs} {level:?} pid={} {}",
                 std::process::id(),
-                self.prefix
+                escape(&format!("{} {msg}", self.prefix))
             );
         }
     }
 }
 
+/// Opens the log for appending: created with mode 0600, never through a symbolic link (the
+/// path is checked by `conf::log_path`; `O_NOFOLLOW` closes the last step of a link race).
+fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// One log line stays one line: control characters (a newline in a pool name from a pod
+/// annotation) are written escaped.
+fn escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_is_one_line_per_event_and_never_follows_a_link() {
+        assert_eq!(
+            escape("pool a\nfake line\u{1b}[31m"),
+            "pool a\\nfake line\\u{1b}[31m"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let real = dir.path().join("real");
+        std::fs::write(&real, "").expect("file");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("link");
+        assert!(open_log(&link).is_err(), "a symbolic link is refused");
+        let fresh = dir.path().join("cni.log");
+        open_log(&fresh).expect("created");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&fresh)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_log_path_stays_in_the_log_directories() {
+        assert!(crate::conf::log_path("/var/log/spidernet/spiderpool.log").is_ok());
+        assert!(crate::conf::log_path("/var/log/spiderpool/cni.log").is_ok());
+        for bad in [
+            "/etc/shadow",
+            "/var/log/spidernet/../../../etc/passwd",
+            "var/log/spidernet/x.log",
+            "/var/log/spidernet",
+            "/var/log/spidernet/./x",
+        ] {
+            let e = crate::conf::log_path(bad).expect_err(bad);
+            assert!(e.contains("ipam.log_file_path") && e.contains(bad), "{e}");
+        }
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -243,7 +243,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// the same path is an error.
 fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the socket directory {}", dir.display()))?;
@@ -258,11 +258,30 @@ fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    // Created with a umask that leaves only the owner, so there is no moment where others can
-    // connect; the explicit chmod documents the intent.
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding the socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    // Bound inside a fresh directory only the owner may enter (mode 0700), made 0600 there,
+    // then renamed into place: no moment where another user can connect, without touching the
+    // process umask (which needs unsafe code and is process-wide).
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let private = dir.join(format!(".spiderpool-agent-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let staged = private.join("sock");
+    let bound = tokio::net::UnixListener::bind(&staged)
+        .with_context(|| format!("binding the socket {}", path.display()));
+    let placed = bound.and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting mode 0600 on {}", staged.display()))?;
+        std::fs::rename(&staged, path)
+            .with_context(|| format!("moving the socket to {}", path.display()))?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    let listener = placed?;
     Ok(listener)
 }

@@ -34,11 +34,16 @@ struct PodContext {
 }
 
 impl PodContext {
-    async fn read(a: &Agent, req: &AddRequest, snap: &Snapshot) -> PodContext {
+    /// The pod the runtime names, as the view has it. In Kubernetes mode a pod the view has not
+    /// seen, or has under another UID than the runtime's (a pod recreated under its name), is
+    /// read fresh from the API server; one that does not exist there is refused, retryably (it
+    /// may be seconds old), as Spiderpool refuses it. The recorded UID is the runtime's, else the
+    /// pod's as read.
+    async fn read(a: &Agent, req: &AddRequest, snap: &Snapshot) -> Result<PodContext, ApiError> {
         let node = snap.nodes.get(&a.node).cloned();
         let Some(p) = &req.pod else {
             // No Kubernetes identity: only the CNI config's default pools apply.
-            return PodContext {
+            return Ok(PodContext {
                 namespace: String::new(),
                 name: req.attachment.container_id.clone(),
                 uid: String::new(),
@@ -46,24 +51,46 @@ impl PodContext {
                 ns: None,
                 node,
                 kubernetes: false,
-            };
+            });
         };
         let key = (p.namespace.clone(), p.name.clone());
-        // A pod the view has not seen yet is fetched once (a Kubernetes view); without it the
-        // pod is served as a pod without annotations or labels.
-        let pod = match snap.pods.get(&key) {
+        let cached = snap
+            .pods
+            .get(&key)
+            .filter(|c| p.uid.is_empty() || c.metadata.uid.as_deref().is_none_or(|u| u == p.uid));
+        let pod = match cached {
             Some(pod) => Some(pod.clone()),
+            None if a.view.tracks_pods() => match a.view.pod_now(&p.namespace, &p.name).await {
+                Ok(Some(pod)) => Some(pod),
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "pod {}/{} does not exist in the API server (yet): the agent reads a pod's annotations and labels before it chooses a pool; the runtime retries",
+                            p.namespace, p.name
+                        ),
+                    ))
+                }
+                Err(e) => return Err(ApiError::new(ErrorKind::Unavailable, e.to_string())),
+            },
             None => a.view.fetch_pod(&p.namespace, &p.name).await,
         };
-        PodContext {
+        let uid = if p.uid.is_empty() {
+            pod.as_ref()
+                .and_then(|x| x.metadata.uid.clone())
+                .unwrap_or_default()
+        } else {
+            p.uid.clone()
+        };
+        Ok(PodContext {
             namespace: p.namespace.clone(),
             name: p.name.clone(),
-            uid: p.uid.clone(),
+            uid,
             pod,
             ns: snap.namespaces.get(&p.namespace).cloned(),
             node,
             kubernetes: true,
-        }
+        })
     }
 
     fn owner(&self, kind: Option<&str>) -> Option<&str> {
@@ -93,7 +120,7 @@ async fn auto_pools(a: &Agent, ctx: &PodContext) -> Result<Option<AutoPools>, Ap
 /// ADD: the pod's addresses for the attachment.
 pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
     let snap = a.view.snapshot();
-    let ctx = PodContext::read(a, req, &snap).await;
+    let ctx = PodContext::read(a, req, &snap).await?;
     let auto = auto_pools(a, &ctx).await?;
     // Pools just made are in a newer snapshot.
     let snap = if auto.is_some() {
