@@ -1095,7 +1095,7 @@ fn records_name_the_pod_read_and_a_missing_pod_is_refused() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(uids, [uid.clone()], "{out}");
+    assert_eq!(uids, [uid], "{out}");
 
     let missing = cni(
         &env_for(
