@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use spiderpool_core::store::{Filter, Lease, LeaseStore};
 use spiderpool_core::types::{EndpointCurrent, EndpointIp, EndpointStatus, Route};
 use spiderpool_store::k8s::crd::SpiderEndpoint;
@@ -128,6 +128,41 @@ async fn upsert(
         .map(|_| ())
 }
 
+/// Deletes the pod's SpiderEndpoint if it is still this node's, conditional on the version read
+/// (a pod that moved has an endpoint its new node wrote: that one stays). Whether the endpoint
+/// is no longer this node's to remember.
+async fn delete_if_mine(client: &kube::Client, key: &Key, node: &str) -> bool {
+    let api: Api<SpiderEndpoint> = Api::namespaced(client.clone(), &key.0);
+    let pod = format!("{}/{}", key.0, key.1);
+    let current = match api.get_opt(&key.1).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return true,
+        Err(e) => {
+            tracing::warn!(pod = %pod, error = %e, "SpiderEndpoint not read; next time");
+            return false;
+        }
+    };
+    if current.status.as_ref().map(|s| s.current.node.as_str()) != Some(node) {
+        return true; // another node's now
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: current.metadata.resource_version.clone(),
+            uid: current.metadata.uid.clone(),
+        }),
+        ..Default::default()
+    };
+    match api.delete(&key.1, &dp).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 404 => true,
+        // Changed meanwhile (409): looked at again next round.
+        Err(e) => {
+            tracing::warn!(pod = %pod, error = %e, "SpiderEndpoint not deleted; next time");
+            false
+        }
+    }
+}
+
 /// Keeps this node's SpiderEndpoints in step with its records, every `every`, until `stop`.
 pub async fn run(
     agent: Arc<Agent>,
@@ -156,8 +191,12 @@ pub async fn run(
         let pods = match current(&agent).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "SpiderEndpoints: records unreadable");
-                BTreeMap::new()
+                // Unreadable records say nothing about which pods are gone: change nothing.
+                tracing::warn!(error = %e, "SpiderEndpoints: records unreadable; next time");
+                if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+                    return;
+                }
+                continue;
             }
         };
         for (key, leases) in &pods {
@@ -182,17 +221,8 @@ pub async fn run(
             .cloned()
             .collect();
         for key in gone {
-            let api: Api<SpiderEndpoint> = Api::namespaced(client.clone(), &key.0);
-            match api.delete(&key.1, &DeleteParams::default()).await {
-                Ok(_) => {
-                    written.remove(&key);
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    written.remove(&key);
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %format!("{}/{}", key.0, key.1), error = %e, "SpiderEndpoint not deleted; next time")
-                }
+            if delete_if_mine(&client, &key, &agent.node).await {
+                written.remove(&key);
             }
         }
         if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {

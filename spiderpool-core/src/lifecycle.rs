@@ -102,6 +102,12 @@ pub fn statefulset_ordinal(pod_name: &str) -> Option<(&str, i64)> {
     Some((base, ordinal.parse().ok()?))
 }
 
+/// Whether a StatefulSet with `replicas` and first ordinal `start` (`spec.ordinals.start`,
+/// default 0) wants the pod of `ordinal`: `start <= ordinal < start + replicas`.
+pub fn statefulset_wants_ordinal(ordinal: i64, start: i64, replicas: i64) -> bool {
+    ordinal >= start && ordinal < start.saturating_add(replicas.max(0))
+}
+
 /// Records judged dead in the previous round, by (address, container).
 #[derive(Debug, Default)]
 pub struct Suspects {
@@ -224,6 +230,19 @@ mod tests {
         // No UID recorded: a recreated pod is not told apart (it is live).
         let no_uid = lease("10.0.0.3", "");
         assert_eq!(judge(&no_uid, replaced, 100, 30), None);
+    }
+
+    #[test]
+    fn statefulset_ordinals_start_where_the_statefulset_says() {
+        assert!(statefulset_wants_ordinal(0, 0, 3));
+        assert!(statefulset_wants_ordinal(2, 0, 3));
+        assert!(!statefulset_wants_ordinal(3, 0, 3));
+        // spec.ordinals.start: 5 with 3 replicas serves web-5, web-6, web-7.
+        assert!(!statefulset_wants_ordinal(2, 5, 3));
+        assert!(statefulset_wants_ordinal(5, 5, 3));
+        assert!(statefulset_wants_ordinal(7, 5, 3));
+        assert!(!statefulset_wants_ordinal(8, 5, 3));
+        assert!(!statefulset_wants_ordinal(0, 0, 0));
     }
 
     #[test]

@@ -313,8 +313,17 @@ impl ClusterView for KubeView {
             Api::namespaced(self.pods.clone().into_client(), namespace);
         match api.get_opt(base).await {
             Ok(Some(sts)) => {
-                let replicas = sts.spec.and_then(|s| s.replicas).unwrap_or(1);
-                Ok(Some(ordinal < i64::from(replicas)))
+                let spec = sts.spec.as_ref();
+                let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+                let start = spec
+                    .and_then(|s| s.ordinals.as_ref())
+                    .and_then(|o| o.start)
+                    .unwrap_or(0);
+                Ok(Some(spiderpool_core::lifecycle::statefulset_wants_ordinal(
+                    ordinal,
+                    i64::from(start),
+                    i64::from(replicas),
+                )))
             }
             Ok(None) => Ok(None),
             Err(e) => Err(ViewError::Unavailable(format!(
