@@ -124,9 +124,9 @@ pub trait ClusterView: Send + Sync {
     }
 
     /// Whether a StatefulSet wants the pod `name` (`<statefulset>-<ordinal>`) in `namespace`:
-    /// `Some(true)` while the StatefulSet exists and wants the ordinal (`spec.ordinals.start` up to it plus `spec.replicas`)
-    /// (the pod keeps its address across restarts), `Some(false)` when it exists but was scaled
-    /// below the ordinal, `None` when there is no such StatefulSet (or the view knows none).
+    /// `Some(true)` while the StatefulSet exists and wants the ordinal (from `spec.ordinals.start`,
+    /// `spec.replicas` of them: the pod keeps its address across restarts), `Some(false)` when it
+    /// exists but was scaled below the ordinal, `None` when there is no such StatefulSet (or the view knows none).
     async fn statefulset_wants(
         &self,
         _namespace: &str,
