@@ -423,24 +423,36 @@ fn exhaustion_and_fifty_parallel_adds_into_a_pool_of_exactly_fifty() {
     );
 }
 
+/// While the agent restarts (SIGTERM, a DaemonSet rollout) STATUS is 50 and a DEL fails with 11,
+/// so the runtime retries it: the address is freed by that DEL once the agent is back, not left
+/// to GC by a DEL that "succeeded" against no agent.
 #[test]
-fn status_is_0_with_the_agent_and_50_without() {
+fn status_is_0_with_the_agent_and_50_without_and_del_waits_for_its_restart() {
     let mut lab = Lab::start("");
-    let conf = lab.conf("1.1.0", "n", json!({}));
+    let conf = lab.conf("1.1.0", "n", json!({"default_ipv4_ippool": ["test-ippool-7"]}));
     let up = cni(&[("CNI_COMMAND", "STATUS")], &conf);
     assert_eq!((up.status, up.stdout.as_str()), (0, ""));
+    let add = cni(&env_for("ADD", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
+    assert_eq!(add.code(), 0, "{}", add.stdout);
     assert_eq!(
         lab.agent.terminate().code(),
         Some(0),
         "SIGTERM exits cleanly"
     );
-    assert!(!lab.agent.socket.exists(), "socket removed on shutdown");
+    assert!(lab.agent.socket.exists(), "the socket stays for the next agent");
     let down = cni(&[("CNI_COMMAND", "STATUS")], &conf);
     assert_eq!(down.code(), 50, "{}", down.stdout);
     assert!(down.json["msg"]
         .as_str()
         .unwrap_or("")
         .contains("cannot serve ADD"));
+    let del = cni(&env_for("DEL", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
+    assert_eq!(del.code(), 11, "a DEL during the restart is retried: {}", del.stdout);
+    lab.agent.start_again();
+    let del = cni(&env_for("DEL", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
+    assert_eq!(del.code(), 0, "{}", del.stdout);
+    let eps = endpoints(&lab.agent.sock());
+    assert!(eps.is_empty(), "the retried DEL freed the address: {eps:?}");
 }
 
 #[test]

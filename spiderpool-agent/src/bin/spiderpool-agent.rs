@@ -234,7 +234,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     server::serve(agent, listener, shutdown_signal(stop_tx))
         .await
         .context("serving the API")?;
-    let _ = std::fs::remove_file(&args.socket);
+    // The socket file stays: an agent is installed on this node and will be back (a DaemonSet
+    // rollout), so a DEL meanwhile fails with code 11 and is retried, instead of "succeeding"
+    // without freeing anything. The next agent replaces the stale file.
     tracing::info!("stopped");
     Ok(())
 }
