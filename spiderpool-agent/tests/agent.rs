@@ -429,7 +429,11 @@ fn exhaustion_and_fifty_parallel_adds_into_a_pool_of_exactly_fifty() {
 #[test]
 fn status_is_0_with_the_agent_and_50_without_and_del_waits_for_its_restart() {
     let mut lab = Lab::start("");
-    let conf = lab.conf("1.1.0", "n", json!({"default_ipv4_ippool": ["test-ippool-7"]}));
+    let conf = lab.conf(
+        "1.1.0",
+        "n",
+        json!({"default_ipv4_ippool": ["test-ippool-7"]}),
+    );
     let up = cni(&[("CNI_COMMAND", "STATUS")], &conf);
     assert_eq!((up.status, up.stdout.as_str()), (0, ""));
     let add = cni(&env_for("ADD", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
@@ -439,7 +443,10 @@ fn status_is_0_with_the_agent_and_50_without_and_del_waits_for_its_restart() {
         Some(0),
         "SIGTERM exits cleanly"
     );
-    assert!(lab.agent.socket.exists(), "the socket stays for the next agent");
+    assert!(
+        lab.agent.socket.exists(),
+        "the socket stays for the next agent"
+    );
     let down = cni(&[("CNI_COMMAND", "STATUS")], &conf);
     assert_eq!(down.code(), 50, "{}", down.stdout);
     assert!(down.json["msg"]
@@ -447,7 +454,12 @@ fn status_is_0_with_the_agent_and_50_without_and_del_waits_for_its_restart() {
         .unwrap_or("")
         .contains("cannot serve ADD"));
     let del = cni(&env_for("DEL", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
-    assert_eq!(del.code(), 11, "a DEL during the restart is retried: {}", del.stdout);
+    assert_eq!(
+        del.code(),
+        11,
+        "a DEL during the restart is retried: {}",
+        del.stdout
+    );
     lab.agent.start_again();
     let del = cni(&env_for("DEL", "rollout", "eth0", "IgnoreUnknown=1"), &conf);
     assert_eq!(del.code(), 0, "{}", del.stdout);
@@ -516,32 +528,50 @@ fn socket_is_private_and_manifests_reload_keeping_the_last_good_view() {
 fn kill_9_during_a_burst_loses_nothing_acknowledged() {
     let mut lab = Lab::start("kind: SpiderIPPool\nmetadata: {name: big}\nspec: {subnet: 10.50.0.0/16, ips: [10.50.0.1-10.50.3.255]}\n");
     let conf = lab.conf("1.0.0", "n", json!({"default_ipv4_ippool": ["big"]}));
+    // Bounded by count, not time: 4 workers of at most 200 ADDs never fill the 1,023 addresses,
+    // and the kill comes once 40 are answered, however fast the machine.
+    const PER_WORKER: usize = 200;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
         .map(|w| {
-            let (conf, stop) = (conf.clone(), stop.clone());
+            let (conf, stop, answered) = (conf.clone(), stop.clone(), answered.clone());
             std::thread::spawn(move || {
                 let mut told = Vec::new();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for i in 0..PER_WORKER {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     let cid = format!("burst-{w}-{i}");
                     let out = cni(&env_for("ADD", &cid, "eth0", PLAIN_ARGS), &conf);
                     match out.status {
-                        0 => told.push((cid, out.ip())),
+                        0 => {
+                            told.push((cid, out.ip()));
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         11 => {} // the agent is down: the runtime would retry
                         _ => panic!("unexpected answer {}", out.stdout),
                     }
-                    i += 1;
                 }
                 told
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(700));
+    let wait_for_answers = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while answered.load(std::sync::atomic::Ordering::Relaxed) < n
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        answered.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let at_kill = wait_for_answers(40);
+    assert!(at_kill < 4 * PER_WORKER, "the burst ended before the kill");
     lab.agent.kill9();
     std::thread::sleep(Duration::from_millis(200));
     lab.agent.restart();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_answers(at_kill + 40);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let told: Vec<(String, String)> = workers
         .into_iter()
