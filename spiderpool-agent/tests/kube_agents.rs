@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::kube::{holders, lab, lab_with, pod, wait_counts, wait_for};
+use common::kube::{holders, lab, lab_with, pod, records, wait_counts, wait_for};
 use common::{cni, env_for, netconf, testdata, Agent};
 
 #[test]
@@ -221,20 +221,7 @@ spec: {subnet: "fd00:30::/64", ips: ["fd00:30::10-fd00:30::20"]}
         first.stdout
     );
     // What the dead writer left: one record (the IPv4 block was written first).
-    let (ok, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
-    assert!(ok);
-    let blocks: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let held: Vec<String> = blocks["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .flat_map(|b| {
-            b["spec"]["allocations"]
-                .as_object()
-                .map(|m| m.keys().cloned().collect::<Vec<_>>())
-                .unwrap_or_default()
-        })
-        .collect();
+    let held: Vec<String> = records(s).into_iter().map(|(ip, _)| ip).collect();
     assert_eq!(held.len(), 1, "one record after the crash: {held:?}");
     assert!(held[0].starts_with("10.30.0."), "{held:?}");
     agent.kill9();
@@ -1078,24 +1065,12 @@ fn records_name_the_pod_read_and_a_missing_pod_is_refused() {
         conf.to_string().as_bytes(),
     );
     assert_eq!(add.code(), 0, "{}\n{}", add.stdout, a.log_text());
-    let (ok, out, err) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let uids: Vec<String> = v["items"]
-        .as_array()
-        .expect("items")
+    let uids: Vec<String> = records(s)
         .iter()
-        .flat_map(|b| {
-            b["spec"]["allocations"]
-                .as_object()
-                .into_iter()
-                .flat_map(|m| m.values())
-                .filter(|r| r["containerID"] == "c-uid-less")
-                .map(|r| r["podUid"].as_str().unwrap_or_default().to_string())
-                .collect::<Vec<_>>()
-        })
+        .filter(|(_, r)| r["containerID"] == "c-uid-less")
+        .map(|(_, r)| r["podUid"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(uids, [uid], "{out}");
+    assert_eq!(uids, [uid]);
 
     let missing = cni(
         &env_for(

@@ -127,11 +127,12 @@ impl Lab {
 }
 
 /// Containers that hold a record in the API server.
-pub fn holders(s: &KubeServer) -> Vec<String> {
+/// Every allocation record in the SpiderIPBlocks, as (address, record).
+pub fn records(s: &KubeServer) -> Vec<(String, serde_json::Value)> {
     let (ok, out, err) = s.kubectl(&["get", "spideripblocks", "-o", "json"], "");
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    let mut c: Vec<String> = v["items"]
+    v["items"]
         .as_array()
         .expect("items")
         .iter()
@@ -139,12 +140,20 @@ pub fn holders(s: &KubeServer) -> Vec<String> {
             b["spec"]["allocations"]
                 .as_object()
                 .map(|m| {
-                    m.values()
-                        .filter_map(|r| r["containerID"].as_str().map(str::to_string))
+                    m.iter()
+                        .map(|(ip, r)| (ip.clone(), r.clone()))
                         .collect::<Vec<_>>()
                 })
                 .unwrap_or_default()
         })
+        .collect()
+}
+
+/// The containers holding records, sorted.
+pub fn holders(s: &KubeServer) -> Vec<String> {
+    let mut c: Vec<String> = records(s)
+        .iter()
+        .filter_map(|(_, r)| r["containerID"].as_str().map(str::to_string))
         .collect();
     c.sort();
     c
