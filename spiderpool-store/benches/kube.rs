@@ -69,6 +69,7 @@ async fn ours(s: &KubeServer, agents: usize) -> Row {
         let opts = KubeStoreOptions {
             server: s.url(),
             status_interval: Some(Duration::from_secs(1)),
+            ..Default::default()
         };
         let store = KubeStore::connect(client(s).await, opts)
             .await

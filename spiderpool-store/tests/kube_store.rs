@@ -27,6 +27,7 @@ fn opts(s: &KubeServer) -> KubeStoreOptions {
     KubeStoreOptions {
         server: s.url(),
         status_interval: None,
+        ..Default::default()
     }
 }
 
@@ -196,5 +197,119 @@ async fn a_pool_of_65000_allocations() {
     assert!(
         v["status"].get("allocatedIPs").is_none(),
         "allocatedIPs written for 65,000 records"
+    );
+}
+
+/// A TCP relay to the API server that can stop relaying without closing anything: what a
+/// silently dropped connection (a firewall, a dead NAT entry, a partitioned node) looks like.
+struct BlackHole {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHole {
+    async fn start(upstream: std::net::SocketAddr) -> BlackHole {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(dr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(uw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(ur) as _, Box::new(dw) as _),
+                ] {
+                    let f = f.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = r.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            // Frozen: hold the bytes forever, close nothing.
+                            while f.load(Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackHole { port, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Nothing waits forever: when the connection to the API server silently stops answering, a
+/// write gives up within the store's deadline with a retryable error naming the server (the
+/// plugin's code 11), instead of hanging the block's queue for the kernel's TCP timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_api_server_costs_a_deadline_not_a_hang() {
+    use spiderpool_core::conformance::lease;
+    use spiderpool_core::store::{LeaseStore, Txn};
+    let Some(s) = server() else { return };
+    let port: u16 = s
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let hole = BlackHole::start(upstream).await;
+    let kc = kube::config::Kubeconfig::read_from(s.kubeconfig()).expect("kubeconfig");
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("config");
+    cfg.cluster_url = format!("https://127.0.0.1:{}/", hole.port)
+        .parse()
+        .expect("proxy url");
+    cfg.default_retry = false;
+    let client = kube::Client::try_from(cfg).expect("client");
+    let (ok, _, err) = s.kubectl(&["delete", "spideripblocks", "--all", "--wait=true"], "");
+    assert!(ok, "{err}");
+    let opts = KubeStoreOptions {
+        request_timeout: Duration::from_secs(2),
+        write_deadline: Duration::from_secs(5),
+        ..opts(&s)
+    };
+    let store = KubeStore::connect(client, opts).await.expect("connect");
+    hole.freeze();
+    let t0 = std::time::Instant::now();
+    let txn = Txn {
+        claims: vec![lease("10.60.0.1", "p", "c1", "eth0", "node-1")],
+        releases: Vec::new(),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), store.commit(txn))
+        .await
+        .expect("the write gave up by itself, within a minute");
+    let e = out.expect_err("nothing answered");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("SpiderIPBlock"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "gave up after {:?}",
+        t0.elapsed()
     );
 }

@@ -24,6 +24,13 @@ pub async fn client(path: Option<&std::path::Path>) -> Result<(kube::Client, Str
             format!("no Kubernetes configuration (not in a pod, no $KUBECONFIG, no ~/.kube/config; pass --kubeconfig): {e}")
         })?,
     };
+    let mut cfg = cfg;
+    // One retry layer: the callers' own (the store's block writes, the next GC or reconcile
+    // round), not also kube's server-retry policy (15 tries, backoff up to 1,000 s). A peer that
+    // does not accept the connection costs 5 s. Per-request deadlines are the callers' (a read
+    // timeout here would also cut the long-lived watches).
+    cfg.default_retry = false;
+    cfg.connect_timeout = Some(std::time::Duration::from_secs(5));
     let server = cfg.cluster_url.to_string();
     let client = kube::Client::try_from(cfg).map_err(|e| format!("API server client: {e}"))?;
     Ok((client, server))

@@ -68,6 +68,12 @@ pub struct KubeStoreOptions {
     /// How often pool statuses are brought up to date (`None`: never, for tools and tests that
     /// only read).
     pub status_interval: Option<Duration>,
+    /// The longest one request to the API server may take: a connection that silently stops
+    /// answering costs this, not the kernel's TCP timeout (about 15 minutes).
+    pub request_timeout: Duration,
+    /// The longest one block write may take, retries included; well below the CNI plugin's
+    /// 60 s, so an ADD answers "unavailable, try again" (code 11) instead of timing out.
+    pub write_deadline: Duration,
 }
 
 impl Default for KubeStoreOptions {
@@ -75,6 +81,8 @@ impl Default for KubeStoreOptions {
         KubeStoreOptions {
             server: "the API server".into(),
             status_interval: Some(Duration::from_secs(1)),
+            request_timeout: Duration::from_secs(10),
+            write_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -250,6 +258,20 @@ impl Mirror {
     }
 }
 
+/// A call to the API server that gives up after `limit` (a retryable error, as a refused
+/// connection is).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer within {} ms", limit.as_millis()).into(),
+        )),
+    }
+}
+
 fn api_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
@@ -329,9 +351,7 @@ impl Inner {
         let mut mirror = Mirror::default();
         let mut lp = ListParams::default().limit(500);
         let list_rv = loop {
-            let page = self
-                .blocks
-                .list(&lp)
+            let page = within(self.opts.request_timeout, self.blocks.list(&lp))
                 .await
                 .map_err(|e| self.unavailable("listing SpiderIPBlocks", e))?;
             for o in &page.items {
@@ -367,7 +387,7 @@ impl Inner {
 
     /// Reads one block from the server into the mirror (after a refused write).
     async fn refresh(&self, name: &str) -> Result<(), StoreError> {
-        match self.blocks.get_opt(name).await {
+        match within(self.opts.request_timeout, self.blocks.get_opt(name)).await {
             Ok(Some(o)) => self.lock().absorb(&o),
             Ok(None) => {
                 let rv = self.lock().table.revision();
@@ -387,7 +407,18 @@ impl Inner {
         base: IpAddr,
         mut edit: impl FnMut(&mut BTreeMap<String, BlockRecord>) -> Result<T, Vec<Conflict>>,
     ) -> Result<Result<(u64, T), Vec<Conflict>>, StoreError> {
+        let started = std::time::Instant::now();
         for attempt in 0..WRITE_ATTEMPTS {
+            if started.elapsed() > self.opts.write_deadline {
+                return Err(StoreError::unavailable(
+                    format!(
+                        "writing SpiderIPBlock {name} at {}: no success within {} s",
+                        self.opts.server,
+                        self.opts.write_deadline.as_secs()
+                    ),
+                    "deadline",
+                ));
+            }
             let current = {
                 let m = self.lock();
                 m.blocks.get(name).map(|(rv, ips)| {
@@ -415,13 +446,16 @@ impl Inner {
                 },
             );
             self.writes.fetch_add(1, Ordering::Relaxed);
+            let limit = self.opts.request_timeout;
             let res = if rv == 0 {
-                self.blocks.create(&PostParams::default(), &obj).await
+                within(limit, self.blocks.create(&PostParams::default(), &obj)).await
             } else {
                 obj.metadata.resource_version = Some(rv.to_string());
-                self.blocks
-                    .replace(name, &PostParams::default(), &obj)
-                    .await
+                within(
+                    limit,
+                    self.blocks.replace(name, &PostParams::default(), &obj),
+                )
+                .await
             };
             match res {
                 Ok(o) => {

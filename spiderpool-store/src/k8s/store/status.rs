@@ -12,7 +12,7 @@ use serde::Serialize;
 use spiderpool_core::store::{Filter, Lease};
 use spiderpool_core::types::IpPoolStatus;
 
-use super::{api_code, Inner, ALLOCATED_IPS_LIMIT};
+use super::{api_code, within, Inner, ALLOCATED_IPS_LIMIT};
 use crate::k8s::crd::{SpiderIPPool, FINALIZER};
 use spiderpool_core::store::StoreError;
 
@@ -62,9 +62,8 @@ impl Inner {
     /// `ipVersion`) while it exists, the finalizer gone once it is deleted and empty, the
     /// status (counts, `allocatedIPs`) written forward only. `Ok(false)`: refused (409), retry.
     pub(super) async fn project(&self, pool: &str) -> Result<bool, StoreError> {
-        let Some(obj) = self
-            .pools
-            .get_opt(pool)
+        let limit = self.opts.request_timeout;
+        let Some(obj) = within(limit, self.pools.get_opt(pool))
             .await
             .map_err(|e| self.unavailable(&format!("reading SpiderIPPool {pool}"), e))?
         else {
@@ -131,11 +130,9 @@ impl Inner {
             },
             spec: inferred.map(|v| VersionSpec { ip_version: v }),
         };
-        match self
-            .pools
-            .patch(&pool, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let limit = self.opts.request_timeout;
+        let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+        match within(limit, self.pools.patch(&pool, &pp, &merge)).await {
             // The status write must name the version the finalizer made.
             Ok(o) => Ok(o.resource_version()),
             Err(e) if api_code(&e) == Some(409) => Err(()),
@@ -160,14 +157,13 @@ impl Inner {
             },
             spec: None,
         };
-        let _ = self
-            .pools
-            .patch(
-                &obj.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await;
+        let name = obj.name_any();
+        let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+        let _ = within(
+            self.opts.request_timeout,
+            self.pools.patch(&name, &pp, &merge),
+        )
+        .await;
     }
 
     async fn write_status_patch(
@@ -184,11 +180,9 @@ impl Inner {
         if status.allocated_ips.is_none() {
             patch["status"]["allocatedIPs"] = serde_json::Value::Null;
         }
-        match self
-            .pools
-            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+        let call = self.pools.patch_status(pool, &pp, &merge);
+        match within(self.opts.request_timeout, call).await {
             Ok(_) => Ok(true),
             Err(e) if api_code(&e) == Some(409) => Ok(false),
             Err(e) => {
