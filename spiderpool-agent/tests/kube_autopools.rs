@@ -729,3 +729,58 @@ fn concurrent_applications_never_share_and_the_controller_converges() {
     assert_eq!(again.code(), 0, "{}", again.stdout);
     assert_eq!(again.ip(), first.ip(), "db-0 keeps its address");
 }
+
+/// An application whose name is longer than a label value (63 characters) keeps its pool and
+/// every round of the reconcile succeeds: the reconcile finds the application by the pool's
+/// annotation, not by the cut label (it used to look for an application of the cut name, and
+/// every round failed).
+#[test]
+fn an_application_with_a_70_character_name_keeps_its_pool() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SUBNET_16);
+    assert!(ok, "{err}");
+    let name = format!("long-{}", "x".repeat(65));
+    assert_eq!(name.len(), 70);
+    let dep = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: long}}}}\n  template:\n    metadata:\n      labels: {{app: long}}\n      annotations:\n        ipam.spidernet.io/subnet: '{{\"ipv4\": [\"subnet-16\"]}}'\n    spec: {{containers: [{{name: app, image: busybox}}]}}\n"
+    );
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &dep);
+    assert!(ok, "{err}");
+    let c = ControllerProc::start(s, lab.dir.path(), "long");
+    let log = || c.log_text();
+    let pool_uid = || {
+        let (_, out, _) = s.kubectl(
+            &[
+                "get",
+                "sp",
+                "-l",
+                "ipam.spidernet.io/owner-spider-subnet",
+                "-o",
+                "jsonpath={.items[*].metadata.uid}",
+            ],
+            "",
+        );
+        out
+    };
+    wait_for(
+        "pool made ahead",
+        Duration::from_secs(15),
+        || !pool_uid().is_empty(),
+        &log,
+    );
+    let first = pool_uid();
+    assert!(!first.contains(' '), "one pool: {first}");
+    // Ten reconcile rounds later: the same pool, never reclaimed.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(pool_uid(), first, "{}", log());
+    let text = log();
+    for bad in [
+        "reclaimed=[\"auto4",
+        "reconcile failed",
+        "not followed",
+        "not made",
+    ] {
+        assert!(!text.contains(bad), "{bad}:\n{text}");
+    }
+}

@@ -223,7 +223,10 @@ impl Reconciler {
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
         {
-            follow_app(client, &pools_api, p, &mut report).await?;
+            // One pool that cannot be followed now does not stop the round for the others.
+            if let Err(e) = follow_app(client, &pools_api, p, &mut report).await {
+                tracing::warn!(pool = %p.name_any(), error = %e, "auto-pool not followed; next round");
+            }
         }
         make_ahead(client, &mut report).await?;
         let all_pools: Vec<SpiderIPPool> = pools_api
@@ -307,9 +310,21 @@ async fn follow_app(
 ) -> Result<(), String> {
     let name = p.metadata.name.clone().unwrap_or_default();
     let l = |k: &str| label(p, k).to_string();
-    let kind = l("ipam.spidernet.io/app-kind");
-    let ns = l("ipam.spidernet.io/app-namespace");
-    let app_name = l("ipam.spidernet.io/app-name");
+    // The application in full from the pool's annotation (labels are cut at 63 characters, so a
+    // longer name would not be found, and the pool reclaimed at once); labels for older pools.
+    let (kind, ns, app_name) = p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(autopool::ANNO_APPLICATION))
+        .and_then(|a| autopool::App::parse_application(a))
+        .unwrap_or_else(|| {
+            (
+                l("ipam.spidernet.io/app-kind"),
+                l("ipam.spidernet.io/app-namespace"),
+                l("ipam.spidernet.io/app-name"),
+            )
+        });
     let reclaim = l(LABEL_RECLAIM) != "false";
     let app = apply::fetch_app(client, &kind, &ns, &app_name).await?;
     let uid_label = l(LABEL_APP_UID);
@@ -383,10 +398,21 @@ async fn make_ahead(client: &kube::Client, report: &mut Report) -> Result<(), St
             continue;
         };
         for w in wants {
-            if apply::find_pool(client, &app, &w).await?.is_none() {
+            let made = async {
+                if apply::find_pool(client, &app, &w).await?.is_some() {
+                    return Ok(None);
+                }
                 let reclaim = autopool::reclaim(&app.annotations);
-                let p = apply::ensure_pool(client, &app, &w, desired, reclaim).await?;
-                report.grown.push(p.metadata.name.unwrap_or_default());
+                apply::ensure_pool(client, &app, &w, desired, reclaim)
+                    .await
+                    .map(Some)
+            };
+            match made.await {
+                Ok(Some(p)) => report.grown.push(p.metadata.name.unwrap_or_default()),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(app = %format!("{kind} {ns}/{name}"), error = %e, "auto-pool not made; next round")
+                }
             }
         }
     }

@@ -42,6 +42,9 @@ pub const LABEL_NIC: &str = "ipam.spidernet.io/interface";
 pub const LABEL_VERSION: &str = "ipam.spidernet.io/ip-version";
 /// Pool label: reclaim with the application.
 pub const LABEL_RECLAIM: &str = "ipam.spidernet.io/ippool-reclaim";
+/// Pool annotation: the application in full (`group_version_Kind_namespace_name`, Spiderpool's
+/// `application` string): labels hold at most 63 characters, names up to 253.
+pub const ANNO_APPLICATION: &str = "ipam.spidernet.io/application";
 /// Pool label: the application's uid.
 pub const LABEL_APP_UID: &str = "ipam.spidernet.io/app-uid";
 const LABEL_APP_GROUP: &str = "ipam.spidernet.io/app-api-group";
@@ -87,6 +90,17 @@ impl App {
             "{}_{}_{}_{}_{}",
             self.group, self.version, self.kind, self.namespace, self.name
         )
+    }
+
+    /// Kind, namespace and name from an [`App::application`] string.
+    pub fn parse_application(s: &str) -> Option<(String, String, String)> {
+        let parts: Vec<&str> = s.splitn(5, '_').collect();
+        match parts.as_slice() {
+            [_, _, kind, ns, name] if !kind.is_empty() && !ns.is_empty() && !name.is_empty() => {
+                Some((kind.to_string(), ns.to_string(), name.to_string()))
+            }
+            _ => None,
+        }
     }
 
     /// The labels that identify it (a pool's `podAffinity`; added to its pods' labels when the
@@ -359,6 +373,7 @@ pub fn pool_object(
         metadata: ObjectMeta {
             name: name.to_string(),
             labels: pool_labels(app, want, reclaim),
+            annotations: BTreeMap::from([(ANNO_APPLICATION.to_string(), app.application())]),
             ..Default::default()
         },
         spec: IpPoolSpec {
@@ -428,6 +443,11 @@ mod tests {
             "auto4-web-eth0-1b2c3"
         );
         assert_eq!(app().application(), "apps_v1_Deployment_default_Web");
+        assert_eq!(
+            App::parse_application("apps_v1_Deployment_default_Web"),
+            Some(("Deployment".into(), "default".into(), "Web".into()))
+        );
+        assert_eq!(App::parse_application("apps_v1_Deployment"), None);
         let a = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         assert_eq!(desired(&BTreeMap::new(), 3), Ok(4));
         assert_eq!(desired(&a(ANNO_IP_NUMBER, "+2"), 3), Ok(5));

@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde::Serialize;
 use spiderpool_core::autopool::{
     desired, parse_controlled, plan_pool, pool_labels, pool_name, pool_object, pool_selector,
-    reclaim, selection, wants, App, Controlled, PoolFacts, Want,
+    reclaim, selection, wants, App, Controlled, PoolFacts, Want, ANNO_APPLICATION,
 };
 use spiderpool_core::range::{IpFamily, IpSet};
 use spiderpool_core::select::{PoolsAnnotationEntry, ANNO_IPPOOL, ANNO_SUBNET};
@@ -364,6 +364,7 @@ struct GrowPatch<'a> {
 #[derive(Debug, Serialize)]
 struct GrowMeta<'a> {
     labels: &'a BTreeMap<String, String>,
+    annotations: BTreeMap<&'static str, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -493,7 +494,10 @@ async fn write_pool(
         Some(_) => {
             let labels = pool_labels(app, want, reclaim);
             let patch = GrowPatch {
-                metadata: GrowMeta { labels: &labels },
+                metadata: GrowMeta {
+                    labels: &labels,
+                    annotations: BTreeMap::from([(ANNO_APPLICATION, app.application())]),
+                },
                 spec: GrowSpec {
                     ips: ips.to_strings(),
                 },
