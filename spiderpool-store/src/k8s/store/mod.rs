@@ -36,9 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use spiderpool_core::store::{
     Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, Owner, PoolAddresses,
@@ -46,9 +44,11 @@ use spiderpool_core::store::{
 };
 
 mod status;
+mod watch;
 
 use super::crd::{BlockRecord, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool};
 use status::project_statuses;
+use watch::watch_blocks;
 
 /// Addresses per block object. Smaller blocks are cheaper writes for the API server (it decodes,
 /// stores and sends every watcher the whole object): 16 cost 6.5x less API server + etcd CPU per
@@ -760,47 +760,6 @@ async fn backoff(attempt: u32) {
         .unwrap_or(0);
     let ms = cap / 2 + (nanos ^ (nanos >> 7)) % (cap / 2 + 1);
     tokio::time::sleep(Duration::from_millis(ms)).await;
-}
-
-async fn watch_blocks(inner: std::sync::Weak<Inner>, api: Api<SpiderIPBlock>) {
-    use kube::runtime::WatchStreamExt;
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
-    futures::pin_mut!(stream);
-    let mut relisting: Option<BTreeSet<String>> = None;
-    while let Some(ev) = stream.next().await {
-        let Some(inner) = inner.upgrade() else { return };
-        match ev {
-            Ok(watcher::Event::Apply(o)) => inner.lock().absorb(&o),
-            Ok(watcher::Event::Delete(o)) => {
-                let rv = rv_of(&o);
-                inner.lock().forget(&o.name_any(), rv);
-            }
-            Ok(watcher::Event::Init) => relisting = Some(BTreeSet::new()),
-            Ok(watcher::Event::InitApply(o)) => {
-                if let Some(seen) = relisting.as_mut() {
-                    seen.insert(o.name_any());
-                }
-                inner.lock().absorb(&o);
-            }
-            Ok(watcher::Event::InitDone) => {
-                // A re-list after a broken watch (410 Gone): blocks deleted meanwhile go.
-                if let Some(seen) = relisting.take() {
-                    let mut m = inner.lock();
-                    let gone: Vec<String> = m
-                        .blocks
-                        .keys()
-                        .filter(|k| !seen.contains(*k))
-                        .cloned()
-                        .collect();
-                    let rv = m.table.revision();
-                    for g in gone {
-                        m.forget(&g, rv);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "SpiderIPBlock watch failed; retrying"),
-        }
-    }
 }
 
 #[async_trait::async_trait]
