@@ -48,6 +48,11 @@ struct Args {
     /// How often auto-pools are reconciled (by the leader), in milliseconds.
     #[arg(long, default_value_t = 2000)]
     reconcile_interval_ms: u64,
+    /// How long the leader's Lease holds, in seconds: another replica takes over this long after
+    /// it last saw the Lease change; the leader stops acting after two thirds of it without a
+    /// renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
     /// How often the certificate is checked for renewal, in seconds.
     #[arg(long, default_value_t = 3600)]
     renew_check_secs: u64,
@@ -139,6 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.namespace.clone(),
         identity,
         Duration::from_millis(args.reconcile_interval_ms.max(50)),
+        Duration::from_secs(args.lease_duration_secs.max(2)),
         stop_rx.clone(),
     ));
     tracing::info!(listen = %listen, server = %server, "serving the admission webhooks");

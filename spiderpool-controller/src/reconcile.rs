@@ -30,7 +30,7 @@ use spiderpool_core::range::{IpFamily, IpSet};
 use spiderpool_store::k8s::autopool as apply;
 use spiderpool_store::k8s::crd::{SpiderIPBlock, SpiderIPPool, SpiderSubnet, FINALIZER};
 
-use crate::leader::lead;
+use crate::leader::Elector;
 
 fn label<'a>(p: &'a SpiderIPPool, k: &str) -> &'a str {
     p.metadata
@@ -460,39 +460,57 @@ async fn release_finalizers(
     Ok(())
 }
 
-/// Leads (Lease) and reconciles every `every` until `stop`.
+/// Leads (the Lease `namespace/spiderpool-controller`, held `lease`) and reconciles every
+/// `every` until `stop`. A round runs only while this replica leads and is cut at the renew
+/// deadline, so a replica paused or partitioned in the middle of a round never acts after
+/// another has taken over.
 pub async fn run(
     client: kube::Client,
     namespace: String,
     identity: String,
     every: Duration,
+    lease: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut r = Reconciler::default();
+    let mut elector = Elector::new(
+        client.clone(),
+        &namespace,
+        "spiderpool-controller",
+        &identity,
+        lease,
+    );
     let mut leading = false;
     loop {
-        match lead(&client, &namespace, "spiderpool-controller", &identity, 15).await {
-            Ok(now) => {
-                if now != leading {
-                    tracing::info!(identity = %identity, leading = now, "leadership");
-                }
-                leading = now;
-            }
+        let now = match elector.try_acquire_or_renew().await {
+            Ok(now) => now,
             Err(e) => {
                 tracing::warn!(error = %e, "leader election failed");
-                leading = false;
+                false
             }
+        };
+        if now != leading {
+            tracing::info!(identity = %identity, leading = now, "leadership");
         }
+        leading = now;
         if leading {
-            match r.round(&client).await {
-                Ok(rep) if rep != Report::default() => {
+            match tokio::time::timeout(elector.remaining(), r.round(&client)).await {
+                Ok(Ok(rep)) if rep != Report::default() => {
                     tracing::info!(grown = ?rep.grown, shrunk = ?rep.shrunk, reclaimed = ?rep.reclaimed, "auto-pools reconciled")
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "auto-pool reconcile failed; next round"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "auto-pool reconcile failed; next round"),
+                Err(_) => tracing::warn!(
+                    "auto-pool reconcile cut at the lease's renew deadline; renewing first"
+                ),
             }
         }
-        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+        let pause = if leading {
+            every.min(elector.renew_deadline() / 3)
+        } else {
+            every.min(Duration::from_secs(2))
+        };
+        if !spiderpool_store::task::sleep_or_stop(pause, &mut stop).await {
             return;
         }
     }

@@ -1,0 +1,133 @@
+//! Leadership of the auto-pool reconcile against the real API server: another replica's Lease is
+//! judged by how long this one has seen it unchanged (client-go's observed time), never by the
+//! other replica's clock, and an expired one is taken over.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use spiderpool_store::k8s::crd::crds_yaml;
+use spiderpool_store::testing::KubeServer;
+
+const LEASE: &str = "spiderpool-controller";
+
+/// `secs_ago` seconds before now as a Kubernetes MicroTime (RFC 3339, 6 fractional digits).
+fn micro_time_ago(secs_ago: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago);
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    t.format(&f).expect("time")
+}
+
+fn holder(s: &KubeServer) -> String {
+    let (_, out, _) = s.kubectl(
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            LEASE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        "",
+    );
+    out
+}
+
+struct Proc(Child, std::path::PathBuf);
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A replica whose clock runs two minutes behind keeps renewing its Lease: its `renewTime` looks
+/// long expired to our clock, yet the controller never takes the Lease while it changes; once the
+/// other replica stops, the controller takes over after one lease duration of seeing no change.
+#[test]
+fn a_live_leader_with_a_slow_clock_keeps_the_lease_and_a_dead_one_loses_it() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let lease = |renew: &str| {
+        format!(
+            "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {LEASE}, namespace: kube-system}}\nspec: {{holderIdentity: other-replica, leaseDurationSeconds: 3, renewTime: '{renew}', acquireTime: '{renew}'}}\n"
+        )
+    };
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &lease(&micro_time_ago(120)));
+    assert!(ok, "{err}");
+    // The other replica renews every 300 ms, with its clock two minutes behind ours.
+    let renewing = AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while renewing.load(Relaxed) {
+                let patch = format!(r#"{{"spec":{{"renewTime":"{}"}}}}"#, micro_time_ago(120));
+                let _ = s.kubectl(
+                    &[
+                        "patch",
+                        "lease",
+                        "-n",
+                        "kube-system",
+                        LEASE,
+                        "--type=merge",
+                        "-p",
+                        &patch,
+                    ],
+                    "",
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let dir = tempfile::tempdir().expect("dir");
+        let log = dir.path().join("c.log");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
+            .arg("--kubeconfig")
+            .arg(s.kubeconfig())
+            .args([
+                "--webhook-addr",
+                &addr,
+                "--reconcile-interval-ms",
+                "200",
+                "--lease-duration-secs",
+                "3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("controller starts");
+        let c = Proc(child, log);
+        // Five lease durations: the live replica keeps it.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(6) {
+            assert_eq!(holder(&s), "other-replica", "{}", c.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(!c.log().contains("leading=true"), "{}", c.log());
+        // The other replica dies: taken over after one lease duration without a change.
+        renewing.store(false, Relaxed);
+        let t1 = Instant::now();
+        while holder(&s) == "other-replica" {
+            assert!(t1.elapsed() < Duration::from_secs(15), "{}", c.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            t1.elapsed() >= Duration::from_millis(2500),
+            "taken after {:?}, before the lease ran out",
+            t1.elapsed()
+        );
+        assert!(c.log().contains("leading=true"), "{}", c.log());
+    });
+}
