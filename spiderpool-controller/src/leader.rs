@@ -17,6 +17,7 @@ fn micro_time(secs: u64) -> MicroTime {
     )
 }
 
+#[cfg(test)]
 fn seconds(t: &MicroTime) -> u64 {
     u64::try_from(t.0.as_second()).unwrap_or(0)
 }
@@ -27,8 +28,7 @@ fn seconds(t: &MicroTime) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
     holder: String,
-    renew: Option<u64>,
-    renew_raw: Option<String>,
+    renew: Option<String>,
     duration: u64,
 }
 
@@ -94,8 +94,7 @@ impl Elector {
         let spec = current.spec.clone().unwrap_or_default();
         let record = Record {
             holder: spec.holder_identity.clone().unwrap_or_default(),
-            renew: spec.renew_time.as_ref().map(seconds),
-            renew_raw: spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            renew: spec.renew_time.as_ref().map(|t| t.0.to_string()),
             duration: spec
                 .lease_duration_seconds
                 .and_then(|d| u64::try_from(d).ok())

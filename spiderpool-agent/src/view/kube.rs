@@ -269,13 +269,6 @@ impl ClusterView for KubeView {
             .clone()
     }
 
-    async fn fetch_pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        self.pod_now(namespace, name).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "fetching the pod failed");
-            None
-        })
-    }
-
     fn describe(&self) -> String {
         format!("kubernetes: {}", self.server)
     }

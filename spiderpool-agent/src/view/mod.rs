@@ -98,12 +98,6 @@ pub trait ClusterView: Send + Sync {
     /// The current snapshot.
     fn snapshot(&self) -> Arc<Snapshot>;
 
-    /// A pod the snapshot does not hold yet (a Kubernetes view fetches it once); the manifest
-    /// view has nothing more to offer.
-    async fn fetch_pod(&self, _namespace: &str, _name: &str) -> Option<Pod> {
-        None
-    }
-
     /// A short description for status and logs (`manifests: a.yaml, b/`).
     fn describe(&self) -> String;
 
