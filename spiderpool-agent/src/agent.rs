@@ -6,6 +6,7 @@ use std::sync::Arc;
 use spiderpool_core::engine::Engine;
 use spiderpool_store::AnyStore;
 
+use crate::inflight::InFlight;
 use crate::metrics::Metrics;
 use crate::view::ClusterView;
 
@@ -19,6 +20,8 @@ pub struct Agent {
     pub view: Arc<dyn ClusterView>,
     /// Counters.
     pub metrics: Metrics,
+    /// ADDs and DELs running, one at a time per container, each to its end.
+    pub inflight: Arc<InFlight>,
 }
 
 impl Agent {
@@ -29,6 +32,7 @@ impl Agent {
             node,
             view,
             metrics: Metrics::default(),
+            inflight: Arc::new(InFlight::default()),
         }
     }
 }

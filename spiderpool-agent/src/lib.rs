@@ -23,6 +23,7 @@ pub mod ctl;
 #[cfg(feature = "kube")]
 pub mod endpoints;
 pub mod gc;
+pub mod inflight;
 pub mod ipam;
 pub mod metrics;
 pub mod server;

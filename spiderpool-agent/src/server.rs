@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use spiderpool_core::api::{
-    ApiError, DelResponse, EndpointRow, ErrorKind, PoolRow, Status, SubnetRow,
+    AddRequest, ApiError, DelRequest, DelResponse, EndpointRow, ErrorKind, PoolRow, Status,
+    SubnetRow,
 };
 use spiderpool_core::engine::Allocation;
 use spiderpool_core::store::{Filter, LeaseStore};
@@ -71,22 +72,41 @@ pub fn metrics_router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// Serves the API on a unix socket until `shutdown` resolves; in-flight requests finish.
+/// Serves the API on a unix socket until `shutdown` resolves; in-flight requests finish, and so
+/// do commands whose client already left (up to 30 s).
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(agent))
+    let served = axum::serve(listener, router(agent.clone()))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    let left = agent
+        .inflight
+        .drain(std::time::Duration::from_secs(30))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            commands = left,
+            "stopping with commands still running; their containers' DEL or GC frees what they wrote"
+        );
+    }
+    served
 }
 
 async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
     let t0 = Instant::now();
     a.metrics.allocations.fetch_add(1, Relaxed);
-    let out = match body(&bytes) {
-        Ok(req) => ipam::add(&a, &req).await.map_err(Fail),
+    let out = match body::<AddRequest>(&bytes) {
+        Ok(req) => {
+            let agent = a.clone();
+            let container = req.attachment.container_id.clone();
+            a.inflight
+                .run(&container, async move { ipam::add(&agent, &req).await })
+                .await
+                .map_err(Fail)
+        }
         Err(f) => Err(f),
     };
     a.metrics.allocation_duration.observe(t0.elapsed());
@@ -105,8 +125,15 @@ async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocatio
 async fn del(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelResponse>, Fail> {
     let t0 = Instant::now();
     a.metrics.releases.fetch_add(1, Relaxed);
-    let out = match body(&bytes) {
-        Ok(req) => ipam::del(&a, &req).await.map_err(Fail),
+    let out = match body::<DelRequest>(&bytes) {
+        Ok(req) => {
+            let agent = a.clone();
+            let container = req.attachment.container_id.clone();
+            a.inflight
+                .run(&container, async move { ipam::del(&agent, &req).await })
+                .await
+                .map_err(Fail)
+        }
         Err(f) => Err(f),
     };
     a.metrics.release_duration.observe(t0.elapsed());
