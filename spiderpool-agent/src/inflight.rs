@@ -136,9 +136,10 @@ mod tests {
 
     #[tokio::test]
     async fn other_containers_do_not_wait_and_a_stuck_one_fails_retryably() {
-        let mut f = InFlight::default();
-        f.wait = Duration::from_millis(100);
-        let f = Arc::new(f);
+        let f = Arc::new(InFlight {
+            wait: Duration::from_millis(100),
+            ..InFlight::default()
+        });
         let stuck = f.run("c1", async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok::<_, ApiError>(())
