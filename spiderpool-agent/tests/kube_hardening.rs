@@ -84,3 +84,113 @@ fn an_add_whose_client_left_is_freed_by_the_next_del() {
         a.log_text()
     );
 }
+
+/// The block record schema is in the CRD: the API server refuses a SpiderIPBlock whose record
+/// is not one (a `kubectl edit` typo).
+#[test]
+fn the_api_server_refuses_a_block_record_that_is_not_one() {
+    let Some(lab) = lab() else { return };
+    let (ok, _, err) = lab
+        .server
+        .kubectl(&["apply", "-f", "-"], &bad_block("v4-10-6-168-48"));
+    assert!(!ok, "a record with a numeric pod was accepted");
+    assert!(err.contains("pod"), "{err}");
+}
+
+fn bad_block(name: &str) -> String {
+    format!(
+        r#"apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPBlock
+metadata: {{name: {name}}}
+spec:
+  base: 10.6.168.48
+  allocations:
+    "10.6.168.61": {{pool: test-ippool-6, pod: 42}}
+"#
+    )
+}
+
+/// One SpiderIPBlock holding a slot that is not a record (written before the CRD carried the
+/// record schema, or edited around it): before the fix the typed LIST of blocks failed, so no
+/// agent could start. Now the agent starts and serves; the block cannot be written any more (the
+/// API server validates the whole object), so its addresses count as taken: the pool's other
+/// addresses are handed out, those four never, the slot stays as it is, and the log says so.
+#[test]
+fn an_unreadable_block_record_costs_its_block_not_the_agent() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    // The CRD as an earlier release installed it: records not validated.
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "crd",
+            "spideripblocks.spiderpool.spidernet.io",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/allocations","value":{"type":"object","x-kubernetes-preserve-unknown-fields":true}}]"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_for(
+        "the relaxed CRD in effect",
+        Duration::from_secs(20),
+        || {
+            s.kubectl(&["apply", "-f", "-"], &bad_block("v4-10-6-168-48"))
+                .0
+        },
+        &|| String::new(),
+    );
+    s.install_crds(&spiderpool_store::k8s::crd::crds_yaml())
+        .expect("CRDs back");
+
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let mut got = Vec::new();
+    for i in 0..7 {
+        let name = format!("p{i}");
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod(&name, "controller-node-1"));
+        assert!(ok, "{err}");
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+        let c = cni(
+            &env_for("ADD", &format!("c{i}"), "eth0", &args),
+            conf.to_string().as_bytes(),
+        );
+        if i < 6 {
+            assert_eq!(c.code(), 0, "ADD {i}: {}\n{}", c.stdout, a.log_text());
+            got.push(c.ip());
+        } else {
+            assert_ne!(c.code(), 0, "the seventh ADD got {}", c.ip());
+            assert!(c.stdout.contains("exhausted"), "{}", c.stdout);
+        }
+    }
+    got.sort();
+    let want: Vec<String> = (64..70).map(|i| format!("10.6.168.{i}/16")).collect();
+    assert_eq!(
+        got, want,
+        "addresses of the unreadable block were handed out"
+    );
+    let (ok, out, err) = s.kubectl(
+        &[
+            "get",
+            "spideripblock",
+            "v4-10-6-168-48",
+            "-o",
+            "jsonpath={.spec.allocations['10\\.6\\.168\\.61']}",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let kept: serde_json::Value = serde_json::from_str(&out).expect("slot");
+    // (The API server adds the schema's default `created: 0` when it reads the object.)
+    assert_eq!(
+        (&kept["pool"], &kept["pod"]),
+        (&serde_json::json!("test-ippool-6"), &serde_json::json!(42)),
+        "{kept}"
+    );
+    assert!(
+        a.log_text().contains("not an allocation record"),
+        "{}",
+        a.log_text()
+    );
+}

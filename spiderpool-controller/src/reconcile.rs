@@ -442,7 +442,12 @@ async fn release_finalizers(
         .map_err(|e| format!("listing SpiderIPBlocks: {e}"))?
         .items
         .iter()
-        .flat_map(|b| b.spec.allocations.values().map(|r| r.pool.clone()))
+        .flat_map(|b| {
+            b.spec
+                .allocations
+                .values()
+                .filter_map(|r| r.pool().map(str::to_string))
+        })
         .collect();
     for p in deleting {
         let name = p.metadata.name.clone().unwrap_or_default();

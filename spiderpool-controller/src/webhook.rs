@@ -211,7 +211,13 @@ async fn in_use(client: &kube::Client, name: &str, family: IpFamily) -> Result<I
         .items
         .iter()
         .flat_map(|b| b.spec.allocations.iter())
-        .filter(|(_, r)| r.pool == name)
+        // An unreadable slot that names no pool counts as held in every pool it lies in.
+        .filter(|(ip, r)| {
+            r.pool().is_none_or(|p| p == name)
+                && ip
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_ipv6() == (family == IpFamily::V6))
+        })
         .map(|(ip, _)| ip.clone())
         .collect();
     IpSet::parse(family, &ips).map_err(|e| e.to_string())

@@ -12,8 +12,15 @@ pub async fn pool_rows<S: LeaseStore>(
 ) -> Result<Vec<PoolRow>, StoreError> {
     let mut rows = Vec::new();
     for p in pools.pools.values() {
-        // Addresses only: on etcd a keys-only read, not every record of the pool.
-        let n = store.pool_addresses(&p.name).await?.ips.len() as u64;
+        // Addresses only: on etcd a keys-only read, not every record of the pool. Counted within
+        // the pool's ranges (a store may report an address it cannot attribute in every pool).
+        let n = store
+            .pool_addresses(&p.name)
+            .await?
+            .ips
+            .iter()
+            .filter(|ip| p.ips.contains(**ip))
+            .count() as u64;
         rows.push(PoolRow {
             name: p.name.clone(),
             version: p.family.version(),

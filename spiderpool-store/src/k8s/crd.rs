@@ -163,6 +163,37 @@ pub struct BlockRecord {
     pub clean_gateway: bool,
 }
 
+/// What one address of a [`SpiderIPBlock`] holds: a record, or something that does not decode as
+/// one (a hand edit, an object written before the CRD carried the record schema). An unreadable
+/// slot is kept as it is, counts as taken (nothing claims, frees or rewrites it) and is reported:
+/// one bad record costs one address, not every reader of the blocks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum Slot {
+    /// A record as the store writes it.
+    Record(BlockRecord),
+    /// Anything else, kept verbatim.
+    Unreadable(serde_json::Value),
+}
+
+impl Slot {
+    /// The record, when the slot holds one.
+    pub fn record(&self) -> Option<&BlockRecord> {
+        match self {
+            Slot::Record(r) => Some(r),
+            Slot::Unreadable(_) => None,
+        }
+    }
+
+    /// The pool the slot names, when it names one (also an unreadable slot with a `pool` string).
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            Slot::Record(r) => Some(&r.pool),
+            Slot::Unreadable(v) => v.get("pool").and_then(|p| p.as_str()),
+        }
+    }
+}
+
 /// `SpiderIPBlock.spec`: the records of one aligned block of 16 addresses, whatever pools they
 /// belong to. Address uniqueness is one object's compare-and-swap; an object never holds more than
 /// 16 records (about 4 KiB), however large the pool.
@@ -182,7 +213,8 @@ pub struct SpiderIPBlockSpec {
     pub base: String,
     /// Address -> record.
     #[serde(default)]
-    pub allocations: BTreeMap<String, BlockRecord>,
+    #[schemars(with = "BTreeMap<String, BlockRecord>")]
+    pub allocations: BTreeMap<String, Slot>,
 }
 
 /// Every CRD this project installs, in a stable order.
@@ -294,13 +326,6 @@ fn fix_schema(crd: &mut CustomResourceDefinition) {
             if let Some(p) = props.get_mut(key).and_then(|p| p.as_object_mut()) {
                 p.insert("default".into(), serde_json::Value::Bool(false));
             }
-        }
-        // A block's records are written only by the store, on every allocation: the API server
-        // keeps them as they come instead of validating and pruning 64 structured records per
-        // write (measured: docs/benchmarks.md).
-        if let Some(a) = props.get_mut("allocations").and_then(|p| p.as_object_mut()) {
-            a.remove("additionalProperties");
-            a.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
         }
     }
     tidy(&mut v);

@@ -39,14 +39,16 @@ use std::time::Duration;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use spiderpool_core::store::{
-    Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, Owner, PoolAddresses,
-    Release, StoreError, Txn,
+    Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, PoolAddresses, Release,
+    StoreError, Txn,
 };
 
+mod records;
 mod status;
 mod watch;
 
-use super::crd::{BlockRecord, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool};
+use super::crd::{Slot, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool};
+use records::{claim_into, from_record, release_from, same_record, to_record};
 use status::project_statuses;
 use watch::watch_blocks;
 
@@ -148,6 +150,8 @@ struct Mirror {
     table: LeaseTable,
     /// Block name -> resourceVersion and the addresses it holds.
     blocks: HashMap<String, (u64, BTreeSet<IpAddr>)>,
+    /// Block name -> the slots it holds that are not records (kept as they are, taken).
+    unreadable: HashMap<String, BTreeMap<String, serde_json::Value>>,
 }
 
 /// The block an address belongs to: its name and first address.
@@ -172,50 +176,12 @@ pub fn block_of(ip: IpAddr) -> (String, IpAddr) {
     }
 }
 
-fn to_record(l: &Lease) -> BlockRecord {
-    BlockRecord {
-        pool: l.pool.clone(),
-        pod: format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
-        pod_uid: l.owner.pod_uid.clone(),
-        container_id: l.owner.container_id.clone(),
-        interface: l.owner.ifname.clone(),
-        node: l.owner.node.clone(),
-        network: l.owner.network.clone(),
-        created: i64::try_from(l.owner.created).unwrap_or(i64::MAX),
-        clean_gateway: l.clean_gateway,
-    }
-}
-
-fn from_record(ip: IpAddr, r: &BlockRecord, revision: u64) -> Lease {
-    let (ns, name) = r.pod.split_once('/').unwrap_or(("", &r.pod));
-    Lease {
-        ip,
-        pool: r.pool.clone(),
-        owner: Owner {
-            pod_namespace: ns.into(),
-            pod_name: name.into(),
-            pod_uid: r.pod_uid.clone(),
-            container_id: r.container_id.clone(),
-            ifname: r.interface.clone(),
-            node: r.node.clone(),
-            network: r.network.clone(),
-            created: u64::try_from(r.created).unwrap_or(0),
-        },
-        clean_gateway: r.clean_gateway,
-        revision,
-    }
-}
-
 fn rv_of(o: &SpiderIPBlock) -> u64 {
     o.metadata
         .resource_version
         .as_deref()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn same_record(a: &Lease, b: &Lease) -> bool {
-    a.ip == b.ip && a.pool == b.pool && a.owner == b.owner && a.clean_gateway == b.clean_gateway
 }
 
 impl Mirror {
@@ -230,9 +196,15 @@ impl Mirror {
         };
         let mut new = BTreeSet::new();
         let mut upserts = Vec::new();
-        for (k, r) in &o.spec.allocations {
-            let Ok(ip) = k.parse::<IpAddr>() else {
-                tracing::warn!(block = %name, key = %k, "record with a key that is not an address: ignored");
+        let mut unreadable = BTreeMap::new();
+        for (k, slot) in &o.spec.allocations {
+            let (Ok(ip), Slot::Record(r)) = (k.parse::<IpAddr>(), slot) else {
+                let value = serde_json::to_value(slot).unwrap_or_default();
+                if self.unreadable.get(&name).and_then(|u| u.get(k)) != Some(&value) {
+                    tracing::error!(block = %name, key = %k, record = %value,
+                        "SpiderIPBlock slot that is not an allocation record (edited by hand?): its address counts as taken until the slot is fixed or removed");
+                }
+                unreadable.insert(k.clone(), value);
                 continue;
             };
             let lease = from_record(ip, r, rv);
@@ -245,12 +217,41 @@ impl Mirror {
             }
             new.insert(ip);
         }
+        if unreadable.is_empty() {
+            self.unreadable.remove(&name);
+        } else {
+            self.unreadable.insert(name.clone(), unreadable);
+        }
         let removed: Vec<IpAddr> = old.difference(&new).copied().collect();
         self.table.mirror(&removed, upserts, rv);
         self.blocks.insert(name, (rv, new));
     }
 
+    /// Every address of block `name` (from its name, as [`block_of`] makes it).
+    fn block_addresses(&self, name: &str) -> Vec<IpAddr> {
+        let base: Option<IpAddr> = if let Some(v4) = name.strip_prefix("v4-") {
+            v4.replace('-', ".").parse().ok()
+        } else if let Some(v6) = name.strip_prefix("v6-") {
+            u128::from_str_radix(v6, 16)
+                .ok()
+                .map(|n| IpAddr::V6(std::net::Ipv6Addr::from(n)))
+        } else {
+            None
+        };
+        let Some(base) = base else { return Vec::new() };
+        (0..BLOCK)
+            .filter_map(|i| match base {
+                IpAddr::V4(b) => u32::try_from(i)
+                    .ok()
+                    .and_then(|i| u32::from(b).checked_add(i))
+                    .map(|n| IpAddr::V4(n.into())),
+                IpAddr::V6(b) => u128::from(b).checked_add(i).map(|n| IpAddr::V6(n.into())),
+            })
+            .collect()
+    }
+
     fn forget(&mut self, name: &str, rv: u64) {
+        self.unreadable.remove(name);
         if let Some((_, ips)) = self.blocks.remove(name) {
             let removed: Vec<IpAddr> = ips.into_iter().collect();
             self.table.mirror(&removed, Vec::new(), rv);
@@ -405,7 +406,7 @@ impl Inner {
         &self,
         name: &str,
         base: IpAddr,
-        mut edit: impl FnMut(&mut BTreeMap<String, BlockRecord>) -> Result<T, Vec<Conflict>>,
+        mut edit: impl FnMut(&mut BTreeMap<String, Slot>) -> Result<T, Vec<Conflict>>,
     ) -> Result<Result<(u64, T), Vec<Conflict>>, StoreError> {
         let started = std::time::Instant::now();
         for attempt in 0..WRITE_ATTEMPTS {
@@ -422,10 +423,17 @@ impl Inner {
             let current = {
                 let m = self.lock();
                 m.blocks.get(name).map(|(rv, ips)| {
-                    let recs: BTreeMap<String, BlockRecord> = ips
+                    let mut recs: BTreeMap<String, Slot> = ips
                         .iter()
-                        .filter_map(|ip| m.table.get(ip).map(|l| (ip.to_string(), to_record(&l))))
+                        .filter_map(|ip| {
+                            m.table
+                                .get(ip)
+                                .map(|l| (ip.to_string(), Slot::Record(to_record(&l))))
+                        })
                         .collect();
+                    for (k, v) in m.unreadable.get(name).into_iter().flatten() {
+                        recs.insert(k.clone(), Slot::Unreadable(v.clone()));
+                    }
                     (*rv, recs)
                 })
             };
@@ -437,6 +445,14 @@ impl Inner {
             };
             if records == before {
                 return Ok(Ok((rv, out)));
+            }
+            if let Some((key, _)) = records.iter().find(|(_, s)| s.record().is_none()) {
+                return Err(StoreError::failed(
+                    format!(
+                        "SpiderIPBlock {name} holds a slot that is not an allocation record ({key}): fix or remove it (kubectl edit spideripblock {name}); until then the block's records cannot change"
+                    ),
+                    "unreadable record",
+                ));
             }
             let mut obj = SpiderIPBlock::new(
                 name,
@@ -541,7 +557,8 @@ impl Inner {
                             Edit::Undo(r, back) => {
                                 release_from(recs, r);
                                 for l in back {
-                                    recs.entry(l.ip.to_string()).or_insert_with(|| to_record(l));
+                                    recs.entry(l.ip.to_string())
+                                        .or_insert_with(|| Slot::Record(to_record(l)));
                                 }
                                 Ok(Done::Released(Vec::new()))
                             }
@@ -687,61 +704,6 @@ impl Inner {
 
 /// Adds `leases` to a block's records; a record held by another attachment refuses all, unless
 /// `movable` releases it (then it is replaced, and returned).
-fn claim_into(
-    recs: &mut BTreeMap<String, BlockRecord>,
-    leases: &[Lease],
-    movable: &[Release],
-) -> Result<Vec<Lease>, Vec<Conflict>> {
-    // Checked first, applied after: a refused edit changes nothing (other edits of the same
-    // batch share `recs`).
-    let mut conflicts = Vec::new();
-    let mut replaced = Vec::new();
-    for l in leases {
-        match recs.get(&l.ip.to_string()) {
-            Some(r) if r.container_id == l.owner.container_id && r.interface == l.owner.ifname => {}
-            Some(r)
-                if movable.iter().any(|m| {
-                    m.ip == l.ip && m.container_id == r.container_id && m.ifname == r.interface
-                }) =>
-            {
-                replaced.push(from_record(l.ip, r, 0));
-            }
-            Some(r) => conflicts.push(Conflict::IpTaken(from_record(l.ip, r, 0))),
-            None => {}
-        }
-    }
-    if !conflicts.is_empty() {
-        return Err(conflicts);
-    }
-    for l in leases {
-        let key = l.ip.to_string();
-        let same = recs.get(&key).is_some_and(|r| {
-            r.container_id == l.owner.container_id && r.interface == l.owner.ifname
-        });
-        if !same {
-            recs.insert(key, to_record(l));
-        }
-    }
-    Ok(replaced)
-}
-
-/// Removes the records still held as `rels` say; returns them.
-fn release_from(recs: &mut BTreeMap<String, BlockRecord>, rels: &[Release]) -> Vec<Lease> {
-    let mut gone = Vec::new();
-    for r in rels {
-        let key = r.ip.to_string();
-        if recs
-            .get(&key)
-            .is_some_and(|x| x.container_id == r.container_id && x.interface == r.ifname)
-        {
-            if let Some(x) = recs.remove(&key) {
-                gone.push(from_record(r.ip, &x, 0));
-            }
-        }
-    }
-    gone
-}
-
 /// Test hook: `SPIDERPOOL_CRASH_AT=<point>` aborts the process there (the crash-point tests kill
 /// a writer between two block writes this way).
 fn crash_point(point: &str) {
@@ -785,7 +747,16 @@ impl LeaseStore for KubeStore {
     }
 
     async fn pool_addresses(&self, pool: &str) -> Result<PoolAddresses, StoreError> {
-        Ok(self.inner.lock().table.pool_addresses(pool))
+        let m = self.inner.lock();
+        let mut out = m.table.pool_addresses(pool);
+        // A block with an unreadable slot cannot be written: all its addresses are taken, in
+        // every pool (the engine and the counts ignore addresses outside a pool's ranges).
+        for name in m.unreadable.keys() {
+            out.ips.extend(m.block_addresses(name));
+        }
+        out.ips.sort_unstable();
+        out.ips.dedup();
+        Ok(out)
     }
 }
 
