@@ -194,3 +194,88 @@ fn an_unreadable_block_record_costs_its_block_not_the_agent() {
         a.log_text()
     );
 }
+
+fn pool_yaml(name: &str, subnet: &str, ips: &str) -> String {
+    format!(
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {{name: {name}}}\nspec: {{subnet: {subnet}, ips: ['{ips}']}}\n"
+    )
+}
+
+fn pod_in(name: &str, pool: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    ipam.spidernet.io/ippool: '{{\"ipv4\": [\"{pool}\"]}}'\nspec:\n  nodeName: controller-node-1\n  containers: [{{name: app, image: busybox}}]\n"
+    )
+}
+
+/// Two pools that overlap got past admission (no webhook ran). Before the fix the whole view
+/// froze at the last good snapshot: a pool created afterwards was never served. Now only the
+/// newer of the two is left out, with a log line; the older and every other object stay current.
+#[test]
+fn an_overlapping_pool_is_left_out_and_the_rest_of_the_view_stays_current() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool_yaml("overlap-new", "10.6.0.0/16", "10.6.168.65-10.6.168.70"),
+    );
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool_yaml("late-pool", "10.8.0.0/16", "10.8.0.10-10.8.0.19"),
+    );
+    assert!(ok, "{err}");
+    for (pod, pool) in [
+        ("late", "late-pool"),
+        ("older", "test-ippool-6"),
+        ("newer", "overlap-new"),
+    ] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod_in(pod, pool));
+        assert!(ok, "{err}");
+    }
+    let add = |pod: &str| {
+        cni(
+            &env_for(
+                "ADD",
+                &format!("c-{pod}"),
+                "eth0",
+                &format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            ),
+            conf.to_string().as_bytes(),
+        )
+    };
+    let mut late = add("late");
+    for _ in 0..50 {
+        if late.code() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        late = add("late");
+    }
+    assert_eq!(
+        late.code(),
+        0,
+        "the later pool is not served: {}\n{}",
+        late.stdout,
+        a.log_text()
+    );
+    assert!(late.ip().starts_with("10.8.0."), "{}", late.ip());
+    let older = add("older");
+    assert_eq!(older.code(), 0, "{}", older.stdout);
+    assert!(older.ip().starts_with("10.6.168."), "{}", older.ip());
+    let newer = add("newer");
+    assert_ne!(
+        newer.code(),
+        0,
+        "the newer overlapping pool was served: {}",
+        newer.ip()
+    );
+    assert!(newer.stdout.contains("overlap-new"), "{}", newer.stdout);
+    let log = a.log_text();
+    assert!(
+        log.contains("left out of the view") && log.contains("overlap-new"),
+        "{log}"
+    );
+}

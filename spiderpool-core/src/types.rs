@@ -33,6 +33,9 @@ pub struct ObjectMeta {
     /// Annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// When the API server created the object (RFC 3339; orders objects that conflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
     /// Set when the object is being deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<String>,
@@ -560,20 +563,34 @@ impl Object {
 
     /// The object's kind and name.
     pub fn reference(&self) -> ObjectRef {
-        let (kind, meta) = match self {
-            Object::IpPool(o) => ("SpiderIPPool", &o.metadata),
-            Object::Subnet(o) => ("SpiderSubnet", &o.metadata),
-            Object::ReservedIp(o) => ("SpiderReservedIP", &o.metadata),
-            Object::Endpoint(o) => ("SpiderEndpoint", &o.metadata),
-            Object::Node(o) => ("Node", &o.metadata),
-            Object::Namespace(o) => ("Namespace", &o.metadata),
-            Object::Pod(o) => ("Pod", &o.metadata),
+        let kind = match self {
+            Object::IpPool(_) => "SpiderIPPool",
+            Object::Subnet(_) => "SpiderSubnet",
+            Object::ReservedIp(_) => "SpiderReservedIP",
+            Object::Endpoint(_) => "SpiderEndpoint",
+            Object::Node(_) => "Node",
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
         };
+        let meta = self.metadata();
         let name = match &meta.namespace {
             Some(ns) => format!("{ns}/{}", meta.name),
             None => meta.name.clone(),
         };
         ObjectRef { kind, name }
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::IpPool(o) => &o.metadata,
+            Object::Subnet(o) => &o.metadata,
+            Object::ReservedIp(o) => &o.metadata,
+            Object::Endpoint(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+        }
     }
 
     /// The object's kind (`SpiderIPPool`, `Pod`, ...).

@@ -6,9 +6,10 @@
 //! `spec.nodeName`), SpiderIPPools, SpiderSubnets, SpiderReservedIPs. A pod the snapshot does not
 //! hold yet at ADD (the watch has not delivered it) is fetched directly, once.
 //!
-//! Objects the API server accepted can still be invalid for IPAM (no admission webhook runs
-//! yet): an object invalid on its own is left out with a warning, and a set that is invalid
-//! together (overlapping pools) keeps the last good snapshot. A pool being deleted is served as
+//! Objects the API server accepted can still be invalid for IPAM (the webhook was down, or two
+//! overlapping pools were created at once): an object invalid on its own, or in conflict with
+//! older ones, is left out with a warning, and everything else stays current
+//! ([`Snapshot::build_leaving_out`]). A pool being deleted is served as
 //! disabled: its records still answer, nothing new comes from it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,7 +26,7 @@ use serde::Serialize;
 use spiderpool_core::types::{Object, Pod};
 use spiderpool_store::k8s::crd::{SpiderIPPool, SpiderReservedIP, SpiderSubnet};
 
-use super::{AutoPools, ClusterView, Snapshot, ViewError};
+use super::{AutoPools, ClusterView, LeftOut, Snapshot, ViewError};
 
 /// Objects by (kind, namespace, name).
 type Key = (&'static str, String, String);
@@ -36,6 +37,8 @@ pub struct KubeView {
     pods: Api<K8sPod>,
     objects: RwLock<BTreeMap<Key, Object>>,
     current: RwLock<Arc<Snapshot>>,
+    /// What the last rebuild left out (logged once each).
+    left_out: std::sync::Mutex<Vec<LeftOut>>,
 }
 
 fn convert<K: Serialize>(o: &K) -> Option<Object> {
@@ -69,6 +72,7 @@ impl KubeView {
             pods: Api::all(client.clone()),
             objects: RwLock::new(BTreeMap::new()),
             current: RwLock::new(Arc::new(Snapshot::default())),
+            left_out: std::sync::Mutex::new(Vec::new()),
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
@@ -145,34 +149,13 @@ impl KubeView {
             .cloned()
             .collect();
         let generation = self.snapshot().generation + 1;
-        let snap = match Snapshot::build(&objects, generation) {
-            Ok(s) => s,
-            Err(_) => {
-                // Leave out what is invalid on its own, then try again.
-                let kept: Vec<Object> = objects
-                    .into_iter()
-                    .filter(|o| match o {
-                        Object::IpPool(_) | Object::Subnet(_) | Object::ReservedIp(_) => {
-                            match Snapshot::build(std::slice::from_ref(o), 0) {
-                                Ok(_) => true,
-                                Err(e) => {
-                                    tracing::warn!(object = %o.describe(), problems = %e.join("; "), "invalid: not used");
-                                    false
-                                }
-                            }
-                        }
-                        _ => true,
-                    })
-                    .collect();
-                match Snapshot::build(&kept, generation) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(problems = %e.join("; "), "the pools are invalid together: keeping the last good view");
-                        return;
-                    }
-                }
-            }
-        };
+        let (snap, left) = Snapshot::build_leaving_out(&objects, generation);
+        let mut reported = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
+        for l in left.iter().filter(|l| !reported.contains(l)) {
+            tracing::warn!(object = %l.object, problems = %l.problems.join("; "), "invalid (alone or with older pools): left out of the view, the rest is used");
+        }
+        *reported = left;
+        drop(reported);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
     }
 

@@ -83,6 +83,66 @@ impl Snapshot {
     }
 }
 
+/// One object the view leaves out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    /// `Kind/name`.
+    pub object: String,
+    /// The validation problems.
+    pub problems: Vec<String>,
+}
+
+impl Snapshot {
+    /// A snapshot of everything that can be used: pods, nodes and namespaces always; of the
+    /// pools, subnets and reserved IPs, each one valid on its own, oldest first
+    /// (`creationTimestamp`, then kind and name), unless it conflicts with those taken before it
+    /// (two overlapping pools the webhook could not both see: the newer one is left out). One bad
+    /// object never freezes the rest of the view.
+    pub fn build_leaving_out(objects: &[Object], generation: u64) -> (Snapshot, Vec<LeftOut>) {
+        if let Ok(s) = Snapshot::build(objects, generation) {
+            return (s, Vec::new());
+        }
+        let is_ipam = |o: &&Object| {
+            matches!(
+                o,
+                Object::IpPool(_) | Object::Subnet(_) | Object::ReservedIp(_)
+            )
+        };
+        let mut ipam: Vec<&Object> = objects.iter().filter(is_ipam).collect();
+        ipam.sort_by_key(|o| {
+            let r = o.reference();
+            (o.metadata().creation_timestamp.clone(), r.kind, r.name)
+        });
+        let mut kept: Vec<Object> = objects.iter().filter(|o| !is_ipam(o)).cloned().collect();
+        let others = kept.len();
+        let mut left = Vec::new();
+        for o in ipam {
+            let alone = PoolSet::build(std::slice::from_ref(o));
+            kept.push(o.clone());
+            let together = match alone {
+                Ok(_) => PoolSet::build(&kept[others..]).map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = together {
+                kept.pop();
+                left.push(LeftOut {
+                    object: o.describe(),
+                    problems: e.iter().map(|e| e.to_string()).collect(),
+                });
+            }
+        }
+        match Snapshot::build(&kept, generation) {
+            Ok(s) => (s, left),
+            // Cannot happen (every kept object was validated with those before it); serve
+            // pods, nodes and namespaces without pools rather than nothing.
+            Err(_) => {
+                let bare: Vec<Object> = kept.into_iter().filter(|o| !is_ipam(&o)).collect();
+                (Snapshot::build(&bare, generation).unwrap_or_default(), left)
+            }
+        }
+    }
+}
+
 /// What [`ClusterView::auto_pools`] answers.
 #[derive(Debug, Clone)]
 pub struct AutoPools {
