@@ -279,3 +279,77 @@ fn an_overlapping_pool_is_left_out_and_the_rest_of_the_view_stays_current() {
         "{log}"
     );
 }
+
+/// A StatefulSet pod rescheduled to a node of another zone cannot take its earlier address (the
+/// old pool does not serve the new node): it gets one of its new zone, and the earlier one is
+/// freed at that ADD. Before the fix GC kept it for the StatefulSet's lifetime (the ordinal is
+/// still wanted), contrary to docs/kubernetes.md.
+#[test]
+fn a_statefulset_pod_moved_to_another_zone_frees_its_old_address() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let sts = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db, namespace: default}\nspec:\n  replicas: 1\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: app, image: busybox}]}\n";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], sts);
+    assert!(ok, "{err}");
+    let (_, sts_uid, _) = s.kubectl(&["get", "sts", "db", "-o", "jsonpath={.metadata.uid}"], "");
+    let db0 = |node: &str| {
+        pod("db-0", node).replace(
+            "  labels: {app: test-app}\n",
+            &format!("  labels: {{app: db}}\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: {sts_uid}, controller: true}}\n"),
+        )
+    };
+    let zone6 = lab.agent("controller-node-1");
+    let zone7 = lab.agent("worker-node-1");
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=db-0";
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &db0("controller-node-1"));
+    assert!(ok, "{err}");
+    let conf6 = netconf(
+        "1.0.0",
+        "macvlan-conf",
+        &zone6.sock(),
+        serde_json::json!({}),
+    );
+    let first = cni(
+        &env_for("ADD", "db-0-a", "eth0", args),
+        conf6.to_string().as_bytes(),
+    );
+    assert_eq!(first.code(), 0, "{}\n{}", first.stdout, zone6.log_text());
+    assert!(first.ip().starts_with("10.6."), "{}", first.ip());
+    // The node is drained: the pod is deleted (the old sandbox's DEL keeps the wanted ordinal's
+    // record) and the StatefulSet recreates it in the other zone.
+    let del = cni(
+        &env_for("DEL", "db-0-a", "eth0", args),
+        conf6.to_string().as_bytes(),
+    );
+    assert_eq!(del.code(), 0, "{}", del.stdout);
+    assert_eq!(
+        holders(s),
+        ["db-0-a"],
+        "DEL keeps a wanted ordinal's record"
+    );
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "db-0", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &db0("worker-node-1"));
+    assert!(ok, "{err}");
+    let conf7 = netconf(
+        "1.0.0",
+        "macvlan-conf",
+        &zone7.sock(),
+        serde_json::json!({}),
+    );
+    let second = cni(
+        &env_for("ADD", "db-0-b", "eth0", args),
+        conf7.to_string().as_bytes(),
+    );
+    assert_eq!(second.code(), 0, "{}\n{}", second.stdout, zone7.log_text());
+    assert!(second.ip().starts_with("10.7."), "{}", second.ip());
+    wait_for(
+        "the zone-6 address freed",
+        Duration::from_secs(10),
+        || holders(s) == ["db-0-b"],
+        &|| format!("{:?}\n{}", holders(s), zone7.log_text()),
+    );
+}

@@ -162,7 +162,8 @@ pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
         default_families: families,
         auto_pools: auto.as_ref().map(|x| x.selection.as_slice()),
     };
-    if ctx.owner(Some("StatefulSet")).is_some() {
+    let statefulset = ctx.owner(Some("StatefulSet")).is_some();
+    if statefulset {
         statefulset::keep_address(a, &snap.pools, &input, &req.attachment, &ctx.uid).await;
     }
     let out = a
@@ -171,6 +172,9 @@ pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
         .await;
     match out {
         Ok(alloc) => {
+            if statefulset {
+                statefulset::free_unadoptable(a, &ctx.namespace, &ctx.name, &req.attachment).await;
+            }
             tracing::info!(
                 container = %req.attachment.container_id,
                 ifname = %req.attachment.ifname,

@@ -75,6 +75,34 @@ pub async fn keep_address(
     }
 }
 
+/// After a StatefulSet pod's new sandbox got its addresses for `att.ifname`: the records that
+/// earlier sandboxes of the pod still hold for that interface can never be taken over any more
+/// (the pod moved to another zone, its pool annotation changed, or it kept them already: the
+/// adopted ones are gone from the old sandbox). GC keeps a wanted ordinal's records for its next
+/// sandbox, so they would leak for the StatefulSet's lifetime: they are freed here.
+pub async fn free_unadoptable(a: &Agent, namespace: &str, name: &str, att: &Attachment) {
+    let mut stale: Vec<String> = records_of_pod(a, namespace, name)
+        .await
+        .into_iter()
+        .filter(|l| l.owner.container_id != att.container_id && l.owner.ifname == att.ifname)
+        .map(|l| l.owner.container_id)
+        .collect();
+    stale.sort();
+    stale.dedup();
+    for container in stale {
+        match a.engine.release(&container, Some(&att.ifname)).await {
+            Ok(freed) if !freed.is_empty() => tracing::info!(
+                pod = %format!("{namespace}/{name}"), from = %container, to = %att.container_id,
+                released = ?freed.iter().map(|l| l.ip.to_string()).collect::<Vec<_>>(),
+                "StatefulSet pod's earlier addresses cannot be taken over (other zone or pools): released"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, from = %container,
+                "could not release a StatefulSet pod's earlier addresses; GC retries when its ordinal is no longer wanted"),
+        }
+    }
+}
+
 /// Whether DEL keeps `container`'s records: they belong to a StatefulSet pod whose ordinal is
 /// still wanted (the pod's next sandbox takes them over). A pod that still exists must be owned
 /// by a StatefulSet; one that is gone is judged by the StatefulSet alone.
