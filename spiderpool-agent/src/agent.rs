@@ -22,6 +22,10 @@ pub struct Agent {
     pub metrics: Metrics,
     /// ADDs and DELs running, one at a time per container, each to its end.
     pub inflight: Arc<InFlight>,
+    /// A command running longer than this makes the agent unready (`/readyz`).
+    pub stuck_ready: std::time::Duration,
+    /// ... and this, not alive (`/livez`).
+    pub stuck_live: std::time::Duration,
 }
 
 impl Agent {
@@ -33,6 +37,8 @@ impl Agent {
             view,
             metrics: Metrics::default(),
             inflight: Arc::new(InFlight::default()),
+            stuck_ready: crate::server::WEDGED_READY,
+            stuck_live: crate::server::WEDGED_LIVE,
         }
     }
 }

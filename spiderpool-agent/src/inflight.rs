@@ -12,8 +12,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use spiderpool_core::api::{ApiError, ErrorKind};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -23,6 +24,9 @@ use tokio_util::task::TaskTracker;
 pub struct InFlight {
     containers: Mutex<HashMap<String, Weak<AsyncMutex<()>>>>,
     tasks: TaskTracker,
+    /// When each running command started, by a number of its own.
+    running: Arc<Mutex<HashMap<u64, (String, Instant)>>>,
+    next: AtomicU64,
     /// How long a command waits for the container's earlier command before it gives up.
     pub wait: Duration,
 }
@@ -32,6 +36,8 @@ impl Default for InFlight {
         InFlight {
             containers: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            running: Arc::default(),
+            next: AtomicU64::new(0),
             // Below the plugin's 60 s, so the runtime sees a retryable error, not a timeout.
             wait: Duration::from_secs(50),
         }
@@ -79,7 +85,10 @@ impl InFlight {
     {
         let this = self.clone();
         let container = container.to_string();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let running = Running::start(&self.running, id, &container);
         let task = self.tasks.spawn(async move {
+            let _running = running;
             let _turn = this.turn(&container).await?;
             command.await
         });
@@ -91,6 +100,16 @@ impl InFlight {
         })
     }
 
+    /// The command running longest, and for how long (a command past every store deadline
+    /// means something is wedged: the liveness probe reports it).
+    pub fn oldest(&self) -> Option<(String, Duration)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .values()
+            .min_by_key(|(_, t)| *t)
+            .map(|(c, t)| (c.clone(), t.elapsed()))
+    }
+
     /// Waits up to `limit` for the running commands to end (graceful shutdown); how many were
     /// still running when it gave up.
     pub async fn drain(&self, limit: Duration) -> usize {
@@ -100,10 +119,37 @@ impl InFlight {
     }
 }
 
+/// A running command's entry, removed when the command ends (or is dropped).
+struct Running {
+    map: Arc<Mutex<HashMap<u64, (String, Instant)>>>,
+    id: u64,
+}
+
+impl Running {
+    fn start(map: &Arc<Mutex<HashMap<u64, (String, Instant)>>>, id: u64, container: &str) -> Self {
+        map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (container.to_string(), Instant::now()));
+        Running {
+            map: map.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     #[tokio::test]
     async fn a_dropped_command_still_finishes_and_the_next_one_waits_for_it() {
@@ -149,6 +195,9 @@ mod tests {
             _ = &mut stuck => panic!("cannot end"),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
+        let (who, age) = f.oldest().expect("one running");
+        assert_eq!(who, "c1");
+        assert!(age >= Duration::from_millis(20));
         let other = f.run("c2", async { Ok::<_, ApiError>(2) }).await;
         assert_eq!(other.expect("c2"), 2);
         let err = f

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -62,6 +62,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/endpoints", get(endpoints))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/livez", get(live))
         .with_state(agent)
 }
 
@@ -158,12 +159,41 @@ async fn gc(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelRespons
     Ok(Json(out))
 }
 
-/// Whether ADD can be served: the store answers a read.
+/// By default, a command running longer than this is past every store deadline (30 s a block write, 10 s a
+/// request): the store or the agent is wedged, and readiness says so.
+pub const WEDGED_READY: Duration = Duration::from_secs(45);
+/// By default, past this liveness fails too (the kubelet restarts the agent; records survive it).
+pub const WEDGED_LIVE: Duration = Duration::from_secs(120);
+
+/// Whether commands are stuck: the oldest running one, if older than `limit`.
+fn stuck(a: &Agent, limit: Duration) -> Result<(), Fail> {
+    match a.inflight.oldest() {
+        Some((container, age)) if age > limit => Err(Fail(ApiError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "a command for container {container} has been running for {}s (the store does not answer in time)",
+                age.as_secs()
+            ),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether ADD can be served: the store answers a read within 5 s and no command is stuck.
 async fn probe(a: &Agent) -> Result<Status, Fail> {
-    a.engine
+    stuck(a, a.stuck_ready)?;
+    let read = a
+        .engine
         .store()
-        .list(Filter::Container("\u{0}status-probe"))
+        .list(Filter::Container("\u{0}status-probe"));
+    tokio::time::timeout(Duration::from_secs(5), read)
         .await
+        .map_err(|_| {
+            Fail(ApiError::new(
+                ErrorKind::Unavailable,
+                "the lease store did not answer a read within 5 s",
+            ))
+        })?
         .map_err(|e| Fail(ApiError::new(ErrorKind::Unavailable, e.to_string())))?;
     let snap = a.view.snapshot();
     Ok(Status {
@@ -181,6 +211,14 @@ async fn status(State(a): State<Arc<Agent>>) -> Result<Json<Status>, Fail> {
 async fn ready(State(a): State<Arc<Agent>>) -> Response {
     match probe(&a).await {
         Ok(_) => "ok".into_response(),
+        Err(f) => (StatusCode::SERVICE_UNAVAILABLE, f.0.message).into_response(),
+    }
+}
+
+/// Liveness: the process serves and no command has been stuck past [`WEDGED_LIVE`].
+async fn live(State(a): State<Arc<Agent>>) -> Response {
+    match stuck(&a, a.stuck_live) {
+        Ok(()) => "ok".into_response(),
         Err(f) => (StatusCode::SERVICE_UNAVAILABLE, f.0.message).into_response(),
     }
 }

@@ -391,9 +391,10 @@ fn the_controller_follows_applications_and_reclaims_their_pools() {
         },
         &log,
     );
+    // The ledger follows a shrunk pool after the reconcile's SHRINK_GRACE (10 s).
     wait_for(
         "subnet counts follow",
-        Duration::from_secs(10),
+        Duration::from_secs(25),
         || subnet_allocated(s) == "3",
         &log,
     );
@@ -783,4 +784,97 @@ fn an_application_with_a_70_character_name_keeps_its_pool() {
     ] {
         assert!(!text.contains(bad), "{bad}:\n{text}");
     }
+}
+
+/// The subnet's ledger entry for a pool, as address strings.
+fn ledger_entry(s: &KubeServer, prefix: &str) -> (String, serde_json::Value) {
+    let (ok, out, err) = s.kubectl(
+        &[
+            "get",
+            "ss",
+            "subnet-16",
+            "-o",
+            "jsonpath={.status.controlledIPPools}",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let ledger: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let (name, _) = ledger
+        .as_object()
+        .and_then(|m| m.iter().find(|(k, _)| k.starts_with(prefix)))
+        .unwrap_or_else(|| panic!("no ledger entry for {prefix}: {out}"));
+    (name.clone(), ledger)
+}
+
+/// An agent grows a pool in two writes: the subnet's ledger (compare-and-swap), then the pool.
+/// A reconcile that reads the pool between the two sees a pool older than the ledger; before
+/// the fix it rewrote the entry from that pool at once, freeing in the ledger the addresses the
+/// pool was about to hold (another application could then be carved them: two pools overlap).
+/// Now an entry holding more than its pool is left alone for `SHRINK_GRACE` (10 s) unchanged,
+/// and only then shrunk (an agent killed between its two writes leaves such an entry).
+#[test]
+fn the_reconcile_never_shrinks_a_ledger_entry_from_a_pool_read_mid_growth() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SUBNET_16);
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &app_yaml("Deployment", "grow", 2, ""),
+    );
+    assert!(ok, "{err}");
+    let c = ControllerProc::start(s, lab.dir.path(), "grow");
+    let log = || c.log_text();
+    wait_for(
+        "the pool made ahead",
+        Duration::from_secs(20),
+        || count_ips(&auto_pool_ips(s, "auto4-grow-")) == 3,
+        &log,
+    );
+    wait_for(
+        "the ledger in line",
+        Duration::from_secs(10),
+        || subnet_allocated(s) == "3",
+        &log,
+    );
+    // The agent's first write: the entry grows by 10.16.0.100; the pool is not written yet.
+    let (pool, mut ledger) = ledger_entry(s, "auto4-grow-");
+    ledger[&pool]["ips"]
+        .as_array_mut()
+        .expect("ips")
+        .push("10.16.0.100".into());
+    let patch = serde_json::json!({"status": {"controlledIPPools": ledger.to_string()}});
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "ss",
+            "subnet-16",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    // Ten rounds later the entry still holds it.
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, now) = ledger_entry(s, "auto4-grow-");
+    assert!(
+        now[&pool]["ips"].to_string().contains("10.16.0.100"),
+        "the entry was shrunk from a pool read mid-growth: {now}\n{}",
+        log()
+    );
+    // Never completed (the agent died between its writes): shrunk after the grace.
+    wait_for(
+        "the stale entry shrunk after the grace",
+        Duration::from_secs(25),
+        || {
+            let (_, now) = ledger_entry(s, "auto4-grow-");
+            !now[&pool]["ips"].to_string().contains("10.16.0.100")
+        },
+        &log,
+    );
+    assert_eq!(subnet_allocated(s), "3");
 }

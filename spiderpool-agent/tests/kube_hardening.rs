@@ -353,3 +353,82 @@ fn a_statefulset_pod_moved_to_another_zone_frees_its_old_address() {
         &|| format!("{:?}\n{}", holders(s), zone7.log_text()),
     );
 }
+
+/// Readiness and liveness reflect a wedged store: while a block write hangs (etcd paused behind
+/// the API server), the agent reports itself unready once a command has run past
+/// `--ready-stuck-secs`, and not alive past `--live-stuck-secs`, naming the container; both
+/// recover when the store answers again.
+#[test]
+fn probes_report_a_wedged_store_and_recover() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("wedge", "controller-node-1"));
+    assert!(ok, "{err}");
+    let kc = s.kubeconfig().to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "--node-name",
+        "controller-node-1",
+        "--kube",
+        "--kubeconfig",
+        &kc,
+        "--store",
+        "kube",
+        "--ready-stuck-secs",
+        "2",
+        "--live-stuck-secs",
+        "4",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let a = common::Agent::start(
+        &lab.dir.path().join("w.sock"),
+        &lab.dir.path().join("w.log"),
+        &args,
+    );
+    let health = |live: bool| {
+        let mut cmd = vec!["health", "--socket"];
+        let sock = a.sock();
+        cmd.push(&sock);
+        if live {
+            cmd.push("--live");
+        }
+        let out = common::spiderctl(&cmd);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(health(false).0, Some(0), "{}", health(false).1);
+    assert_eq!(health(true).0, Some(0));
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=wedge";
+    let warm = cni(
+        &env_for("ADD", "wedge-warm", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(warm.code(), 0, "{}", warm.stdout);
+    let etcd = *s.pids().last().expect("etcd pid");
+    signal(etcd, "-STOP");
+    let c = conf.to_string();
+    let add =
+        std::thread::spawn(move || cni(&env_for("ADD", "wedge-1", "net1", args), c.as_bytes()));
+    std::thread::sleep(Duration::from_millis(3000));
+    let (ready, why) = health(false);
+    let (alive, _) = health(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (alive_later, why_live) = health(true);
+    signal(etcd, "-CONT");
+    let _ = add.join();
+    assert_eq!(ready, Some(1), "ready while a write hangs");
+    assert!(why.contains("wedge-1"), "{why}");
+    assert_eq!(alive, Some(0), "not alive before --live-stuck-secs");
+    assert_eq!(alive_later, Some(1), "alive past --live-stuck-secs");
+    assert!(why_live.contains("wedge-1"), "{why_live}");
+    wait_for(
+        "ready again",
+        Duration::from_secs(20),
+        || health(false).0 == Some(0) && health(true).0 == Some(0),
+        &|| a.log_text(),
+    );
+}

@@ -165,6 +165,13 @@ impl Elector {
                 self.renewed = None;
                 Ok(false)
             }
+            Ok(Err(kube::Error::Api(e))) if e.code == 403 => {
+                self.renewed = None;
+                Err(format!(
+                    "writing Lease {ns}/{name}: forbidden ({}); the controller may only update this Lease, by name: apply deploy/kubernetes/controller.yaml, which ships it",
+                    e.message
+                ))
+            }
             Ok(Err(e)) => {
                 self.renewed = None;
                 Err(format!("writing Lease {ns}/{name}: {e}"))

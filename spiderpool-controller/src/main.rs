@@ -116,7 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     // Registered once the server answers: the API server calls it from the first write on.
-    webhook::register(&client, &endpoint, &certs.ca_pem)
+    webhook::register(&client, &endpoint, &certs.ca_bundle())
         .await
         .map_err(anyhow::Error::msg)?;
     tokio::spawn(webhook::rotate(

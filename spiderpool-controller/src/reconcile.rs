@@ -85,6 +85,25 @@ pub struct Report {
 pub struct Reconciler {
     /// Subnet entries seen without their pool last round.
     missing: BTreeSet<(String, String)>,
+    /// Subnet entries seen holding addresses their pool lacks, with the pool's resourceVersion
+    /// and the entry then, and since when: shrunk only when unchanged for [`SHRINK_GRACE`] (an
+    /// agent writes the ledger first and the pool right after: a pool read between the two is
+    /// stale, and shrinking from it would free addresses the pool is about to hold; an agent
+    /// killed between the two leaves the entry to be shrunk after the grace).
+    shrinking: BTreeMap<(String, String), Sighting>,
+}
+
+/// A pool's resourceVersion, its ledger entry's addresses, and when they were first seen so.
+type Sighting = (String, Vec<String>, std::time::Instant);
+
+/// How long a ledger entry must hold addresses its pool lacks, unchanged, before it is shrunk.
+pub const SHRINK_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What one round saw of the subnets' ledgers, for the next.
+#[derive(Default)]
+struct LedgerSeen {
+    missing: BTreeSet<(String, String)>,
+    shrinking: BTreeMap<(String, String), Sighting>,
 }
 
 async fn list<K>(client: &kube::Client) -> Result<Vec<K>, String>
@@ -195,6 +214,12 @@ struct Finalizers<'a> {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Version<'a> {
+    resource_version: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
 struct Ips {
     ips: Vec<String>,
 }
@@ -229,6 +254,12 @@ impl Reconciler {
             }
         }
         make_ahead(client, &mut report).await?;
+        // Subnets first, pools after: a pool is never older than the ledger it is compared to.
+        let subnets: Vec<SpiderSubnet> = Api::<SpiderSubnet>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| format!("listing subnets: {e}"))?
+            .items;
         let all_pools: Vec<SpiderIPPool> = pools_api
             .list(&ListParams::default())
             .await
@@ -239,18 +270,12 @@ impl Reconciler {
             .iter()
             .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
             .collect();
-        let subnets: Api<SpiderSubnet> = Api::all(client.clone());
-        let mut missing_now = BTreeSet::new();
-        for s in subnets
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| format!("listing subnets: {e}"))?
-            .items
-        {
-            self.sync_subnet(client, &s, &by_name, &mut missing_now)
-                .await?;
+        let mut seen = LedgerSeen::default();
+        for s in &subnets {
+            self.sync_subnet(client, s, &by_name, &mut seen).await?;
         }
-        self.missing = missing_now;
+        self.missing = seen.missing;
+        self.shrinking = seen.shrinking;
         Ok(report)
     }
 
@@ -259,31 +284,43 @@ impl Reconciler {
         client: &kube::Client,
         s: &SpiderSubnet,
         pools: &BTreeMap<String, &SpiderIPPool>,
-        missing_now: &mut BTreeSet<(String, String)>,
+        seen: &mut LedgerSeen,
     ) -> Result<(), String> {
         let sname = s.metadata.name.clone().unwrap_or_default();
         let fam = apply::subnet_family(s);
         let current = apply::ledger(s);
         let mut next = current.clone();
         for (pool, entry) in &current {
-            match pools.get(pool) {
-                Some(p) => {
-                    let want = ControlledPool {
-                        ips: ips(p).to_strings(),
-                        application: entry.application.clone(),
-                    };
-                    if *entry != want {
-                        next.insert(pool.clone(), want);
-                    }
+            let key = (sname.clone(), pool.clone());
+            let Some(p) = pools.get(pool) else {
+                if self.missing.contains(&key) {
+                    next.remove(pool);
+                } else {
+                    seen.missing.insert(key);
                 }
-                None => {
-                    let key = (sname.clone(), pool.clone());
-                    if self.missing.contains(&key) {
-                        next.remove(pool);
-                    } else {
-                        missing_now.insert(key);
-                    }
+                continue;
+            };
+            let spec = ips(p);
+            let held = entry.addresses(fam).unwrap_or_else(|| IpSet::empty(fam));
+            // Grown to the pool at once; shrunk only after SHRINK_GRACE unchanged.
+            let mut target = spec.clone();
+            if !held.subtract(&spec).is_empty() {
+                let rv = p.metadata.resource_version.clone().unwrap_or_default();
+                let since = match self.shrinking.get(&key) {
+                    Some((r, e, t)) if *r == rv && *e == entry.ips => *t,
+                    _ => std::time::Instant::now(),
+                };
+                if since.elapsed() < SHRINK_GRACE {
+                    seen.shrinking.insert(key, (rv, entry.ips.clone(), since));
+                    target = spec.union(&held);
                 }
+            }
+            let want = ControlledPool {
+                ips: target.to_strings(),
+                application: entry.application.clone(),
+            };
+            if *entry != want {
+                next.insert(pool.clone(), want);
             }
         }
         let alloc_i = autopool::ledger_count(&next, fam);
@@ -366,8 +403,11 @@ async fn follow_app(
         };
         let keep = autopool::shrink(&have, &used, desired);
         if keep != have {
-            let patch: PoolPatch<(), Ips> = PoolPatch {
-                metadata: None,
+            // Compare-and-swap on the pool as read (its status and spec of the same version).
+            let patch: PoolPatch<Version, Ips> = PoolPatch {
+                metadata: Some(Version {
+                    resource_version: p.metadata.resource_version.as_deref(),
+                }),
                 spec: Some(Ips {
                     ips: keep.to_strings(),
                 }),
@@ -377,7 +417,8 @@ async fn follow_app(
                     apply::set_total(client, &name, &keep).await;
                     report.shrunk.push(name)
                 }
-                // The webhook refused (an address was just allocated): next round.
+                // Changed meanwhile (409), or the webhook refused (an address was just
+                // allocated): next round.
                 Err(e) => tracing::info!(pool = %name, error = %e, "not shrunk now"),
             }
         }

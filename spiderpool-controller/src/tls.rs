@@ -25,6 +25,7 @@ const CA_RENEW_BEFORE: Duration = Duration::from_secs(365 * 24 * 3600);
 const ANNO_NOT_AFTER: &str = "spiderpool.spidernet.io/not-after";
 const ANNO_CA_NOT_AFTER: &str = "spiderpool.spidernet.io/ca-not-after";
 const ANNO_HOSTS: &str = "spiderpool.spidernet.io/hosts";
+const ANNO_PREVIOUS_CA_NOT_AFTER: &str = "spiderpool.spidernet.io/previous-ca-not-after";
 
 /// A CA and the serving certificate it signed, PEM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,25 @@ pub struct Certs {
     pub ca_not_after: u64,
     /// The names and addresses the serving certificate is for.
     pub hosts: Vec<String>,
+    /// The CA this one replaced, while it is still valid: kept in the `caBundle` so replicas
+    /// still serving a certificate it signed pass admission until they take the new one.
+    pub previous_ca_pem: Option<String>,
+    /// When the previous CA expires, seconds since the epoch.
+    pub previous_ca_not_after: u64,
+}
+
+impl Certs {
+    /// The webhook configurations' `caBundle`: this CA, and the one it replaced while valid.
+    pub fn ca_bundle(&self) -> String {
+        let mut out = self.ca_pem.clone();
+        if let Some(prev) = &self.previous_ca_pem {
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(prev);
+        }
+        out
+    }
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -120,6 +140,8 @@ pub fn generate(hosts: &[String], now: SystemTime) -> Result<Certs, String> {
         not_after,
         ca_not_after: secs(now + CA_LIFETIME),
         hosts: hosts.to_vec(),
+        previous_ca_pem: None,
+        previous_ca_not_after: 0,
     })
 }
 
@@ -132,9 +154,14 @@ pub fn renew(
 ) -> Result<(Certs, bool), String> {
     let n = secs(now);
     match stored {
-        Some(c) if c.ca_not_after > n + CA_RENEW_BEFORE.as_secs() => {
+        Some(mut c) if c.ca_not_after > n + CA_RENEW_BEFORE.as_secs() => {
+            let expired_previous = c.previous_ca_pem.is_some() && c.previous_ca_not_after <= n;
+            if expired_previous {
+                c.previous_ca_pem = None;
+                c.previous_ca_not_after = 0;
+            }
             if c.not_after > n + RENEW_BEFORE.as_secs() && c.hosts == hosts {
-                return Ok((c, false));
+                return Ok((c, expired_previous));
             }
             let (cert_pem, key_pem, not_after) = issue(&c.ca_key_pem, hosts, now)?;
             Ok((
@@ -148,6 +175,13 @@ pub fn renew(
                 true,
             ))
         }
+        // A new CA; the old one stays in the bundle while it is valid.
+        Some(old) if old.ca_not_after > n => {
+            let mut fresh = generate(hosts, now)?;
+            fresh.previous_ca_pem = Some(old.ca_pem);
+            fresh.previous_ca_not_after = old.ca_not_after;
+            Ok((fresh, true))
+        }
         _ => Ok((generate(hosts, now)?, true)),
     }
 }
@@ -160,6 +194,7 @@ fn to_secret(name: &str, namespace: &str, c: &Certs, resource_version: Option<St
         ("tls.key", &c.key_pem),
     ]
     .into_iter()
+    .chain(c.previous_ca_pem.iter().map(|p| ("ca-previous.crt", p)))
     .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
     .collect();
     Secret {
@@ -172,6 +207,10 @@ fn to_secret(name: &str, namespace: &str, c: &Certs, resource_version: Option<St
                     (ANNO_NOT_AFTER.to_string(), c.not_after.to_string()),
                     (ANNO_CA_NOT_AFTER.to_string(), c.ca_not_after.to_string()),
                     (ANNO_HOSTS.to_string(), c.hosts.join(",")),
+                    (
+                        ANNO_PREVIOUS_CA_NOT_AFTER.to_string(),
+                        c.previous_ca_not_after.to_string(),
+                    ),
                 ]
                 .into(),
             ),
@@ -207,6 +246,8 @@ fn from_secret(s: &Secret) -> Option<Certs> {
                     .collect()
             })
             .unwrap_or_default(),
+        previous_ca_pem: text("ca-previous.crt"),
+        previous_ca_not_after: num(ANNO_PREVIOUS_CA_NOT_AFTER).unwrap_or(0),
     })
 }
 
@@ -233,7 +274,12 @@ pub async fn ensure(
         if !changed {
             return Ok(certs);
         }
-        let secret = to_secret(name, namespace, &certs, rv.clone());
+        let mut secret = to_secret(name, namespace, &certs, rv.clone());
+        // A Secret's type cannot change: keep the one it was made with (the shipped one is
+        // Opaque; earlier releases made kubernetes.io/tls).
+        if let Some(t) = current.as_ref().and_then(|c| c.type_.clone()) {
+            secret.type_ = Some(t);
+        }
         let res = match rv {
             None => api.create(&PostParams::default(), &secret).await,
             Some(_) => api.replace(name, &PostParams::default(), &secret).await,
@@ -244,6 +290,12 @@ pub async fn ensure(
                 return Ok(certs);
             }
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                return Err(format!(
+                    "writing Secret {namespace}/{name}: forbidden ({}); the controller may only update this Secret, by name: apply deploy/kubernetes/controller.yaml, which ships it (and match its resourceNames to --secret)",
+                    e.message
+                ))
+            }
             Err(e) => return Err(format!("writing Secret {namespace}/{name}: {e}")),
         }
     }
@@ -299,6 +351,17 @@ mod tests {
         let late = t0 + Duration::from_secs(9 * 365 * 24 * 3600 + 200 * 24 * 3600);
         let (fresh, changed) = renew(Some(first.clone()), &hosts, late).expect("renew");
         assert!(changed && fresh.ca_pem != first.ca_pem);
+        // The old CA stays in the bundle (replicas still serving its certificate pass), and
+        // leaves it once it has expired.
+        let bundle = fresh.ca_bundle();
+        assert!(bundle.contains(&fresh.ca_pem) && bundle.contains(&first.ca_pem));
+        let s = to_secret("n", "ns", &fresh, None);
+        assert_eq!(from_secret(&s).as_ref(), Some(&fresh));
+        let after = t0 + Duration::from_secs(10 * 365 * 24 * 3600 + 24 * 3600);
+        let (pruned, changed) = renew(Some(fresh.clone()), &hosts, after).expect("renew");
+        assert!(changed && pruned.previous_ca_pem.is_none());
+        assert_eq!(pruned.ca_pem, fresh.ca_pem);
+        assert_eq!(pruned.ca_bundle(), fresh.ca_pem);
     }
 
     #[test]

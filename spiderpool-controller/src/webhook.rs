@@ -79,10 +79,13 @@ fn meta() -> kube::core::ObjectMeta {
     }
 }
 
-/// Creates or updates the mutating and validating webhook configurations (server-side apply),
-/// with `ca` as their `caBundle`.
+/// Points the shipped mutating and validating webhook configurations at this controller, with
+/// `ca` as their `caBundle` (they must exist: deploy/kubernetes/controller.yaml ships them).
 pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<(), String> {
-    let pp = PatchParams::apply("spiderpool-controller").force();
+    // A merge patch replaces the `webhooks` list whole: the endpoint the controller serves (URL
+    // or Service) replaces the shipped one instead of being merged into it. It needs only the
+    // `patch` right on these two objects, which the manifests ship.
+    let pp = PatchParams::default();
     // The two configurations differ only in their type, name and path.
     macro_rules! webhook {
         ($ty:ident, $name:expr, $path:expr) => {
@@ -114,15 +117,48 @@ pub async fn register(client: &kube::Client, ep: &Endpoint, ca: &str) -> Result<
             "/validate"
         )]),
     };
-    let mapi: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    mapi.patch(CONFIG_NAME, &pp, &Patch::Apply(&m))
-        .await
-        .map_err(|e| format!("registering the mutating webhook: {e}"))?;
-    let vapi: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    vapi.patch(CONFIG_NAME, &pp, &Patch::Apply(&v))
-        .await
-        .map_err(|e| format!("registering the validating webhook: {e}"))?;
-    Ok(())
+    put(
+        Api::all(client.clone()),
+        &pp,
+        &m,
+        "MutatingWebhookConfiguration",
+    )
+    .await?;
+    put(
+        Api::all(client.clone()),
+        &pp,
+        &v,
+        "ValidatingWebhookConfiguration",
+    )
+    .await
+}
+
+/// Patches the configuration `CONFIG_NAME`; creates it when it is missing (outside the shipped
+/// manifests, with rights to create).
+async fn put<K>(api: Api<K>, pp: &PatchParams, obj: &K, kind: &str) -> Result<(), String>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.patch(CONFIG_NAME, pp, &Patch::Merge(obj)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => api
+            .create(&kube::api::PostParams::default(), obj)
+            .await
+            .map(|_| ())
+            .map_err(|e| register_error(kind, e)),
+        Err(e) => Err(register_error(kind, e)),
+    }
+}
+
+/// Why a webhook configuration could not be patched, with what to do about it.
+fn register_error(kind: &str, e: kube::Error) -> String {
+    match &e {
+        kube::Error::Api(a) if a.code == 403 || a.code == 404 => format!(
+            "patching the {kind} {CONFIG_NAME}: {} ({}); the controller may only patch it, not create it: apply deploy/kubernetes/controller.yaml, which ships it",
+            a.reason, a.message
+        ),
+        _ => format!("patching the {kind} {CONFIG_NAME}: {e}"),
+    }
 }
 
 type Review = AdmissionReview<DynamicObject>;
@@ -372,8 +408,8 @@ pub async fn rotate(
                         continue;
                     }
                 }
-                if certs.ca_pem != current.ca_pem {
-                    if let Err(e) = register(&r.client, &r.endpoint, &certs.ca_pem).await {
+                if certs.ca_bundle() != current.ca_bundle() {
+                    if let Err(e) = register(&r.client, &r.endpoint, &certs.ca_bundle()).await {
                         tracing::warn!(error = %e, "caBundle not updated; next time");
                         continue;
                     }

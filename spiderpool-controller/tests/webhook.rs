@@ -276,14 +276,11 @@ fn the_controller_works_with_its_roles_and_nothing_more() {
         "/../deploy/kubernetes/controller.yaml"
     ))
     .expect("controller.yaml");
+    // Everything but the Deployment and its Service: roles, and the objects the controller may
+    // only update (it cannot create them).
     let rbac: Vec<&str> = deploy
         .split("\n---\n")
-        .filter(|d| {
-            d.contains("kind: ClusterRole")
-                || d.contains("kind: Role")
-                || d.contains("kind: RoleBinding")
-                || d.contains("kind: ServiceAccount")
-        })
+        .filter(|d| !d.contains("kind: Deployment") && !d.contains("kind: Service\n"))
         .collect();
     let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rbac.join("\n---\n"));
     assert!(ok, "{err}");
@@ -349,6 +346,69 @@ fn the_controller_works_with_its_roles_and_nothing_more() {
     let other = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: other, namespace: default}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: other}}\n  template:\n    metadata: {labels: {app: other}}\n    spec: {containers: [{name: app, image: busybox}]}\n";
     let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], other);
     assert!(ok, "{err}");
+    // By name only: its own Secret, Lease and webhook configurations, nothing of the kind else
+    // (kube-scheduler's Lease, other Secrets, other webhooks).
+    for (verb, what, ns, allowed) in [
+        (
+            "patch",
+            "validatingwebhookconfigurations/spiderpool-controller",
+            "",
+            true,
+        ),
+        (
+            "patch",
+            "mutatingwebhookconfigurations/spiderpool-controller",
+            "",
+            true,
+        ),
+        (
+            "update",
+            "secrets/spiderpool-controller-webhook",
+            "kube-system",
+            true,
+        ),
+        (
+            "update",
+            "leases/spiderpool-controller",
+            "kube-system",
+            true,
+        ),
+        ("create", "validatingwebhookconfigurations", "", false),
+        (
+            "patch",
+            "validatingwebhookconfigurations/other-webhook",
+            "",
+            false,
+        ),
+        (
+            "patch",
+            "mutatingwebhookconfigurations/other-webhook",
+            "",
+            false,
+        ),
+        (
+            "get",
+            "secrets/bootstrap-token-abcdef",
+            "kube-system",
+            false,
+        ),
+        ("create", "secrets", "kube-system", false),
+        ("update", "leases/kube-scheduler", "kube-system", false),
+        (
+            "get",
+            "leases/kube-controller-manager",
+            "kube-system",
+            false,
+        ),
+        ("create", "leases", "kube-system", false),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, what];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        let (ok, out, err) = s.kubectl_as(&kc, &args, "");
+        assert_eq!(ok, allowed, "can-i {verb} {what}: {}{err}", out.trim());
+    }
     for args in [
         vec!["create", "configmap", "x", "-n", "default"],
         vec!["delete", "node", "any"],

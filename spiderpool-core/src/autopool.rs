@@ -181,6 +181,14 @@ pub fn reclaim(annotations: &BTreeMap<String, String>) -> bool {
         .unwrap_or(true)
 }
 
+/// Whether two CIDRs name the same network (`10.16.0.1/16` is `10.16.0.0/16`).
+pub fn same_network(a: &str, b: &str) -> bool {
+    match (a.parse::<ipnet::IpNet>(), b.parse::<ipnet::IpNet>()) {
+        (Ok(x), Ok(y)) => x.trunc() == y.trunc(),
+        _ => a == b,
+    }
+}
+
 /// `auto{4|6}-<app>-<nic>-<first 5 chars of the app's uid>`, lowercased, within 253 characters.
 pub fn pool_name(family: IpFamily, app: &App, nic: &str) -> String {
     let uid: String = app

@@ -47,6 +47,17 @@ enum GetArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Ask a running agent whether it is ready (serves ADD: its store answers, no command stuck)
+    /// or, with --live, alive (no command stuck past every deadline): the DaemonSet's probes.
+    /// Exit 0 yes, 1 no (the reason on stderr).
+    Health {
+        /// The agent's socket.
+        #[arg(long)]
+        socket: Option<String>,
+        /// Liveness instead of readiness.
+        #[arg(long)]
+        live: bool,
+    },
     /// List pools, subnets or allocations with their counts, from a running agent (--socket,
     /// the default) or from the lease store itself (--store with --manifests, agent stopped for
     /// an embedded store). Exit 0, or 2 when the source cannot be read.
@@ -121,6 +132,7 @@ fn main() -> ExitCode {
             manifests,
             output,
         } => get(what, socket, store, manifests, output),
+        Command::Health { socket, live } => health(socket, live),
         Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
@@ -242,6 +254,33 @@ fn explain(args: &ExplainArgs, output: Output) -> ExitCode {
         Err(ctl::ExplainError::Input(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `spiderctl health`.
+fn health(socket: Option<String>, live: bool) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| spiderpool_core::api::DEFAULT_SOCKET.to_string());
+    let path = if live { "/livez" } else { "/readyz" };
+    match spiderpool_cni::client::exchange::<()>(
+        &socket,
+        "GET",
+        path,
+        None,
+        std::time::Duration::from_secs(8),
+    ) {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!(
+                "spiderctl: agent at {socket} not {} ({status}): {}",
+                if live { "alive" } else { "ready" },
+                String::from_utf8_lossy(&body)
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            ExitCode::from(1)
         }
     }
 }

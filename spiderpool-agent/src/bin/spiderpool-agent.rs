@@ -48,9 +48,17 @@ struct Args {
     /// The unix socket the CNI plugin talks to (mode 0600).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Serve Prometheus metrics on HOST:PORT (/metrics).
+    /// Serve Prometheus metrics on HOST:PORT (/metrics). In a DaemonSet with hostNetwork, the
+    /// node's own address (not 0.0.0.0, which serves every interface).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// The agent reports itself unready (`/readyz`, `spiderctl health`) while a command has
+    /// been running this long (the store does not answer in time).
+    #[arg(long, default_value_t = 45)]
+    ready_stuck_secs: u64,
+    /// ... and not alive (`/livez`, `spiderctl health --live`) past this.
+    #[arg(long, default_value_t = 120)]
+    live_stuck_secs: u64,
     /// Do not watch the store for other nodes' changes (etcd): for measuring what the watch saves.
     #[arg(long)]
     no_watch: bool,
@@ -219,7 +227,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !view.snapshot().nodes.contains_key(&args.node_name) {
         tracing::warn!(node = %args.node_name, "this node is not in the view: pools with nodeAffinity will not match it");
     }
-    let agent = Arc::new(Agent::new(args.node_name.clone(), store, view.clone()));
+    let mut agent = Agent::new(args.node_name.clone(), store, view.clone());
+    agent.stuck_ready = Duration::from_secs(args.ready_stuck_secs.max(1));
+    agent.stuck_live = Duration::from_secs(args.live_stuck_secs.max(1));
+    let agent = Arc::new(agent);
     let listener = bind(&args.socket)?;
     spawn_tasks(&args, &agent, &kube, &stop_rx).await?;
     tracing::info!(

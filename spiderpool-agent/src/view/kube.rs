@@ -148,8 +148,9 @@ impl KubeView {
             .values()
             .cloned()
             .collect();
-        let generation = self.snapshot().generation + 1;
-        let (snap, left) = Snapshot::build_leaving_out(&objects, generation);
+        let previous = self.snapshot();
+        let (snap, left) =
+            Snapshot::build_leaving_out(&objects, &previous, previous.generation + 1);
         let mut reported = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
         for l in left.iter().filter(|l| !reported.contains(l)) {
             tracing::warn!(object = %l.object, problems = %l.problems.join("; "), "invalid (alone or with older pools): left out of the view, the rest is used");

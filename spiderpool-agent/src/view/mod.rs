@@ -94,11 +94,15 @@ pub struct LeftOut {
 
 impl Snapshot {
     /// A snapshot of everything that can be used: pods, nodes and namespaces always; of the
-    /// pools, subnets and reserved IPs, each one valid on its own, oldest first
-    /// (`creationTimestamp`, then kind and name), unless it conflicts with those taken before it
-    /// (two overlapping pools the webhook could not both see: the newer one is left out). One bad
-    /// object never freezes the rest of the view.
-    pub fn build_leaving_out(objects: &[Object], generation: u64) -> (Snapshot, Vec<LeftOut>) {
+    /// pools, subnets and reserved IPs, each one valid on its own, those `previous` served first,
+    /// then oldest first (`creationTimestamp`, then kind and name), unless it conflicts with those
+    /// taken before it (two overlapping pools the webhook could not both see: the newer one is
+    /// left out, never one already serving). One bad object never freezes the rest of the view.
+    pub fn build_leaving_out(
+        objects: &[Object],
+        previous: &Snapshot,
+        generation: u64,
+    ) -> (Snapshot, Vec<LeftOut>) {
         if let Ok(s) = Snapshot::build(objects, generation) {
             return (s, Vec::new());
         }
@@ -109,9 +113,19 @@ impl Snapshot {
             )
         };
         let mut ipam: Vec<&Object> = objects.iter().filter(is_ipam).collect();
+        let served = |o: &Object| match o {
+            Object::IpPool(p) => previous.pools.pools.contains_key(&p.metadata.name),
+            Object::Subnet(p) => previous.pools.subnets.contains_key(&p.metadata.name),
+            _ => false,
+        };
         ipam.sort_by_key(|o| {
             let r = o.reference();
-            (o.metadata().creation_timestamp.clone(), r.kind, r.name)
+            (
+                !served(o),
+                o.metadata().creation_timestamp.clone(),
+                r.kind,
+                r.name,
+            )
         });
         let mut kept: Vec<Object> = objects.iter().filter(|o| !is_ipam(o)).cloned().collect();
         let others = kept.len();

@@ -335,7 +335,10 @@ async fn taken(
         .map_err(|e| api_err("listing pools", e))?
         .items
     {
-        if p.spec.0.subnet == subnet.spec.0.subnet && p.metadata.name.as_deref() != Some(name) {
+        // Compared as networks, not strings: a manual pool may write `10.16.0.1/16`.
+        if spiderpool_core::autopool::same_network(&p.spec.0.subnet, &subnet.spec.0.subnet)
+            && p.metadata.name.as_deref() != Some(name)
+        {
             if let Some(s) = p.spec.0.addresses() {
                 taken = taken.union(&s);
             }
@@ -362,9 +365,13 @@ struct GrowPatch<'a> {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct GrowMeta<'a> {
     labels: &'a BTreeMap<String, String>,
     annotations: BTreeMap<&'static str, String>,
+    /// Compare-and-swap: the pool as read when the growth was planned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_version: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -470,7 +477,8 @@ async fn read_subnet(client: &kube::Client, name: &str) -> Result<SpiderSubnet, 
         })
 }
 
-/// Creates the pool or grows it to `ips`; `Ok(None)` when another writer created it first.
+/// Creates the pool or grows it to `ips` (compare-and-swap on the pool as read); `Ok(None)` when
+/// another writer created or changed it first.
 #[allow(clippy::too_many_arguments)]
 async fn write_pool(
     client: &kube::Client,
@@ -491,12 +499,13 @@ async fn write_pool(
                 .map_err(|e| e.to_string())?;
             pools.create(&PostParams::default(), &p).await
         }
-        Some(_) => {
+        Some(current) => {
             let labels = pool_labels(app, want, reclaim);
             let patch = GrowPatch {
                 metadata: GrowMeta {
                     labels: &labels,
                     annotations: BTreeMap::from([(ANNO_APPLICATION, app.application())]),
+                    resource_version: current.metadata.resource_version.as_deref(),
                 },
                 spec: GrowSpec {
                     ips: ips.to_strings(),
