@@ -64,7 +64,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (client, server) = spiderpool_store::k8s::client(args.kubeconfig.as_deref())
+    let (client, server) = spiderpool_store::k8s::request_client(args.kubeconfig.as_deref())
         .await
         .map_err(anyhow::Error::msg)?;
     let (listen, hosts, endpoint) = match &args.webhook_addr {

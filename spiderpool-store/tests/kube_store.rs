@@ -313,3 +313,46 @@ async fn a_silent_api_server_costs_a_deadline_not_a_hang() {
         t0.elapsed()
     );
 }
+
+/// The client every one-shot call outside the store uses (the agent's pod reads at ADD and GC,
+/// StatefulSets, auto-pools, SpiderEndpoints; the whole controller): a GET to an API server that
+/// silently stops answering fails after `REQUEST_TIMEOUT` instead of hanging for the kernel's
+/// TCP timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_client_gives_up_on_a_silent_api_server() {
+    let Some(s) = server() else { return };
+    let port: u16 = s
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("port");
+    let hole = BlackHole::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let kc = std::fs::read_to_string(s.kubeconfig()).expect("kubeconfig");
+    let relayed = kc.replace(
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{}", hole.port),
+    );
+    assert_ne!(kc, relayed, "the kubeconfig names the server");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("relayed.kubeconfig");
+    std::fs::write(&path, relayed).expect("write");
+    let (client, _) = spiderpool_store::k8s::request_client(Some(&path))
+        .await
+        .expect("client");
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client, "default");
+    pods.get_opt("warm").await.expect("answers before the freeze");
+    hole.freeze();
+    let t0 = std::time::Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), pods.get_opt("any"))
+        .await
+        .expect("the GET gave up by itself, within a minute");
+    assert!(out.is_err(), "nothing answered: {out:?}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
+        "gave up after {waited:?} (REQUEST_TIMEOUT is {:?})",
+        spiderpool_store::k8s::REQUEST_TIMEOUT
+    );
+}

@@ -80,8 +80,9 @@ fn main() -> ExitCode {
     spiderpool_agent::daemon_main("spiderpool-agent", run(args))
 }
 
+/// The watching client, the request client (every call with a deadline) and the server's URL.
 #[cfg(feature = "kube")]
-type KubeClient = Option<(kube::Client, String)>;
+type KubeClient = Option<(kube::Client, kube::Client, String)>;
 #[cfg(not(feature = "kube"))]
 type KubeClient = Option<()>;
 
@@ -89,11 +90,14 @@ type KubeClient = Option<()>;
 async fn kube_client(args: &Args) -> anyhow::Result<KubeClient> {
     #[cfg(feature = "kube")]
     if args.kube {
-        return Ok(Some(
-            spiderpool_store::k8s::client(args.kubeconfig.as_deref())
-                .await
-                .map_err(anyhow::Error::msg)?,
-        ));
+        let path = args.kubeconfig.as_deref();
+        let (watch, server) = spiderpool_store::k8s::client(path)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (requests, _) = spiderpool_store::k8s::request_client(path)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        return Ok(Some((watch, requests, server)));
     }
     let _ = args;
     Ok(None)
@@ -105,7 +109,7 @@ async fn open_store(args: &Args, kube: &KubeClient) -> anyhow::Result<AnyStore> 
     let cfg = StoreConfig::parse(&args.store).map_err(anyhow::Error::msg)?;
     #[cfg(feature = "kube")]
     if let StoreConfig::Kube = cfg {
-        let Some((client, server)) = kube.clone() else {
+        let Some((client, _, server)) = kube.clone() else {
             anyhow::bail!("--store kube needs --kube (the API server the records live in)");
         };
         let opts = spiderpool_store::k8s::KubeStoreOptions {
@@ -132,9 +136,10 @@ async fn open_view(
 ) -> anyhow::Result<Arc<dyn ClusterView>> {
     use anyhow::Context;
     #[cfg(feature = "kube")]
-    if let Some((client, server)) = kube {
+    if let Some((client, requests, server)) = kube {
         let v = spiderpool_agent::view::KubeView::start(
             client,
+            requests,
             server,
             &args.node_name,
             Duration::from_secs(60),
@@ -165,10 +170,10 @@ async fn spawn_tasks(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     #[cfg(feature = "kube")]
-    if let Some((client, _)) = kube {
+    if let Some((_, requests, _)) = kube {
         tokio::spawn(spiderpool_agent::endpoints::run(
             agent.clone(),
-            client.clone(),
+            requests.clone(),
             Duration::from_millis(1000),
             stop.clone(),
         ));

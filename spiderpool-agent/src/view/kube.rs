@@ -60,16 +60,20 @@ fn convert<K: Serialize>(o: &K) -> Option<Object> {
 }
 
 impl KubeView {
-    /// Starts the watches and waits (up to `timeout`) until each has listed once.
+    /// Starts the watches (on `client`) and waits (up to `timeout`) until each has listed once;
+    /// one-shot reads (a pod at ADD and GC, StatefulSets, auto-pools, nodes) go through
+    /// `requests`, a client whose every call has a deadline
+    /// ([`spiderpool_store::k8s::request_client`]).
     pub async fn start(
         client: Client,
+        requests: Client,
         server: String,
         node: &str,
         timeout: Duration,
     ) -> Result<Arc<KubeView>, String> {
         let view = Arc::new(KubeView {
             server: server.clone(),
-            pods: Api::all(client.clone()),
+            pods: Api::all(requests),
             objects: RwLock::new(BTreeMap::new()),
             current: RwLock::new(Arc::new(Snapshot::default())),
             left_out: std::sync::Mutex::new(Vec::new()),
