@@ -16,6 +16,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admission;
+pub mod cache;
 pub mod leader;
 pub mod reconcile;
 pub mod tls;

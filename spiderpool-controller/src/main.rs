@@ -67,6 +67,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (client, server) = spiderpool_store::k8s::request_client(args.kubeconfig.as_deref())
         .await
         .map_err(anyhow::Error::msg)?;
+    // Watches need a client without a read timeout.
+    let (watching, _) = spiderpool_store::k8s::client(args.kubeconfig.as_deref())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let cache = spiderpool_controller::cache::Cache::start(&watching, Duration::from_secs(60))
+        .await
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("API server {server}"))?;
     let (listen, hosts, endpoint) = match &args.webhook_addr {
         Some(addr) => {
             let host = addr
@@ -112,7 +120,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let serving = tokio::spawn(webhook::serve(
         listener,
         config.clone(),
-        webhook::router(client.clone()),
+        webhook::router(webhook::Served {
+            client: client.clone(),
+            cache,
+        }),
         stop_rx.clone(),
     ));
     // Registered once the server answers: the API server calls it from the first write on.

@@ -18,8 +18,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use serde_json::Value;
 use spiderpool_core::range::{IpFamily, IpSet};
-use spiderpool_core::types::Object;
-use spiderpool_store::k8s::crd::{SpiderIPBlock, SpiderIPPool, SpiderReservedIP, SpiderSubnet};
+use spiderpool_store::k8s::crd::SpiderIPBlock;
 
 use super::admission;
 use super::tls::{self, Certs};
@@ -204,38 +203,6 @@ async fn mutate(Json(review): Json<Review>) -> Json<Review> {
     }
 }
 
-/// The cluster's pools, subnets and reserved IPs, as core objects, without `skip` (kind, name).
-async fn cluster(client: &kube::Client, skip: (&str, &str)) -> Result<Vec<Object>, String> {
-    async fn all<K>(client: &kube::Client) -> Result<Vec<Value>, String>
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + serde::Serialize
-            + std::fmt::Debug,
-        K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>,
-    {
-        let api: Api<K> = Api::all(client.clone());
-        let list = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(list
-            .items
-            .iter()
-            .filter_map(|o| serde_json::to_value(o).ok())
-            .collect())
-    }
-    let mut values = all::<SpiderSubnet>(client).await?;
-    values.extend(all::<SpiderIPPool>(client).await?);
-    values.extend(all::<SpiderReservedIP>(client).await?);
-    Ok(values
-        .into_iter()
-        .filter(|v| !(v["kind"] == skip.0 && v["metadata"]["name"] == skip.1))
-        .filter_map(|v| Object::from_value(v).ok())
-        .collect())
-}
-
 /// The addresses the pool `name` holds, read from the SpiderIPBlocks now.
 async fn in_use(client: &kube::Client, name: &str, family: IpFamily) -> Result<IpSet, String> {
     let api: Api<SpiderIPBlock> = Api::all(client.clone());
@@ -273,7 +240,18 @@ fn family_of(o: &Value) -> IpFamily {
     }
 }
 
-async fn validate(State(client): State<kube::Client>, Json(review): Json<Review>) -> Json<Review> {
+/// What the webhook handlers read: the watched objects, and the API server for a pool's
+/// allocations.
+#[derive(Clone)]
+pub struct Served {
+    /// The API server (request client).
+    pub client: kube::Client,
+    /// Pools, subnets, reserved IPs, watched.
+    pub cache: crate::cache::Cache,
+}
+
+async fn validate(State(st): State<Served>, Json(review): Json<Review>) -> Json<Review> {
+    let client = &st.client;
     let req = match request(review) {
         Ok(r) => r,
         Err(answer) => return *answer,
@@ -287,25 +265,20 @@ async fn validate(State(client): State<kube::Client>, Json(review): Json<Review>
     };
     let old_value = to_value(req.old_object.as_ref());
     let old = old_value.is_object().then_some(&old_value);
-    let others = match cluster(&client, (kind, name)).await {
-        Ok(o) => o,
-        Err(e) => {
-            return refuse(
-                &req,
-                format!("the webhook cannot read the cluster's pools: {e}"),
-            )
-        }
-    };
+    let others = st.cache.objects((kind, name));
     let used = match (kind, old) {
-        ("SpiderIPPool", Some(o)) => match in_use(&client, name, family_of(o)).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                return refuse(
-                    &req,
-                    format!("the webhook cannot read the pool's allocations: {e}"),
-                )
+        // The blocks are read (fresh) only when the update takes addresses away.
+        ("SpiderIPPool", Some(o)) if removes_addresses(o, &object) => {
+            match in_use(client, name, family_of(o)).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return refuse(
+                        &req,
+                        format!("the webhook cannot read the pool's allocations: {e}"),
+                    )
+                }
             }
-        },
+        }
         _ => None,
     };
     match admission::validate(kind, name, old, &object, &others, used.as_ref()) {
@@ -317,14 +290,36 @@ async fn validate(State(client): State<kube::Client>, Json(review): Json<Review>
     }
 }
 
+/// Whether a pool update leaves out addresses the old pool had (only then can it strand an
+/// allocation; unreadable either way counts as yes).
+fn removes_addresses(old: &Value, new: &Value) -> bool {
+    let parse = |o: &Value| {
+        serde_json::from_value::<spiderpool_core::types::IpPoolSpec>(o["spec"].clone())
+            .ok()
+            .and_then(|s| s.addresses())
+    };
+    match (parse(old), parse(new)) {
+        (Some(a), Some(b)) => !a.subtract(&b).is_empty(),
+        _ => true,
+    }
+}
+
 /// The webhook routes.
-pub fn router(client: kube::Client) -> Router {
+pub fn router(served: Served) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(client)
+        .with_state(served)
 }
+
+/// Connections served at once; more wait for a free slot (the API server retries a review that
+/// times out, and a flood from a hostile in-cluster client cannot exhaust the controller).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send a request's headers (also the idle time between
+/// requests), and to live in all (the API server opens a new one).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Serves `router` over TLS on `listener` with the certificates in `config` (swapped in place on
 /// renewal) until `stop` changes.
@@ -334,6 +329,7 @@ pub async fn serve(
     router: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -349,7 +345,15 @@ pub async fn serve(
         let cfg = config.read().unwrap_or_else(|p| p.into_inner()).clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let router = router.clone();
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
         tokio::spawn(async move {
+            let _slot = slot;
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -360,11 +364,14 @@ pub async fn serve(
                     Err(_) => return,
                 };
             let service = hyper_util::service::TowerToHyperService::new(router);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "webhook connection ended");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "webhook connection ended"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::debug!(%peer, "webhook connection closed after its lifetime"),
             }
         });
     }

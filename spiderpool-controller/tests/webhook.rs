@@ -21,6 +21,15 @@ impl Controller {
     }
 
     fn start_as(kubeconfig: &std::path::Path, addr: &str, log: &std::path::Path) -> Controller {
+        Self::start_with(kubeconfig, addr, log, &["--reconcile-interval-ms", "300"])
+    }
+
+    fn start_with(
+        kubeconfig: &std::path::Path,
+        addr: &str,
+        log: &std::path::Path,
+        extra: &[&str],
+    ) -> Controller {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -29,7 +38,8 @@ impl Controller {
         let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--webhook-addr", addr, "--reconcile-interval-ms", "300"])
+            .args(["--webhook-addr", addr])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -429,4 +439,69 @@ fn the_controller_works_with_its_roles_and_nothing_more() {
             "{args:?} was allowed: {err}"
         );
     }
+}
+
+/// LIST requests the API server has served for `resource`, from its own /metrics.
+fn lists_of(s: &KubeServer, resource: &str) -> u64 {
+    s.get_raw("/metrics", "text/plain")
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(&format!("resource=\"{resource}\""))
+                && l.contains("verb=\"LIST\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Admission reads a watched cache: twenty reviews (ten pools created, each reviewed by both
+/// webhooks) cost the API server no LIST of pools, subnets or reserved IPs (before, every review
+/// listed all three, and anyone in the cluster can POST a review).
+#[test]
+fn admission_reviews_cost_the_api_server_no_list() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let dir = tempfile::tempdir().expect("tmp");
+    // Reconcile rounds far apart (a round runs at least every third of the lease's renew
+    // deadline), so only reviews could list.
+    let c = Controller::start_with(
+        &s.kubeconfig(),
+        &free_addr(),
+        &dir.path().join("c.log"),
+        &[
+            "--reconcile-interval-ms",
+            "600000",
+            "--lease-duration-secs",
+            "600",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<u64> = ["spiderippools", "spidersubnets", "spiderreservedips"]
+        .iter()
+        .map(|r| lists_of(&s, r))
+        .collect();
+    assert!(before[0] > 0, "the metric is not read: {before:?}");
+    for i in 0..10 {
+        let (ok, _, err) = s.kubectl(
+            &["apply", "-f", "-"],
+            &pool(
+                &format!("cached-{i}"),
+                "10.30.0.0/16",
+                &format!("[10.30.{i}.1]"),
+            ),
+        );
+        assert!(ok, "{err}\n{}", c.log_text());
+    }
+    // The cache still refuses what conflicts with what it has seen.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("cached-dup", "10.30.0.0/16", "[10.30.3.1]"),
+    );
+    assert!(!ok, "an overlapping pool was admitted");
+    assert!(err.contains("cached-3"), "{err}");
+    let after: Vec<u64> = ["spiderippools", "spidersubnets", "spiderreservedips"]
+        .iter()
+        .map(|r| lists_of(&s, r))
+        .collect();
+    assert_eq!(before, after, "reviews listed objects");
 }

@@ -340,9 +340,10 @@ async fn a_request_client_gives_up_on_a_silent_api_server() {
     let (client, _) = spiderpool_store::k8s::request_client(Some(&path))
         .await
         .expect("client");
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-        kube::Api::namespaced(client, "default");
-    pods.get_opt("warm").await.expect("answers before the freeze");
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "default");
+    pods.get_opt("warm")
+        .await
+        .expect("answers before the freeze");
     hole.freeze();
     let t0 = std::time::Instant::now();
     let out = tokio::time::timeout(Duration::from_secs(60), pods.get_opt("any"))
