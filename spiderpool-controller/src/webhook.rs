@@ -140,11 +140,18 @@ where
 {
     match api.patch(CONFIG_NAME, pp, &Patch::Merge(obj)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => api
-            .create(&kube::api::PostParams::default(), obj)
-            .await
-            .map(|_| ())
-            .map_err(|e| register_error(kind, e)),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            match api.create(&kube::api::PostParams::default(), obj).await {
+                Ok(_) => Ok(()),
+                // Another replica created it meanwhile: patch it as if it had been there.
+                Err(kube::Error::Api(e)) if e.code == 409 => api
+                    .patch(CONFIG_NAME, pp, &Patch::Merge(obj))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| register_error(kind, e)),
+                Err(e) => Err(register_error(kind, e)),
+            }
+        }
         Err(e) => Err(register_error(kind, e)),
     }
 }

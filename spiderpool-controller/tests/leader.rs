@@ -131,3 +131,95 @@ fn a_live_leader_with_a_slow_clock_keeps_the_lease_and_a_dead_one_loses_it() {
         assert!(c.log().contains("leading=true"), "{}", c.log());
     });
 }
+
+/// Two controllers; the leader is paused (SIGSTOP: a stalled process, a frozen VM) for two lease
+/// durations. The other takes over; when the paused one resumes it does not act on the
+/// leadership it had: it sees the other's Lease, reports itself no longer leading, and the Lease
+/// stays with the new leader.
+#[test]
+fn a_paused_leader_loses_the_lease_and_does_not_take_it_back() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let dir = tempfile::tempdir().expect("dir");
+    let start = |tag: &str| {
+        let log = dir.path().join(format!("{tag}.log"));
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
+            .arg("--kubeconfig")
+            .arg(s.kubeconfig())
+            .args([
+                "--webhook-addr",
+                &addr,
+                "--reconcile-interval-ms",
+                "200",
+                "--lease-duration-secs",
+                "3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("controller starts");
+        Proc(child, log)
+    };
+    let a = start("a");
+    let b = start("b");
+    let pid_of = |h: &str| h.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+    let t0 = Instant::now();
+    let first = loop {
+        if let Some(pid) = pid_of(&holder(&s)) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (leader, other) = if first == a.0.id() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(first, leader.0.id());
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &leader.0.id().to_string()])
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let t1 = Instant::now();
+    while pid_of(&holder(&s)) != Some(other.0.id()) {
+        if t1.elapsed() > Duration::from_secs(15) {
+            signal("-CONT");
+            panic!("no takeover:\n{}", other.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    signal("-CONT");
+    // Three lease durations after the resume: the Lease stays with the new leader.
+    let t2 = Instant::now();
+    while t2.elapsed() < Duration::from_secs(9) {
+        assert_eq!(
+            pid_of(&holder(&s)),
+            Some(other.0.id()),
+            "the resumed replica took the Lease back:\n{}",
+            leader.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = leader.log();
+    let gave_up = log.rfind("leading=false");
+    let led = log.find("leading=true");
+    assert!(
+        led.is_some() && gave_up > led,
+        "the resumed replica does not say it stopped leading:\n{log}"
+    );
+}

@@ -39,6 +39,9 @@ pub struct KubeView {
     current: RwLock<Arc<Snapshot>>,
     /// What the last rebuild left out (logged once each).
     left_out: std::sync::Mutex<Vec<LeftOut>>,
+    /// Every Node's name (a metadata-only watch), once listed: GC asks the API server about a
+    /// node only when it is missing here, so its reads do not grow with the cluster.
+    node_names: RwLock<Option<BTreeSet<String>>>,
 }
 
 fn convert<K: Serialize>(o: &K) -> Option<Object> {
@@ -77,7 +80,9 @@ impl KubeView {
             objects: RwLock::new(BTreeMap::new()),
             current: RwLock::new(Arc::new(Snapshot::default())),
             left_out: std::sync::Mutex::new(Vec::new()),
+            node_names: RwLock::new(None),
         });
+        tokio::spawn(follow_node_names(view.clone(), Api::all(client.clone())));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
@@ -195,6 +200,43 @@ impl KubeView {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(k, ns, n), _| *k != kind || seen.contains(&(ns.clone(), n.clone())));
+    }
+}
+
+/// Keeps [`KubeView::node_names`]: names only (`PartialObjectMeta`), re-listed after a break.
+async fn follow_node_names(view: Arc<KubeView>, api: Api<kube::core::PartialObjectMeta<K8sNode>>) {
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing: Option<BTreeSet<String>> = None;
+    while let Some(ev) = stream.next().await {
+        let set = |f: &mut dyn FnMut(&mut BTreeSet<String>)| {
+            if let Some(names) = view
+                .node_names
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                f(names);
+            }
+        };
+        match ev {
+            Ok(watcher::Event::Init) => listing = Some(BTreeSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(l) = listing.as_mut() {
+                    l.insert(o.name_any());
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                *view.node_names.write().unwrap_or_else(|p| p.into_inner()) = listing.take();
+            }
+            Ok(watcher::Event::Apply(o)) => set(&mut |n| {
+                n.insert(o.name_any());
+            }),
+            Ok(watcher::Event::Delete(o)) => set(&mut |n| {
+                n.remove(&o.name_any());
+            }),
+            Err(e) => tracing::warn!(error = %e, "node name watch failed; retrying"),
+        }
     }
 }
 
@@ -345,6 +387,16 @@ impl ClusterView for KubeView {
     }
 
     async fn node_exists_now(&self, name: &str) -> Result<bool, ViewError> {
+        let watched = self
+            .node_names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|n| n.contains(name));
+        if watched == Some(true) {
+            return Ok(true);
+        }
+        // Not (yet) seen by the watch: the API server says, fresh.
         let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
         api.get_opt(name).await.map(|n| n.is_some()).map_err(|e| {
             ViewError::Unavailable(format!("reading node {name} from {}: {e}", self.server))

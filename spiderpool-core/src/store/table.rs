@@ -281,6 +281,15 @@ impl LeaseTable {
             .unwrap_or(self.base_revision)
     }
 
+    /// The pools that hold at least one record.
+    pub fn pool_names(&self) -> std::collections::BTreeSet<String> {
+        self.by_pool
+            .iter()
+            .filter(|(_, ips)| !ips.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     /// The addresses of `pool` (see [`LeaseStore::pool_addresses`]).
     pub fn pool_addresses(&self, pool: &str) -> PoolAddresses {
         let ips: Vec<IpAddr> = self

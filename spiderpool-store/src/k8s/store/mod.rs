@@ -117,6 +117,10 @@ struct Inner {
     conflicts: AtomicU64,
     /// Block writes that reached the server.
     writes: AtomicU64,
+    /// Pools this store changed (or tried to) since their status was last projected: each
+    /// agent projects only its own changes, so the API load of status writes does not grow with
+    /// the number of agents.
+    touched: Mutex<BTreeSet<String>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -293,9 +297,13 @@ impl KubeStore {
             queues: Mutex::new(HashMap::new()),
             conflicts: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            touched: Mutex::new(BTreeSet::new()),
             tasks: Mutex::new(Vec::new()),
         });
         inner.load().await?;
+        // Once after a start: a change this agent made just before it died is projected too.
+        let pools: BTreeSet<String> = inner.lock().table.pool_names();
+        *inner.touched.lock().unwrap_or_else(|p| p.into_inner()) = pools;
         let store = KubeStore { inner };
         let w = Arc::downgrade(&store.inner);
         let watch = tokio::spawn(watch_blocks(w, store.inner.blocks.clone()));
@@ -323,7 +331,7 @@ impl KubeStore {
     /// Brings the status of `pool` up to date now (tests and tools; the store does it in the
     /// background).
     pub async fn write_status(&self, pool: &str) -> Result<bool, StoreError> {
-        self.inner.project(pool).await
+        self.inner.project(pool, None).await
     }
 }
 
@@ -603,7 +611,23 @@ impl Inner {
         for id in ids {
             guards.push(self.container_lock(id).await);
         }
-        let changes = match self.lock().table.plan(&txn) {
+        let changes = {
+            let m = self.lock();
+            let planned = m.table.plan(&txn);
+            if planned.as_ref().is_ok_and(|c| !c.is_empty()) {
+                let pools = txn.claims.iter().map(|c| c.pool.clone()).chain(
+                    txn.releases
+                        .iter()
+                        .filter_map(|r| m.table.get(&r.ip).map(|l| l.pool)),
+                );
+                self.touched
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(pools);
+            }
+            planned
+        };
+        let changes = match changes {
             Ok(c) => c,
             Err(conflicts) => return Ok(Outcome::Conflict(conflicts)),
         };

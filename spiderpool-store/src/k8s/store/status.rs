@@ -3,7 +3,7 @@
 //! written in the background, at most once per interval per pool, forward only
 //! (`status.allocatedRevision`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
@@ -18,6 +18,10 @@ use spiderpool_core::store::StoreError;
 
 pub(super) async fn project_statuses(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut done: HashMap<String, u64> = HashMap::new();
+    // Each pool's `allocatedRevision` as this projector last saw or wrote it.
+    let mut seen: HashMap<String, Option<i64>> = HashMap::new();
+    // A pool another agent is projecting is looked at again only after a few intervals.
+    let mut resting: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         // Jitter: agents that changed the same pool do not all write its status together.
         let jitter = std::time::SystemTime::now()
@@ -26,15 +30,12 @@ pub(super) async fn project_statuses(inner: std::sync::Weak<Inner>, every: Durat
             .unwrap_or(0);
         tokio::time::sleep(every + Duration::from_millis(jitter)).await;
         let Some(inner) = inner.upgrade() else { return };
+        // Only what this store changed, once per revision reached.
         let dirty: Vec<(String, u64)> = {
+            let touched =
+                std::mem::take(&mut *inner.touched.lock().unwrap_or_else(|p| p.into_inner()));
             let m = inner.lock();
-            let pools: BTreeSet<String> = m
-                .blocks
-                .values()
-                .flat_map(|(_, ips)| ips.iter().filter_map(|ip| m.table.get(ip).map(|l| l.pool)))
-                .chain(done.keys().cloned())
-                .collect();
-            pools
+            touched
                 .into_iter()
                 .map(|p| {
                     let r = m.table.pool_revision(&p);
@@ -44,24 +45,56 @@ pub(super) async fn project_statuses(inner: std::sync::Weak<Inner>, every: Durat
                 .collect()
         };
         for (pool, rev) in dirty {
-            match inner.project(&pool).await {
+            if resting.get(&pool).is_some_and(|t| t.elapsed() < every * 3) {
+                inner.retouch(pool);
+                continue;
+            }
+            resting.remove(&pool);
+            match inner.project(&pool, Some(&mut seen)).await {
                 Ok(true) => {
                     done.insert(pool, rev);
                 }
-                Ok(false) => {}
+                Ok(false) => {
+                    resting.insert(pool.clone(), std::time::Instant::now());
+                    inner.retouch(pool)
+                }
                 Err(e) => {
-                    tracing::warn!(pool = %pool, error = %e, "pool status not written; next time")
+                    tracing::warn!(pool = %pool, error = %e, "pool status not written; next time");
+                    inner.retouch(pool);
                 }
             }
+        }
+        if done.len() > 4096 {
+            done.clear();
+            seen.clear();
+            resting.clear();
         }
     }
 }
 
 impl Inner {
+    /// Projects `pool` again next time.
+    fn retouch(&self, pool: String) {
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pool);
+    }
+
     /// Brings one pool's object in line with its records: the finalizer (and an inferred
     /// `ipVersion`) while it exists, the finalizer gone once it is deleted and empty, the
     /// status (counts, `allocatedIPs`) written forward only. `Ok(false)`: refused (409), retry.
-    pub(super) async fn project(&self, pool: &str) -> Result<bool, StoreError> {
+    ///
+    /// With `seen` (the background projector): when another agent wrote the status since this
+    /// one last looked, someone is projecting the pool now: this agent yields for a round
+    /// (`Ok(false)`) instead of racing it. The content is the same from every agent (each mirrors
+    /// every record), so one writer per pool at a time is enough, and status writes (each sent
+    /// to every agent's pool watch) do not grow with the number of agents changing the pool.
+    pub(super) async fn project(
+        &self,
+        pool: &str,
+        seen: Option<&mut HashMap<String, Option<i64>>>,
+    ) -> Result<bool, StoreError> {
         let limit = self.opts.request_timeout;
         let Some(obj) = within(limit, self.pools.get_opt(pool))
             .await
@@ -93,6 +126,13 @@ impl Inner {
         if current.allocated_revision.is_some_and(|r| r >= rev) {
             return Ok(true);
         }
+        let mut seen = seen;
+        if let Some(seen) = seen.as_deref_mut() {
+            let before = seen.insert(pool.to_string(), current.allocated_revision);
+            if before.is_some_and(|b| b != current.allocated_revision) {
+                return Ok(false);
+            }
+        }
         let total = obj.spec.0.addresses().map(|a| a.count_i64());
         let status = IpPoolStatus {
             allocated_ips: allocated_ips(&leases),
@@ -100,8 +140,13 @@ impl Inner {
             total_ip_count: total.or(current.total_ip_count),
             allocated_revision: Some(rev),
         };
-        self.write_status_patch(pool, resource_version, status)
-            .await
+        let written = self
+            .write_status_patch(pool, resource_version, status)
+            .await?;
+        if let (true, Some(seen)) = (written, seen) {
+            seen.insert(pool.to_string(), Some(rev));
+        }
+        Ok(written)
     }
 
     /// Spiderpool's mutations an agent can make late: the finalizer, and `ipVersion` inferred
