@@ -10,6 +10,12 @@ use crate::inflight::InFlight;
 use crate::metrics::Metrics;
 use crate::view::ClusterView;
 
+/// By default, a command running longer than this is past every store deadline (30 s a block write, 10 s a
+/// request): the store or the agent is wedged, and readiness says so.
+pub const WEDGED_READY: std::time::Duration = std::time::Duration::from_secs(45);
+/// By default, past this liveness fails too (the kubelet restarts the agent; records survive it).
+pub const WEDGED_LIVE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The agent: one node's engine over a store, a cluster view, and counters.
 pub struct Agent {
     /// The node served.
@@ -37,8 +43,8 @@ impl Agent {
             view,
             metrics: Metrics::default(),
             inflight: Arc::new(InFlight::default()),
-            stuck_ready: crate::server::WEDGED_READY,
-            stuck_live: crate::server::WEDGED_LIVE,
+            stuck_ready: WEDGED_READY,
+            stuck_live: WEDGED_LIVE,
         }
     }
 }

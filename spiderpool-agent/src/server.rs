@@ -22,7 +22,7 @@ use spiderpool_core::engine::Allocation;
 use spiderpool_core::store::{Filter, LeaseStore};
 use spiderpool_core::usage::{endpoint_rows, pool_rows, subnet_rows};
 
-pub use crate::agent::{follow_store, Agent};
+pub use crate::agent::{follow_store, Agent, WEDGED_LIVE, WEDGED_READY};
 use crate::ipam;
 use crate::metrics::PoolUsage;
 
@@ -158,12 +158,6 @@ async fn gc(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelRespons
         .fetch_add(out.released.len() as u64, Relaxed);
     Ok(Json(out))
 }
-
-/// By default, a command running longer than this is past every store deadline (30 s a block write, 10 s a
-/// request): the store or the agent is wedged, and readiness says so.
-pub const WEDGED_READY: Duration = Duration::from_secs(45);
-/// By default, past this liveness fails too (the kubelet restarts the agent; records survive it).
-pub const WEDGED_LIVE: Duration = Duration::from_secs(120);
 
 /// Whether commands are stuck: the oldest running one, if older than `limit`.
 fn stuck(a: &Agent, limit: Duration) -> Result<(), Fail> {

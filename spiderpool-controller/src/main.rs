@@ -63,18 +63,27 @@ fn main() -> ExitCode {
     spiderpool_store::task::daemon_main("spiderpool-controller", run(args))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let (client, server) = spiderpool_store::k8s::request_client(args.kubeconfig.as_deref())
+/// The request client (every call with a deadline), the server's URL, and the webhook's
+/// watched cache (on a client without a read timeout, as watches need).
+async fn connect(
+    args: &Args,
+) -> anyhow::Result<(kube::Client, String, spiderpool_controller::cache::Cache)> {
+    let path = args.kubeconfig.as_deref();
+    let (client, server) = spiderpool_store::k8s::request_client(path)
         .await
         .map_err(anyhow::Error::msg)?;
-    // Watches need a client without a read timeout.
-    let (watching, _) = spiderpool_store::k8s::client(args.kubeconfig.as_deref())
+    let (watching, _) = spiderpool_store::k8s::client(path)
         .await
         .map_err(anyhow::Error::msg)?;
     let cache = spiderpool_controller::cache::Cache::start(&watching, Duration::from_secs(60))
         .await
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("API server {server}"))?;
+    Ok((client, server, cache))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (client, server, cache) = connect(&args).await?;
     let (listen, hosts, endpoint) = match &args.webhook_addr {
         Some(addr) => {
             let host = addr

@@ -231,6 +231,25 @@ impl Mirror {
         self.blocks.insert(name, (rv, new));
     }
 
+    /// Block `name` as the mirror has it: its resourceVersion and slots (records and the
+    /// unreadable ones, kept as they are).
+    fn slots(&self, name: &str) -> Option<(u64, BTreeMap<String, Slot>)> {
+        self.blocks.get(name).map(|(rv, ips)| {
+            let mut recs: BTreeMap<String, Slot> = ips
+                .iter()
+                .filter_map(|ip| {
+                    self.table
+                        .get(ip)
+                        .map(|l| (ip.to_string(), Slot::Record(to_record(&l))))
+                })
+                .collect();
+            for (k, v) in self.unreadable.get(name).into_iter().flatten() {
+                recs.insert(k.clone(), Slot::Unreadable(v.clone()));
+            }
+            (*rv, recs)
+        })
+    }
+
     /// Every address of block `name` (from its name, as [`block_of`] makes it).
     fn block_addresses(&self, name: &str) -> Vec<IpAddr> {
         let base: Option<IpAddr> = if let Some(v4) = name.strip_prefix("v4-") {
@@ -428,23 +447,7 @@ impl Inner {
                     "deadline",
                 ));
             }
-            let current = {
-                let m = self.lock();
-                m.blocks.get(name).map(|(rv, ips)| {
-                    let mut recs: BTreeMap<String, Slot> = ips
-                        .iter()
-                        .filter_map(|ip| {
-                            m.table
-                                .get(ip)
-                                .map(|l| (ip.to_string(), Slot::Record(to_record(&l))))
-                        })
-                        .collect();
-                    for (k, v) in m.unreadable.get(name).into_iter().flatten() {
-                        recs.insert(k.clone(), Slot::Unreadable(v.clone()));
-                    }
-                    (*rv, recs)
-                })
-            };
+            let current = self.lock().slots(name);
             let (rv, mut records) = current.unwrap_or((0, BTreeMap::new()));
             let before = records.clone();
             let out = match edit(&mut records) {
@@ -597,6 +600,25 @@ impl Inner {
         }
     }
 
+    /// Plans `txn` against the mirror; the pools it would change are marked for the status
+    /// projector.
+    fn plan(&self, txn: &Txn) -> Result<spiderpool_core::store::Changes, Vec<Conflict>> {
+        let m = self.lock();
+        let planned = m.table.plan(txn);
+        if planned.as_ref().is_ok_and(|c| !c.is_empty()) {
+            let pools = txn.claims.iter().map(|c| c.pool.clone()).chain(
+                txn.releases
+                    .iter()
+                    .filter_map(|r| m.table.get(&r.ip).map(|l| l.pool)),
+            );
+            self.touched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pools);
+        }
+        planned
+    }
+
     async fn commit(self: &Arc<Self>, txn: Txn) -> Result<Outcome, StoreError> {
         // One container's claims at a time in this process: "one address per NIC and family"
         // spans blocks, so it is checked here, not by the server.
@@ -611,23 +633,7 @@ impl Inner {
         for id in ids {
             guards.push(self.container_lock(id).await);
         }
-        let changes = {
-            let m = self.lock();
-            let planned = m.table.plan(&txn);
-            if planned.as_ref().is_ok_and(|c| !c.is_empty()) {
-                let pools = txn.claims.iter().map(|c| c.pool.clone()).chain(
-                    txn.releases
-                        .iter()
-                        .filter_map(|r| m.table.get(&r.ip).map(|l| l.pool)),
-                );
-                self.touched
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(pools);
-            }
-            planned
-        };
-        let changes = match changes {
+        let changes = match self.plan(&txn) {
             Ok(c) => c,
             Err(conflicts) => return Ok(Outcome::Conflict(conflicts)),
         };
