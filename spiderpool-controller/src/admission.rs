@@ -91,6 +91,51 @@ pub fn mutate(kind: &str, obj: &Value) -> Vec<Value> {
 /// Checks `new` (of `kind`, named `name`) against the cluster's other objects `cluster` (the old
 /// version of `new` excluded), and, for an update of a pool, against `old` and the addresses the
 /// pool holds (`in_use`). `Err` carries one line per problem, as `spiderctl validate` prints them.
+/// What an agent may write to pools (its role allows `create` and `patch` of every SpiderIPPool,
+/// since Kubernetes cannot narrow them by name): an application's auto-pool (carrying
+/// [`spiderpool_core::autopool::LABEL_SUBNET`]) made or grown, and on any other pool only its
+/// metadata (the finalizer) and an `ipVersion` it did not have. A compromised node cannot
+/// rewrite the addresses of pools operators made.
+pub fn agent_may(kind: &str, old: Option<&Value>, new: &Value) -> Result<(), String> {
+    let auto = |o: &Value| {
+        o["metadata"]["labels"]
+            .get(spiderpool_core::autopool::LABEL_SUBNET)
+            .is_some()
+    };
+    if kind != "SpiderIPPool" {
+        return Err(format!(
+            "the spiderpool agent may not write {kind}s (only auto-pools and pool finalizers)"
+        ));
+    }
+    let Some(old) = old else {
+        return if auto(new) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the spiderpool agent may create only auto-pools (labelled {})",
+                spiderpool_core::autopool::LABEL_SUBNET
+            ))
+        };
+    };
+    if auto(old) && auto(new) {
+        return Ok(());
+    }
+    let without_version = |o: &Value| {
+        let mut spec = o["spec"].clone();
+        if let Some(m) = spec.as_object_mut() {
+            m.remove("ipVersion");
+        }
+        spec
+    };
+    let version_kept =
+        old["spec"]["ipVersion"].is_null() || old["spec"]["ipVersion"] == new["spec"]["ipVersion"];
+    if without_version(old) == without_version(new) && version_kept && auto(old) == auto(new) {
+        Ok(())
+    } else {
+        Err("the spiderpool agent may change only the finalizer and a missing ipVersion of a pool that is not an auto-pool".into())
+    }
+}
+
 pub fn validate(
     kind: &str,
     name: &str,
@@ -153,6 +198,34 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_may_grow_auto_pools_and_mark_others_only() {
+        let manual = json!({"metadata": {"name": "p"}, "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.0.1"]}});
+        let auto = json!({"metadata": {"name": "a", "labels": {"ipam.spidernet.io/owner-spider-subnet": "s"}}, "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.0.2"]}});
+        assert!(agent_may("SpiderIPPool", None, &auto).is_ok());
+        assert!(agent_may("SpiderIPPool", None, &manual).is_err());
+        let mut grown = auto.clone();
+        grown["spec"]["ips"] = json!(["10.6.0.2-10.6.0.9"]);
+        assert!(agent_may("SpiderIPPool", Some(&auto), &grown).is_ok());
+        let mut marked = manual.clone();
+        marked["metadata"]["finalizers"] = json!(["spiderpool.spidernet.io"]);
+        marked["spec"]["ipVersion"] = json!(4);
+        assert!(agent_may("SpiderIPPool", Some(&manual), &marked).is_ok());
+        let mut rewritten = manual.clone();
+        rewritten["spec"]["ips"] = json!(["10.6.0.1-10.6.0.200"]);
+        assert!(agent_may("SpiderIPPool", Some(&manual), &rewritten).is_err());
+        let mut relabelled = rewritten.clone();
+        relabelled["metadata"]["labels"] = json!({"ipam.spidernet.io/owner-spider-subnet": "s"});
+        assert!(
+            agent_may("SpiderIPPool", Some(&manual), &relabelled).is_err(),
+            "made an auto-pool to rewrite it"
+        );
+        let mut flipped = marked.clone();
+        flipped["spec"]["ipVersion"] = json!(6);
+        assert!(agent_may("SpiderIPPool", Some(&marked), &flipped).is_err());
+        assert!(agent_may("SpiderSubnet", None, &manual).is_err());
+    }
 
     fn pool(name: &str, subnet: &str, ips: &[&str]) -> Value {
         json!({"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",

@@ -39,6 +39,13 @@ struct Args {
     /// Namespace of the Service and the certificate Secret.
     #[arg(long, default_value = "kube-system")]
     namespace: String,
+    /// The agents' user name (their service account): it may write only auto-pools and pool
+    /// finalizers, whatever its role allows.
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:kube-system:spiderpool-agent"
+    )]
+    agent_user: String,
     /// The Service in front of the controller (in a cluster).
     #[arg(long, default_value = "spiderpool-controller")]
     service: String,
@@ -132,6 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         webhook::router(webhook::Served {
             client: client.clone(),
             cache,
+            agent_user: args.agent_user.clone(),
         }),
         stop_rx.clone(),
     ));

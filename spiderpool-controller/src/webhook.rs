@@ -255,6 +255,9 @@ pub struct Served {
     pub client: kube::Client,
     /// Pools, subnets, reserved IPs, watched.
     pub cache: crate::cache::Cache,
+    /// The agents' user name (their service account): what they may write is narrower than
+    /// their role ([`admission::agent_may`]).
+    pub agent_user: String,
 }
 
 async fn validate(State(st): State<Served>, Json(review): Json<Review>) -> Json<Review> {
@@ -272,6 +275,12 @@ async fn validate(State(st): State<Served>, Json(review): Json<Review>) -> Json<
     };
     let old_value = to_value(req.old_object.as_ref());
     let old = old_value.is_object().then_some(&old_value);
+    if req.user_info.username.as_deref() == Some(st.agent_user.as_str()) {
+        if let Err(e) = admission::agent_may(kind, old, &object) {
+            tracing::warn!(kind, name, user = %st.agent_user, "refused: {e}");
+            return refuse(&req, e);
+        }
+    }
     let others = st.cache.objects((kind, name));
     let used = match (kind, old) {
         // The blocks are read (fresh) only when the update takes addresses away.

@@ -505,3 +505,63 @@ fn admission_reviews_cost_the_api_server_no_list() {
         .collect();
     assert_eq!(before, after, "reviews listed objects");
 }
+
+/// The agent's role allows patching every pool (Kubernetes cannot narrow `patch` by name or
+/// field), but the webhook lets the agents' service account change only auto-pools and the
+/// metadata of others: a compromised node cannot rewrite the addresses of an operator's pool.
+#[test]
+fn the_agent_may_not_rewrite_an_operators_pool() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let rbac = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/agent-rbac.yaml"
+    ))
+    .expect("agent-rbac.yaml");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rbac);
+    assert!(ok, "{err}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(&s, &free_addr(), &dir.path().join("c.log"));
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SEED_POOLS);
+    assert!(ok, "{err}\n{}", c.log_text());
+    let agent = "--as=system:serviceaccount:kube-system:spiderpool-agent";
+    let (ok, _, err) = s.kubectl(
+        &[
+            agent,
+            "patch",
+            "sp",
+            "test-ippool-6",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ips":["10.6.168.60-10.6.168.99"]}}"#,
+        ],
+        "",
+    );
+    assert!(!ok, "the agent rewrote an operator's pool");
+    assert!(err.contains("may change only the finalizer"), "{err}");
+    // Its metadata (what the agent's finalizer handling does) is still allowed.
+    let (ok, _, err) = s.kubectl(&[agent, "label", "sp", "test-ippool-6", "touched=yes"], "");
+    assert!(ok, "{err}");
+    // Creating an operator-style pool: refused; an auto-pool: allowed.
+    let (ok, _, err) = s.kubectl(
+        &[agent, "apply", "-f", "-"],
+        &pool("sneaky", "10.9.0.0/16", "[10.9.0.1]"),
+    );
+    assert!(!ok && err.contains("only auto-pools"), "{err}");
+    let auto = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: auto4-web-eth0-abcde, labels: {ipam.spidernet.io/owner-spider-subnet: s}}\nspec: {subnet: 10.9.0.0/16, ips: [10.9.0.2]}\n";
+    let (ok, _, err) = s.kubectl(&[agent, "create", "-f", "-"], auto);
+    assert!(ok, "{err}\n{}", c.log_text());
+    // The operator still may.
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "sp",
+            "test-ippool-6",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ips":["10.6.168.60-10.6.168.99"]}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+}
