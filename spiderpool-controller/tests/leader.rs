@@ -51,6 +51,30 @@ impl Drop for Proc {
     }
 }
 
+/// A controller with a 3 s lease, reconciling every 200 ms, logging to `log`.
+fn start_controller(s: &KubeServer, log: &std::path::Path) -> Proc {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
+        .arg("--kubeconfig")
+        .arg(s.kubeconfig())
+        .args([
+            "--webhook-addr",
+            &addr,
+            "--reconcile-interval-ms",
+            "200",
+            "--lease-duration-secs",
+            "3",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("controller starts");
+    Proc(child, log.to_path_buf())
+}
+
 /// A replica whose clock runs two minutes behind keeps renewing its Lease: its `renewTime` looks
 /// long expired to our clock, yet the controller never takes the Lease while it changes; once the
 /// other replica stops, the controller takes over after one lease duration of seeing no change.
@@ -88,27 +112,7 @@ fn a_live_leader_with_a_slow_clock_keeps_the_lease_and_a_dead_one_loses_it() {
             }
         });
         let dir = tempfile::tempdir().expect("dir");
-        let log = dir.path().join("c.log");
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .to_string();
-        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
-            .arg("--kubeconfig")
-            .arg(s.kubeconfig())
-            .args([
-                "--webhook-addr",
-                &addr,
-                "--reconcile-interval-ms",
-                "200",
-                "--lease-duration-secs",
-                "3",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("controller starts");
-        let c = Proc(child, log);
+        let c = start_controller(&s, &dir.path().join("c.log"));
         // Five lease durations: the live replica keeps it.
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(6) {
@@ -141,31 +145,8 @@ fn a_paused_leader_loses_the_lease_and_does_not_take_it_back() {
     let Some(s) = KubeServer::start() else { return };
     s.install_crds(&crds_yaml()).expect("CRDs");
     let dir = tempfile::tempdir().expect("dir");
-    let start = |tag: &str| {
-        let log = dir.path().join(format!("{tag}.log"));
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .to_string();
-        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-controller"))
-            .arg("--kubeconfig")
-            .arg(s.kubeconfig())
-            .args([
-                "--webhook-addr",
-                &addr,
-                "--reconcile-interval-ms",
-                "200",
-                "--lease-duration-secs",
-                "3",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("controller starts");
-        Proc(child, log)
-    };
-    let a = start("a");
-    let b = start("b");
+    let a = start_controller(&s, &dir.path().join("a.log"));
+    let b = start_controller(&s, &dir.path().join("b.log"));
     let pid_of = |h: &str| h.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
     let t0 = Instant::now();
     let first = loop {

@@ -781,11 +781,14 @@ impl LeaseStore for KubeStore {
         let mut out = m.table.pool_addresses(pool);
         // A block with an unreadable slot cannot be written: all its addresses are taken, in
         // every pool (the engine and the counts ignore addresses outside a pool's ranges).
-        for name in m.unreadable.keys() {
-            out.ips.extend(m.block_addresses(name));
+        // (Nothing to do, and no sorting on this path of every ADD, while no block is unreadable.)
+        if !m.unreadable.is_empty() {
+            for name in m.unreadable.keys() {
+                out.ips.extend(m.block_addresses(name));
+            }
+            out.ips.sort_unstable();
+            out.ips.dedup();
         }
-        out.ips.sort_unstable();
-        out.ips.dedup();
         Ok(out)
     }
 }
