@@ -154,24 +154,21 @@ pub fn parse_cni_args(args: &str) -> Result<Option<PodRef>, CniError> {
     }
     let ns = kv.get("K8S_POD_NAMESPACE").copied().unwrap_or_default();
     let name = kv.get("K8S_POD_NAME").copied().unwrap_or_default();
-    match (ns.is_empty(), name.is_empty()) {
-        (true, true) => Ok(None),
-        (false, false) => Ok(Some(PodRef {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            uid: kv
-                .get("K8S_POD_UID")
-                .copied()
-                .unwrap_or_default()
-                .to_string(),
-        })),
-        _ => Err(CniError::new(
-            INVALID_ENV,
-            format!(
-                "CNI_ARGS has only one of K8S_POD_NAMESPACE and K8S_POD_NAME (CNI_ARGS='{args}')"
-            ),
-        )),
+    // A Kubernetes pod is named by both. A runtime that is not Kubernetes may pass one of them
+    // (podman's CNI backend passes `K8S_POD_NAME=<container name>` and no namespace): no pod
+    // identity, so the network configuration's default pools apply, and DEL never fails for it.
+    if ns.is_empty() || name.is_empty() {
+        return Ok(None);
     }
+    Ok(Some(PodRef {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        uid: kv
+            .get("K8S_POD_UID")
+            .copied()
+            .unwrap_or_default()
+            .to_string(),
+    }))
 }
 
 /// The parts of the network configuration this plugin reads.
@@ -441,9 +438,15 @@ mod tests {
             parse_cni_args("garbage").expect_err("bad").code,
             INVALID_ENV
         );
+        // podman's CNI backend: the container's name, no namespace, no UID.
         assert_eq!(
-            parse_cni_args("K8S_POD_NAME=x").expect_err("half").code,
-            INVALID_ENV
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=web").expect("podman"),
+            None
+        );
+        assert_eq!(
+            parse_cni_args("K8S_POD_NAMESPACE=default;K8S_POD_INFRA_CONTAINER_ID=abc")
+                .expect("namespace only"),
+            None
         );
     }
 

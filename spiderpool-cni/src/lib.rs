@@ -2,13 +2,15 @@
 //!
 //! The `spiderpool` CNI IPAM plugin: it speaks the CNI spec (0.3.0 to 1.1.0) on one side and the
 //! agent's API (`spiderpool_core::api`) over the agent's unix socket on the other. Thin on
-//! purpose: parse, one request, print. No store code, no async runtime.
+//! purpose: parse, one request, print. No store code, no async runtime (the coordinator, a
+//! separate binary, runs a single-threaded one for netlink).
 //!
 //! # Layout
 //! - [`conf`]: the network configuration on stdin and the `CNI_*` environment.
 //! - [`result`]: CNI results in the requested version.
 //! - [`error`]: CNI error codes (every code this plugin returns is documented there).
 //! - [`client`]: a minimal HTTP/1.1 client over a unix socket.
+//! - [`coordinator`]: the `coordinator` (`veth`) meta-plugin, chained after the main plugin.
 //! - [`run`]: one invocation, from environment and stdin to stdout and exit code, testable in
 //!   process.
 #![cfg_attr(
@@ -19,6 +21,7 @@
 
 pub mod client;
 pub mod conf;
+pub mod coordinator;
 pub mod error;
 pub mod result;
 pub mod run;

@@ -33,10 +33,12 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn ok(stdout: String) -> Self {
+    /// Success with `stdout`.
+    pub fn ok(stdout: String) -> Self {
         Answer { stdout, status: 0 }
     }
-    fn err(e: CniError) -> Self {
+    /// The error `e`.
+    pub fn err(e: CniError) -> Self {
         Answer {
             stdout: e.to_json(),
             status: i32::try_from(e.code.clamp(1, 255)).unwrap_or(1),
@@ -80,7 +82,7 @@ pub fn run(vars: &BTreeMap<String, String>, stdin: &[u8]) -> Answer {
 }
 
 /// The configuration's `cniVersion` when it is one we speak, for error answers and VERSION.
-fn peek_version(stdin: &[u8]) -> String {
+pub fn peek_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| {
