@@ -11,6 +11,7 @@ use serde_json::Value;
 
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod lab;
 
 /// A binary of this workspace (see [`spiderpool_store::testing::workspace_bin`]).
 pub fn workspace_bin(name: &str, package: &str) -> PathBuf {

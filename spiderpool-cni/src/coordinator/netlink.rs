@@ -179,15 +179,24 @@ impl Nl {
             })
     }
 
-    /// Creates the veth pair `name` / `peer` here, with `alias` on `name`.
+    /// Creates the veth pair `name` / `peer` here, with `alias` on `name` (set after the
+    /// creation: the kernel takes no alias in a new link's message).
     pub async fn add_veth(&self, name: &str, peer: &str, alias: &str) -> NlResult<()> {
-        let msg = LinkVeth::new(name, peer).alias(alias).build();
+        let msg = LinkVeth::new(name, peer).build();
         self.h
             .link()
             .add(msg)
             .execute()
             .await
-            .map_err(|e| NlError::netlink(format!("create veth pair {name}/{peer}"), e))
+            .map_err(|e| NlError::netlink(format!("create veth pair {name}/{peer}"), e))?;
+        let index = self.index(name).await?;
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
+        self.h
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NlError::netlink(format!("set the alias of {name}"), e))
     }
 
     /// Moves link `index` into the namespace at `netns`, renamed `new_name`.
