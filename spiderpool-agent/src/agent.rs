@@ -32,6 +32,8 @@ pub struct Agent {
     pub stuck_ready: std::time::Duration,
     /// ... and this, not alive (`/livez`).
     pub stuck_live: std::time::Duration,
+    /// The probes every ADD's plugin makes (`--ip-conflict-detection`, `--gateway-detection`).
+    pub detect: spiderpool_core::engine::Detect,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             inflight: Arc::new(InFlight::default()),
             stuck_ready: WEDGED_READY,
             stuck_live: WEDGED_LIVE,
+            detect: Default::default(),
         }
     }
 }

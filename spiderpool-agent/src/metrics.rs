@@ -71,6 +71,8 @@ pub struct Metrics {
     pub release_duration: Histogram,
     /// Records freed by CNI GC.
     pub gc_released: AtomicU64,
+    /// Addresses another host answered for (IP conflict detection), recorded as in conflict.
+    pub ip_conflicts: AtomicU64,
     /// Records freed by the agent's pod-lifecycle GC, by reason (`lifecycle::Reason` order).
     pub lifecycle_released: [AtomicU64; 5],
 }
@@ -161,6 +163,12 @@ impl Metrics {
             "spiderpool_ipam_gc_released_counts",
             "Addresses freed by CNI GC.",
             c(&self.gc_released),
+        );
+        counter(
+            &mut out,
+            "spiderpool_ipam_ip_conflicts_total",
+            "Addresses another host answered for (IP conflict detection), recorded as in conflict and replaced.",
+            c(&self.ip_conflicts),
         );
         let _ = writeln!(out, "# HELP spiderpool_gc_released_total Addresses freed by the agent's pod-lifecycle GC, by reason.\n# TYPE spiderpool_gc_released_total counter");
         for (i, r) in LIFECYCLE_REASONS.iter().enumerate() {

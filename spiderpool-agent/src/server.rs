@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use spiderpool_core::api::{
-    AddRequest, ApiError, DelRequest, DelResponse, EndpointRow, ErrorKind, PoolRow, Status,
-    SubnetRow,
+    AddRequest, ApiError, ConflictRequest, DelRequest, DelResponse, EndpointRow, ErrorKind,
+    PoolRow, Status, SubnetRow,
 };
 use spiderpool_core::engine::Allocation;
 use spiderpool_core::store::{Filter, LeaseStore};
@@ -55,6 +55,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/add", post(add))
         .route("/v1/del", post(del))
         .route("/v1/check", post(check))
+        .route("/v1/conflict", post(conflict))
         .route("/v1/gc", post(gc))
         .route("/v1/status", get(status))
         .route("/v1/ippools", get(ippools))
@@ -121,6 +122,20 @@ async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocatio
         tracing::warn!(error = %e.message, details = %e.details, "ADD failed");
     }
     out.map(Json)
+}
+
+async fn conflict(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
+    let req = body::<ConflictRequest>(&bytes)?;
+    let agent = a.clone();
+    let container = req.add.attachment.container_id.clone();
+    a.inflight
+        .run(
+            &container,
+            async move { ipam::conflict(&agent, &req).await },
+        )
+        .await
+        .map(Json)
+        .map_err(Fail)
 }
 
 async fn del(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<DelResponse>, Fail> {

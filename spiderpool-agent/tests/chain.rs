@@ -174,17 +174,6 @@ fn http_code(from_ns: &str, url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A veth from `node` (`nic`) into the router's bridge `br`.
-fn wire(router: &str, br: &str, node: &str, nic: &str, side: &str) {
-    sh(&[
-        "ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", side, "netns",
-        router,
-    ]);
-    sh(&["ip", "-n", node, "link", "set", nic, "up"]);
-    sh(&["ip", "-n", router, "link", "set", side, "master", br]);
-    sh(&["ip", "-n", router, "link", "set", side, "up"]);
-}
-
 /// kube-proxy's part for one Service: the ClusterIP and the node's NodePort DNAT to the
 /// backend, and MASQUERADE of DNATed traffic (the sources are outside the cluster CIDR).
 fn kube_proxy(node: &str, node_ip: &str, backend: &str) {

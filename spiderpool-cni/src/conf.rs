@@ -186,6 +186,8 @@ pub struct NetConf {
     pub log_file: Option<String>,
     /// GC: `cni.dev/valid-attachments` (or the older `cni.dev/attachments`).
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// `ipam.enableIPConflictDetection`, `ipam.enableGatewayDetection`.
+    pub detect: spiderpool_core::engine::Detect,
 }
 
 /// The directories `ipam.log_file_path` may name a file in: Spiderpool's (`/var/log/spidernet`)
@@ -303,6 +305,7 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
     };
     let valid_attachments = attachments(obj, &cni_version)?;
     Ok(NetConf {
+        detect: ipam.detect,
         defaults: ipam.defaults,
         socket: ipam.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
         log_level,
@@ -460,6 +463,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.defaults.default_ipv4_ippool, ["a", "b"]);
         assert!(c.defaults.clean_gateway);
+        assert!(c.detect.is_off());
         assert_eq!(c.defaults.network_name.as_deref(), Some("macvlan-6"));
         assert_eq!(c.socket, "/run/x.sock");
         assert_eq!(c.log_level, LogLevel::Debug);
@@ -489,6 +493,11 @@ mod tests {
                 br#"{"cniVersion":"1.0.0","ipam":{"clean_gateway":"yes"}}"#,
                 INVALID_CONFIG,
                 "clean_gateway must be true or false",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","ipam":{"enableIPConflictDetection":1}}"#,
+                INVALID_CONFIG,
+                "ipam.enableIPConflictDetection must be true or false",
             ),
         ];
         for (input, code, text) in cases {

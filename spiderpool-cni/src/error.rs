@@ -14,6 +14,9 @@
 //! | 101 | IPPools exhausted | candidates that could serve the pod are full; `details` lists them with `exhausted (used/total allocated)` |
 //! | 102 | no address recorded | CHECK for an attachment with no allocation |
 //! | 103 | agent error | the agent failed unexpectedly (see its log) or answered something the plugin cannot read |
+//! | 104 | IP conflict | IP conflict detection found every address tried (up to 4) answered for by another host; `msg` lists them and the MACs that answered |
+//! | 110 | coordinator CHECK failed | the pod's veth pair, or the node's route or rule to a pod address, is missing |
+//! | 111 | coordinator netlink failure | a netlink step of the coordinator failed; `msg` says which |
 
 use serde::Serialize;
 
@@ -39,6 +42,8 @@ pub const NO_POOL: u32 = 100;
 pub const EXHAUSTED: u32 = 101;
 /// CHECK: no address recorded.
 pub const NOT_RECORDED: u32 = 102;
+/// Every address tried for the NIC is in use by another host (IP conflict detection).
+pub const IP_CONFLICT: u32 = 104;
 /// The agent failed.
 pub const AGENT_ERROR: u32 = 103;
 

@@ -10,6 +10,7 @@
 //! - [`result`]: CNI results in the requested version.
 //! - [`error`]: CNI error codes (every code this plugin returns is documented there).
 //! - [`client`]: a minimal HTTP/1.1 client over a unix socket.
+//! - [`detect`], [`probe`]: IP conflict and gateway detection (ARP, NDP) in the pod before ADD answers.
 //! - [`coordinator`]: the `coordinator` (`veth`) meta-plugin, chained after the main plugin.
 //! - [`run`]: one invocation, from environment and stdin to stdout and exit code, testable in
 //!   process.
@@ -22,7 +23,9 @@
 pub mod client;
 pub mod conf;
 pub mod coordinator;
+pub mod detect;
 pub mod error;
+pub mod probe;
 pub mod result;
 pub mod run;
 

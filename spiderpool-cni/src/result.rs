@@ -53,6 +53,7 @@ mod tests {
 
     fn alloc(clean: bool) -> Allocation {
         Allocation {
+            detect: Default::default(),
             nics: vec![NicAllocation {
                 ifname: "eth0".into(),
                 ipv4: Some(AddressInfo {

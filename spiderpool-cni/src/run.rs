@@ -122,9 +122,13 @@ fn dispatch(env: &Env, c: &NetConf, stdin: &[u8], log: &Log) -> Result<String, C
                 pod: env.pod.clone(),
                 cni: c.defaults.clone(),
             };
-            let alloc: Allocation =
+            let mut alloc: Allocation =
                 client::call(&c.socket, "POST", "/v1/add", Some(&req), ADD_TIMEOUT)
                     .map_err(agent_err)?;
+            let d = alloc.detect.or(c.detect);
+            if !d.is_off() {
+                alloc = crate::detect::settle(c, &req, alloc, d, log, ADD_TIMEOUT)?;
+            }
             let result = add_result(&alloc, &att.ifname, &c.cni_version).ok_or_else(|| {
                 CniError::new(
                     AGENT_ERROR,
@@ -256,7 +260,8 @@ fn check_prev_result(stdin: &[u8], recorded: &Value) -> Result<(), CniError> {
 }
 
 /// Appends one line per event to `log_file_path` (never stdout, which belongs to the result).
-struct Log {
+/// The plugin's own log file (`ipam.log_file_path`).
+pub struct Log {
     file: Option<String>,
     level: LogLevel,
     prefix: String,
@@ -281,7 +286,8 @@ impl Log {
         }
     }
 
-    fn write(&self, level: LogLevel, msg: &str) {
+    /// Writes one line at `level`.
+    pub fn write(&self, level: LogLevel, msg: &str) {
         let Some(path) = &self.file else { return };
         if level < self.level {
             return;

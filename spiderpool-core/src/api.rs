@@ -9,6 +9,8 @@
 //! | `POST /v1/add` | [`AddRequest`] | 200 [`Allocation`](crate::engine::Allocation) |
 //! | `POST /v1/del` | [`DelRequest`] | 200 [`DelResponse`] |
 //! | `POST /v1/check` | [`CheckRequest`] | 200 [`Allocation`](crate::engine::Allocation) |
+//! | `POST /v1/conflict` | [`ConflictRequest`] | 200 [`Allocation`](crate::engine::Allocation): the address is recorded as in conflict and the ADD served again |
+//! | `GET /v1/coordinator` | | 200 the `SpiderCoordinator` `default`'s `spec` (JSON), 404 when the cluster has none |
 //! | `POST /v1/gc` | [`GcRequest`] | 200 [`DelResponse`] |
 //! | `GET /v1/status` | | 200 [`Status`] when ADD can be served, else 503 [`ApiError`] |
 //! | `GET /healthz`, `GET /readyz` | | 200 `ok` / 503 |
@@ -56,6 +58,20 @@ pub struct AddRequest {
     /// The network config's `name` and its `ipam` defaults.
     #[serde(default)]
     pub cni: CniDefaults,
+}
+
+/// IP conflict detection found another host answering for `address` (at `mac`) before the
+/// plugin answered ADD: the agent records the address as in conflict (never handed out) and
+/// serves `add` again, with another address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictRequest {
+    /// The ADD being served.
+    pub add: AddRequest,
+    /// The address in conflict.
+    pub address: std::net::IpAddr,
+    /// The hardware address that answered for it.
+    pub mac: String,
 }
 
 /// CNI DEL: frees what the attachment holds.

@@ -17,6 +17,8 @@ pub struct IpamConf {
     pub log_level: Option<String>,
     /// `log_file_path`.
     pub log_file: Option<String>,
+    /// `enableIPConflictDetection`, `enableGatewayDetection` (Spiderpool's keys).
+    pub detect: crate::engine::Detect,
 }
 
 /// Reads an `ipam` object whose `type` is `spiderpool` (or absent). `name` is the network's
@@ -54,15 +56,14 @@ pub fn parse_ipam(name: Option<String>, ipam: &Map<String, Value>) -> Result<Ipa
             Some(other) => Err(format!("ipam.{key} must be a string, not {other}")),
         }
     };
-    let clean_gateway = match ipam.get("clean_gateway") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(format!(
-                "ipam.clean_gateway must be true or false, not {other}"
-            ))
+    let flag = |key: &str| -> Result<bool, String> {
+        match ipam.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(format!("ipam.{key} must be true or false, not {other}")),
         }
     };
+    let clean_gateway = flag("clean_gateway")?;
     Ok(IpamConf {
         defaults: CniDefaults {
             default_ipv4_ippool: list("default_ipv4_ippool")?,
@@ -73,6 +74,10 @@ pub fn parse_ipam(name: Option<String>, ipam: &Map<String, Value>) -> Result<Ipa
         socket: string("ipam_unix_socket_path")?,
         log_level: string("log_level")?,
         log_file: string("log_file_path")?,
+        detect: crate::engine::Detect {
+            ip_conflict: flag("enableIPConflictDetection")?,
+            gateway: flag("enableGatewayDetection")?,
+        },
     })
 }
 

@@ -59,6 +59,16 @@ struct Args {
     /// ... and not alive (`/livez`, `spiderctl health --live`) past this.
     #[arg(long, default_value_t = 120)]
     live_stuck_secs: u64,
+    /// IP conflict detection for every ADD on this node (Spiderpool's
+    /// `enableIPConflictDetection`): before answering, the plugin probes each address on the
+    /// pod's interface (ARP, NDP duplicate address detection); one another host answers for is
+    /// recorded as in conflict and replaced. A network config may switch it on for itself.
+    #[arg(long)]
+    ip_conflict_detection: bool,
+    /// Gateway detection for every ADD on this node (`enableGatewayDetection`): ADD fails,
+    /// retryably and with the address released, when the pool's gateway does not answer.
+    #[arg(long)]
+    gateway_detection: bool,
     /// Do not watch the store for other nodes' changes (etcd): for measuring what the watch saves.
     #[arg(long)]
     no_watch: bool,
@@ -235,6 +245,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = Agent::new(args.node_name.clone(), store, view.clone());
     agent.stuck_ready = Duration::from_secs(args.ready_stuck_secs.max(1));
     agent.stuck_live = Duration::from_secs(args.live_stuck_secs.max(1));
+    agent.detect = spiderpool_core::engine::Detect {
+        ip_conflict: args.ip_conflict_detection,
+        gateway: args.gateway_detection,
+    };
     let agent = Arc::new(agent);
     let listener = bind(&args.socket)?;
     spawn_tasks(&args, &agent, &kube, &stop_rx).await?;

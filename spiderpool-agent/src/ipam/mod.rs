@@ -6,9 +6,11 @@
 //! input, a StatefulSet pod's earlier addresses ([`statefulset`]), then the engine's allocation.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
 
 use spiderpool_core::api::{
-    AddRequest, ApiError, CheckRequest, DelRequest, DelResponse, ErrorKind, GcRequest,
+    AddRequest, ApiError, CheckRequest, ConflictRequest, DelRequest, DelResponse, ErrorKind,
+    GcRequest,
 };
 use spiderpool_core::engine::Allocation;
 use spiderpool_core::select::SelectionInput;
@@ -171,7 +173,8 @@ pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
         .allocate(&snap.pools, &input, &req.attachment, &ctx.uid, now_secs())
         .await;
     match out {
-        Ok(alloc) => {
+        Ok(mut alloc) => {
+            alloc.detect = a.detect;
             if statefulset {
                 statefulset::free_unadoptable(a, &ctx.namespace, &ctx.name, &req.attachment).await;
             }
@@ -194,6 +197,36 @@ pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
             Err(err)
         }
     }
+}
+
+/// IP conflict detection found `req.address` answered for by another host: the address is
+/// recorded as in conflict (never handed out again; `spiderctl get endpoints` shows it with the
+/// MAC that answered) and the ADD is served again, with another address.
+pub async fn conflict(a: &Agent, req: &ConflictRequest) -> Result<Allocation, ApiError> {
+    let att = &req.add.attachment;
+    let marked = a
+        .engine
+        .quarantine(
+            &att.container_id,
+            &att.ifname,
+            req.address,
+            &req.mac,
+            now_secs(),
+        )
+        .await
+        .map_err(|e| ApiError::from(&e))?;
+    if let Some(m) = &marked {
+        a.metrics.ip_conflicts.fetch_add(1, Relaxed);
+        tracing::warn!(
+            address = %req.address,
+            mac = %req.mac,
+            pool = %m.pool,
+            container = %att.container_id,
+            ifname = %att.ifname,
+            "IP conflict: another host answers for this address; it is kept out of the pool (free it with spiderctl once that host is gone) and the pod gets another"
+        );
+    }
+    add(a, &req.add).await
 }
 
 /// DEL: frees the attachment's addresses, unless a StatefulSet pod's next sandbox takes them.

@@ -235,3 +235,21 @@ pub fn pool_counts(socket: &str) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// A veth from `node` (`nic`) into the router's bridge `br`.
+pub fn wire(router: &str, br: &str, node: &str, nic: &str, side: &str) {
+    sh(&[
+        "ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", side, "netns",
+        router,
+    ]);
+    sh(&["ip", "-n", node, "link", "set", nic, "up"]);
+    sh(&["ip", "-n", router, "link", "set", side, "master", br]);
+    sh(&["ip", "-n", router, "link", "set", side, "up"]);
+}
+
+/// A router namespace's bridge `br` with the gateway address `gw` (CIDR) on it.
+pub fn bridge(router: &str, br: &str, gw: &str) {
+    sh(&["ip", "-n", router, "link", "add", br, "type", "bridge"]);
+    sh(&["ip", "-n", router, "addr", "add", gw, "dev", br]);
+    sh(&["ip", "-n", router, "link", "set", br, "up"]);
+}

@@ -19,7 +19,7 @@
 //! (nothing to collect: the node's part is per container, removed by DEL).
 
 mod config;
-mod netlink;
+pub(crate) mod netlink;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};

@@ -23,10 +23,13 @@ use crate::store::{
     Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Txn,
 };
 
+mod conflict;
 mod outcome;
 
+pub use conflict::{is_conflict, CONFLICT_CONTAINER, CONFLICT_NETWORK};
+
 pub use outcome::{
-    AddressInfo, Allocation, Attachment, EngineError, EngineStats, NicAllocation, RouteInfo,
+    AddressInfo, Allocation, Attachment, Detect, EngineError, EngineStats, NicAllocation, RouteInfo,
 };
 
 /// How many times a request re-picks after losing races before giving up (retryable error).
@@ -538,6 +541,7 @@ impl<S: LeaseStore> Engine<S> {
         }
         Allocation {
             nics: nics.into_values().collect(),
+            detect: Detect::default(),
         }
     }
 
@@ -623,6 +627,8 @@ impl<S: LeaseStore> Engine<S> {
     }
 
     /// Frees every record passing `filter` for which `is_garbage` holds (e.g. pods that are gone).
+    /// Records of addresses in conflict ([`is_conflict`]) are never garbage: only an explicit
+    /// release (DEL of their attachment) frees them.
     pub async fn gc_where(
         &self,
         filter: Filter<'_>,
@@ -632,7 +638,7 @@ impl<S: LeaseStore> Engine<S> {
         let victims: Vec<Lease> = listing
             .leases
             .into_iter()
-            .filter(|l| is_garbage(l))
+            .filter(|l| !is_conflict(l) && is_garbage(l))
             .collect();
         self.release_leases(&victims).await
     }

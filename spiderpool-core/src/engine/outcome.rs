@@ -67,8 +67,41 @@ pub struct NicAllocation {
 /// Everything allocated to one container.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
-    /// Per NIC, sorted by interface name.
+    /// One entry per NIC.
     pub nics: Vec<NicAllocation>,
+    /// Probes the node's agent asks the plugin to make before it answers the runtime (its
+    /// `--ip-conflict-detection` / `--gateway-detection`; a network config may add its own).
+    #[serde(default, skip_serializing_if = "Detect::is_off")]
+    pub detect: Detect,
+}
+
+/// IP conflict and gateway detection (Spiderpool's `enableIPConflictDetection`,
+/// `enableGatewayDetection`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Detect {
+    /// Probe each address (ARP / NDP duplicate address detection); one another host answers
+    /// for is recorded as in conflict and replaced.
+    #[serde(default)]
+    pub ip_conflict: bool,
+    /// Probe each gateway; ADD fails (retryably, the address released) when it does not answer.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+impl Detect {
+    /// Neither probe.
+    pub fn is_off(&self) -> bool {
+        !self.ip_conflict && !self.gateway
+    }
+
+    /// Both sets of switches together.
+    pub fn or(self, other: Detect) -> Detect {
+        Detect {
+            ip_conflict: self.ip_conflict || other.ip_conflict,
+            gateway: self.gateway || other.gateway,
+        }
+    }
 }
 
 impl Allocation {

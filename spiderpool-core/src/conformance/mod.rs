@@ -18,6 +18,9 @@ use crate::select::{CniDefaults, SelectionInput, ANNO_IPPOOL, ANNO_IPPOOLS};
 use crate::store::{Conflict, Filter, Lease, LeaseStore, Outcome, Owner, Release, Txn};
 use crate::PoolSet;
 
+mod conflict;
+pub use conflict::quarantine_keeps_the_address_out;
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|_| panic!("test address {s}"))
 }
@@ -436,7 +439,7 @@ pub async fn engine_idempotency_and_gc<S: LeaseStore>(s: S) {
     );
 }
 
-fn network(name: &str) -> CniDefaults {
+pub(crate) fn network(name: &str) -> CniDefaults {
     CniDefaults {
         network_name: Some(name.into()),
         ..Default::default()
@@ -632,6 +635,7 @@ where
     moves(&make().await).await;
     engine_idempotency_and_gc(make().await).await;
     gc_is_scoped_to_network_and_container(make().await).await;
+    quarantine_keeps_the_address_out(make().await).await;
     full_pool_is_not_reread_per_add(make().await).await;
     no_duplicates_under_concurrency(make().await).await;
 }
