@@ -56,6 +56,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/del", post(del))
         .route("/v1/check", post(check))
         .route("/v1/conflict", post(conflict))
+        .route("/v1/coordinator", get(coordinator))
         .route("/v1/gc", post(gc))
         .route("/v1/status", get(status))
         .route("/v1/ippools", get(ippools))
@@ -122,6 +123,17 @@ async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocatio
         tracing::warn!(error = %e.message, details = %e.details, "ADD failed");
     }
     out.map(Json)
+}
+
+async fn coordinator(State(a): State<Arc<Agent>>) -> Result<Json<serde_json::Value>, Fail> {
+    match a.view.coordinator_defaults().await {
+        Ok(Some(v)) => Ok(Json(v)),
+        Ok(None) => Err(Fail(ApiError::new(
+            ErrorKind::NotFound,
+            "the cluster has no SpiderCoordinator 'default': the coordinator uses its built-in defaults",
+        ))),
+        Err(e) => Err(Fail(ApiError::new(ErrorKind::Unavailable, e.to_string()))),
+    }
 }
 
 async fn conflict(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {

@@ -95,7 +95,7 @@ fn conflicting_addresses_are_skipped_and_recorded_and_a_dead_gateway_fails_the_a
     let rows = endpoints(&agent.sock());
     let conflicts: Vec<_> = rows
         .iter()
-        .filter(|r| r.0.contains("#ip-conflict/"))
+        .filter(|r| r.0.contains("#ip-conflict-"))
         .map(|r| (r.1.clone(), r.2.clone()))
         .collect();
     assert_eq!(

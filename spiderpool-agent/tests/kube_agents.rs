@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::kube::{holders, lab, lab_with, pod, records, wait_counts, wait_for};
-use common::{cni, env_for, netconf, testdata, Agent};
+use common::{cni, env_for, netconf, testdata, workspace_bin, Agent};
+use spiderpool_store::testing::KubeServer;
 
 #[test]
 fn seed_scenario_through_the_api_server() {
@@ -594,6 +595,7 @@ fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
         conf.to_string().as_bytes(),
     );
     assert_eq!(del.code(), 0, "{}", del.stdout);
+    coordinator_defaults_come_from_the_cluster(s, &a);
     assert!(!a.log_text().contains("forbidden"), "{}", a.log_text());
     // And nothing more: writes to other kinds, deletes, pool specs are refused.
     for (args, stdin) in [
@@ -1088,4 +1090,68 @@ fn records_name_the_pod_read_and_a_missing_pod_is_refused() {
         missing.stdout
     );
     assert_eq!(holders(s), ["c-uid-less"]);
+}
+
+/// The `coordinator` plugin's cluster defaults, served by the agent (with its own role) from the
+/// `SpiderCoordinator` `default`: `mode: disabled` there makes the plugin pass the result through
+/// without touching any namespace, and `status.serviceCIDR` is served as `serviceCIDR`.
+fn coordinator_defaults_come_from_the_cluster(s: &KubeServer, a: &Agent) {
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderCoordinator\nmetadata: {name: default}\nspec: {mode: disabled, hostRuleTable: 600, podMACPrefix: \"0a:1b\"}\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "spidercoordinator",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"serviceCIDR":["10.233.0.0/18"],"phase":"Synced"}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--unix-socket",
+            &a.sock(),
+            "http://agent/v1/coordinator",
+        ])
+        .output()
+        .expect("curl");
+    let served: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(served["hostRuleTable"], 600, "{served}");
+    assert_eq!(served["serviceCIDR"][0], "10.233.0.0/18", "{served}");
+    let prev = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.6.168.61/16"}]});
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "n", "type": "coordinator",
+        "agentSocket": a.sock(), "prevResult": prev});
+    let mut child = std::process::Command::new(workspace_bin("coordinator", "spiderpool-cni"))
+        .env_clear()
+        .envs([
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c-coordinator"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/var/run/netns/does-not-exist"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("coordinator runs");
+    {
+        use std::io::Write;
+        let mut i = child.stdin.take().expect("stdin");
+        i.write_all(conf.to_string().as_bytes()).expect("write");
+    }
+    let out = child.wait_with_output().expect("coordinator ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the cluster said mode disabled: {text}"
+    );
+    let result: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+    assert_eq!(result["ips"], prev["ips"], "{text}");
 }

@@ -470,7 +470,7 @@ mod tests {
         let d = parse_netconf(br#"{"cniVersion":"0.3.1","name":"n","ipam":{"type":"spiderpool"}}"#)
             .expect("valid");
         assert_eq!(d.socket, DEFAULT_SOCKET);
-        let cases: [(&[u8], u32, &str); 7] = [
+        let cases: [(&[u8], u32, &str); 8] = [
             (b"{not json", DECODE_FAILURE, "not JSON"),
             (b"[1]", DECODE_FAILURE, "not a JSON object"),
             (

@@ -24,7 +24,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use spiderpool_core::types::{Object, Pod};
-use spiderpool_store::k8s::crd::{SpiderIPPool, SpiderReservedIP, SpiderSubnet};
+use spiderpool_store::k8s::crd::{SpiderCoordinator, SpiderIPPool, SpiderReservedIP, SpiderSubnet};
 
 use super::{AutoPools, ClusterView, LeftOut, Snapshot, ViewError};
 
@@ -42,7 +42,13 @@ pub struct KubeView {
     /// Every Node's name (a metadata-only watch), once listed: GC asks the API server about a
     /// node only when it is missing here, so its reads do not grow with the cluster.
     node_names: RwLock<Option<BTreeSet<String>>>,
+    /// The `SpiderCoordinator` defaults as last read, and when (read again after
+    /// [`COORDINATOR_TTL`]: one GET per node per TTL, however many pods start).
+    coordinator: tokio::sync::Mutex<Option<(std::time::Instant, Option<serde_json::Value>)>>,
 }
+
+/// How long the agent serves the `SpiderCoordinator` defaults it read before reading again.
+pub const COORDINATOR_TTL: Duration = Duration::from_secs(10);
 
 fn convert<K: Serialize>(o: &K) -> Option<Object> {
     let v = serde_json::to_value(o).ok()?;
@@ -81,6 +87,7 @@ impl KubeView {
             current: RwLock::new(Arc::new(Snapshot::default())),
             left_out: std::sync::Mutex::new(Vec::new()),
             node_names: RwLock::new(None),
+            coordinator: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(follow_node_names(view.clone(), Api::all(client.clone())));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
@@ -322,6 +329,37 @@ impl ClusterView for KubeView {
                 self.server
             ))),
         }
+    }
+
+    async fn coordinator_defaults(&self) -> Result<Option<serde_json::Value>, ViewError> {
+        let mut cached = self.coordinator.lock().await;
+        if let Some((at, v)) = cached.as_ref() {
+            if at.elapsed() < COORDINATOR_TTL {
+                return Ok(v.clone());
+            }
+        }
+        let api: Api<SpiderCoordinator> = Api::all(self.pods.clone().into_client());
+        let read = match api.get_opt("default").await {
+            Ok(o) => o,
+            // No such resource (Spiderpool's CRD not installed, nor ours): no defaults.
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(e) => {
+                return Err(ViewError::Unavailable(format!(
+                    "reading SpiderCoordinator default from {}: {e}",
+                    self.server
+                )))
+            }
+        };
+        let v = read.map(|c| {
+            let mut spec = serde_json::to_value(&c.spec).unwrap_or_default();
+            let services = c.status.map(|s| s.service_cidr).unwrap_or_default();
+            if spec.get("serviceCIDR").is_none() && !services.is_empty() {
+                spec["serviceCIDR"] = serde_json::json!(services);
+            }
+            spec
+        });
+        *cached = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 
     async fn statefulset_wants(

@@ -216,4 +216,12 @@ pub trait ClusterView: Send + Sync {
     async fn node_exists_now(&self, name: &str) -> Result<bool, ViewError> {
         Ok(self.snapshot().nodes.contains_key(name))
     }
+
+    /// The cluster's `coordinator` defaults: the `SpiderCoordinator` named `default`, its `spec`
+    /// with `status.serviceCIDR` as `serviceCIDR` when the spec names none (the keys the
+    /// coordinator plugin reads). `Ok(None)` when there is none (or the view knows none:
+    /// manifests, where the network configuration carries every key).
+    async fn coordinator_defaults(&self) -> Result<Option<serde_json::Value>, ViewError> {
+        Ok(None)
+    }
 }

@@ -12,8 +12,9 @@ use super::EngineError;
 /// The network recorded for an address in conflict (no CNI network can be named so: a slash is
 /// not allowed in a network name), so CNI GC of a network never frees it.
 pub const CONFLICT_NETWORK: &str = "spiderpool.io/ip-conflict";
-/// The container recorded for an address in conflict: `ip-conflict/<address>` (one attachment
-/// per address: the store holds one record per attachment and family).
+/// The container recorded for an address in conflict: `ip-conflict-<address>` (one attachment
+/// per address: the store holds one record per attachment and family; no `/`, which the etcd
+/// store's key layout refuses).
 pub const CONFLICT_CONTAINER: &str = "ip-conflict";
 
 /// Whether a record marks an address in conflict.
@@ -23,7 +24,7 @@ pub fn is_conflict(lease: &Lease) -> bool {
             .owner
             .container_id
             .strip_prefix(CONFLICT_CONTAINER)
-            .is_some_and(|rest| rest.starts_with('/'))
+            .is_some_and(|rest| rest.starts_with('-'))
 }
 
 impl<S: LeaseStore> Engine<S> {
@@ -54,7 +55,7 @@ impl<S: LeaseStore> Engine<S> {
                 pod_namespace: String::new(),
                 pod_name: String::new(),
                 pod_uid: String::new(),
-                container_id: format!("{CONFLICT_CONTAINER}/{ip}"),
+                container_id: format!("{CONFLICT_CONTAINER}-{ip}"),
                 ifname: mac.to_string(),
                 node: self.node.clone(),
                 network: CONFLICT_NETWORK.to_string(),

@@ -217,6 +217,109 @@ pub struct SpiderIPBlockSpec {
     pub allocations: BTreeMap<String, Slot>,
 }
 
+/// `SpiderCoordinator.spec`: the cluster-wide defaults of the `coordinator` CNI meta-plugin
+/// (Spiderpool's resource; one object, `default`). A network configuration's own keys win.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "spiderpool.spidernet.io",
+    version = "v2beta1",
+    kind = "SpiderCoordinator",
+    plural = "spidercoordinators",
+    shortname = "scc",
+    category = "spiderpool",
+    status = "SpiderCoordinatorStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderCoordinatorSpec {
+    /// `underlay`, `auto`, `disabled` (`overlay` is Spiderpool's; refused by our coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Spiderpool's `podCIDRType` (`auto`, `cluster`, `calico`, `cilium`, `none`); kept, not used.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "podCIDRType"
+    )]
+    pub pod_cidr_type: Option<String>,
+    /// Policy routes per NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune_pod_routes: Option<bool>,
+    /// The NIC that keeps the default route.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "podDefaultRouteNIC"
+    )]
+    pub pod_default_route_nic: Option<String>,
+    /// Two hex octets the pod NIC's MAC starts with.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "podMACPrefix"
+    )]
+    pub pod_mac_prefix: Option<String>,
+    /// CIDRs routed through the node besides the Service CIDRs.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "hijackCIDR"
+    )]
+    pub hijack_cidr: Option<Vec<String>>,
+    /// The node's table for routes to its pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_rule_table: Option<i64>,
+    /// `rp_filter` in the pod.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "podRPFilter"
+    )]
+    pub pod_rp_filter: Option<i64>,
+    /// Spiderpool's `hostRPFilter`; kept, not used (the node's sysctls are the node's).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "hostRPFilter"
+    )]
+    pub host_rp_filter: Option<i64>,
+    /// The pod NIC's transmit queue length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_queue_len: Option<i64>,
+    /// An address for the pod's `veth0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veth_link_address: Option<String>,
+    /// Spiderpool's coordinator-side detection switches; ours are the IPAM's
+    /// (`enableIPConflictDetection`, `enableGatewayDetection`), so these are kept, not used.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "detectIPConflict"
+    )]
+    pub detect_ip_conflict: Option<bool>,
+    /// See `detectIPConflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_gateway: Option<bool>,
+}
+
+/// `SpiderCoordinator.status` (Spiderpool fills it from the cluster; an operator may too).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpiderCoordinatorStatus {
+    /// The cluster's Service CIDRs: routed through the node from underlay pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "serviceCIDR")]
+    pub service_cidr: Vec<String>,
+    /// The overlay CNI's pod CIDRs (overlay mode; kept, not used).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "overlayPodCIDR"
+    )]
+    pub overlay_pod_cidr: Vec<String>,
+    /// `Synced` / `NotReady`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
 /// Every CRD this project installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     let mut out = vec![
@@ -225,6 +328,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SpiderReservedIP::crd(),
         endpoint_crd(),
         SpiderIPBlock::crd(),
+        SpiderCoordinator::crd(),
     ];
     for crd in &mut out {
         fix_schema(crd);
@@ -372,13 +476,21 @@ mod tests {
                 "SpiderSubnet",
                 "SpiderReservedIP",
                 "SpiderEndpoint",
-                "SpiderIPBlock"
+                "SpiderIPBlock",
+                "SpiderCoordinator"
             ]
         );
         let scopes: Vec<_> = crds.iter().map(|c| c.spec.scope.as_str()).collect();
         assert_eq!(
             scopes,
-            ["Cluster", "Cluster", "Cluster", "Namespaced", "Cluster"]
+            [
+                "Cluster",
+                "Cluster",
+                "Cluster",
+                "Namespaced",
+                "Cluster",
+                "Cluster"
+            ]
         );
         let short: Vec<_> = crds
             .iter()
@@ -391,7 +503,7 @@ mod tests {
                     .join(",")
             })
             .collect();
-        assert_eq!(short, ["sp", "ss", "sr", "se", "sib"]);
+        assert_eq!(short, ["sp", "ss", "sr", "se", "sib", "scc"]);
         let cols: Vec<_> = crds[0].spec.versions[0]
             .additional_printer_columns
             .iter()
