@@ -13,8 +13,8 @@ use spiderpool_core::engine::{Allocation, Detect};
 use crate::client;
 use crate::conf::{LogLevel, NetConf};
 use crate::error::{CniError, IP_CONFLICT, TRY_AGAIN_LATER};
+use crate::log::Log;
 use crate::probe::{self, Port};
-use crate::run::Log;
 
 /// Addresses in conflict one ADD replaces before it gives up.
 pub const MAX_CONFLICTS: usize = 3;

@@ -9,6 +9,8 @@
 //! - [`conf`]: the network configuration on stdin and the `CNI_*` environment.
 //! - [`result`]: CNI results in the requested version.
 //! - [`error`]: CNI error codes (every code this plugin returns is documented there).
+//! - [`answer`], [`log`]: what an invocation prints and logs.
+//! - [`netlink`]: links, addresses, routes and rules (rtnetlink), in the node's or a pod's namespace.
 //! - [`client`]: a minimal HTTP/1.1 client over a unix socket.
 //! - [`detect`], [`probe`]: IP conflict and gateway detection (ARP, NDP) in the pod before ADD answers.
 //! - [`coordinator`]: the `coordinator` (`veth`) meta-plugin, chained after the main plugin.
@@ -20,11 +22,14 @@
 )]
 #![warn(missing_docs)]
 
+pub mod answer;
 pub mod client;
 pub mod conf;
 pub mod coordinator;
 pub mod detect;
 pub mod error;
+pub mod log;
+pub mod netlink;
 pub mod probe;
 pub mod result;
 pub mod run;

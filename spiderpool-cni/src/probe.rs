@@ -62,7 +62,7 @@ fn link_up(ifname: &str) -> Result<(), String> {
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     rt.block_on(async {
-        let nl = crate::coordinator::netlink::Nl::here().map_err(|e| e.to_string())?;
+        let nl = crate::netlink::Nl::here().map_err(|e| e.to_string())?;
         let index = nl.index(ifname).await.map_err(|e| e.to_string())?;
         nl.set_link(index, None, 0).await.map_err(|e| e.to_string())
     })

@@ -8,43 +8,21 @@
 //! is freed by the DEL itself as soon as the agent is back.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use spiderpool_core::api::{AddRequest, CheckRequest, DelRequest, DelResponse, GcRequest, Status};
 use spiderpool_core::engine::Allocation;
 
+pub use crate::answer::{peek_version, Answer};
 use crate::client::{self, ClientError};
 use crate::conf::{self, Command, Env, LogLevel, NetConf};
 use crate::error::{
     CniError, AGENT_ERROR, INCOMPATIBLE_VERSION, INVALID_CONFIG, NOT_AVAILABLE, NOT_RECORDED,
 };
+pub use crate::log::Log;
 use crate::result::add_result;
 use crate::SUPPORTED_VERSIONS;
-
-/// What the runtime sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    /// Printed on stdout (a result, an error JSON, or nothing).
-    pub stdout: String,
-    /// Exit status: 0, or the CNI error code (at most 255).
-    pub status: i32,
-}
-
-impl Answer {
-    /// Success with `stdout`.
-    pub fn ok(stdout: String) -> Self {
-        Answer { stdout, status: 0 }
-    }
-    /// The error `e`.
-    pub fn err(e: CniError) -> Self {
-        Answer {
-            stdout: e.to_json(),
-            status: i32::try_from(e.code.clamp(1, 255)).unwrap_or(1),
-        }
-    }
-}
 
 /// How long the plugin waits for the agent.
 const ADD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -81,19 +59,6 @@ pub fn run(vars: &BTreeMap<String, String>, stdin: &[u8]) -> Answer {
     }
 }
 
-/// The configuration's `cniVersion` when it is one we speak, for error answers and VERSION.
-pub fn peek_version(stdin: &[u8]) -> String {
-    serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| "1.1.0".to_string())
-}
-
 fn need_version(c: &NetConf, cmd: Command, min: &str) -> Result<(), CniError> {
     if conf::version_at_least(&c.cni_version, min) {
         Ok(())
@@ -109,35 +74,37 @@ fn need_version(c: &NetConf, cmd: Command, min: &str) -> Result<(), CniError> {
     }
 }
 
+/// ADD: the agent's allocation (probed first when detection is on) as the CNI result.
+fn add(env: &Env, c: &NetConf, log: &Log) -> Result<String, CniError> {
+    let att = env.attachment.clone().unwrap_or_default();
+    let req = AddRequest {
+        attachment: att.clone(),
+        netns: env.netns.clone(),
+        pod: env.pod.clone(),
+        cni: c.defaults.clone(),
+    };
+    let mut alloc: Allocation = client::call(&c.socket, "POST", "/v1/add", Some(&req), ADD_TIMEOUT)
+        .map_err(|e| CniError::from(e.into_api()))?;
+    let d = alloc.detect.or(c.detect);
+    if !d.is_off() {
+        alloc = crate::detect::settle(c, &req, alloc, d, log, ADD_TIMEOUT)?;
+    }
+    let result = add_result(&alloc, &att.ifname, &c.cni_version).ok_or_else(|| {
+        CniError::new(
+            AGENT_ERROR,
+            format!("the agent allocated nothing for {}", att.ifname),
+        )
+    })?;
+    log.write(LogLevel::Debug, &format!("result {result}"));
+    Ok(result.to_string())
+}
+
 fn dispatch(env: &Env, c: &NetConf, stdin: &[u8], log: &Log) -> Result<String, CniError> {
     let agent_err = |e: ClientError| CniError::from(e.into_api());
     let network = c.defaults.network_name.clone().unwrap_or_default();
     match env.command {
         Command::Version => Ok(String::new()),
-        Command::Add => {
-            let att = env.attachment.clone().unwrap_or_default();
-            let req = AddRequest {
-                attachment: att.clone(),
-                netns: env.netns.clone(),
-                pod: env.pod.clone(),
-                cni: c.defaults.clone(),
-            };
-            let mut alloc: Allocation =
-                client::call(&c.socket, "POST", "/v1/add", Some(&req), ADD_TIMEOUT)
-                    .map_err(agent_err)?;
-            let d = alloc.detect.or(c.detect);
-            if !d.is_off() {
-                alloc = crate::detect::settle(c, &req, alloc, d, log, ADD_TIMEOUT)?;
-            }
-            let result = add_result(&alloc, &att.ifname, &c.cni_version).ok_or_else(|| {
-                CniError::new(
-                    AGENT_ERROR,
-                    format!("the agent allocated nothing for {}", att.ifname),
-                )
-            })?;
-            log.write(LogLevel::Debug, &format!("result {result}"));
-            Ok(result.to_string())
-        }
+        Command::Add => add(env, c, log),
         Command::Del => {
             let req = DelRequest {
                 attachment: env.attachment.clone().unwrap_or_default(),
@@ -259,105 +226,9 @@ fn check_prev_result(stdin: &[u8], recorded: &Value) -> Result<(), CniError> {
     }
 }
 
-/// Appends one line per event to `log_file_path` (never stdout, which belongs to the result).
-/// The plugin's own log file (`ipam.log_file_path`).
-pub struct Log {
-    file: Option<String>,
-    level: LogLevel,
-    prefix: String,
-}
-
-impl Log {
-    fn new(c: &NetConf, env: &Env) -> Self {
-        let att = env
-            .attachment
-            .as_ref()
-            .map(|a| format!(" container={} ifname={}", a.container_id, a.ifname))
-            .unwrap_or_default();
-        let pod = env
-            .pod
-            .as_ref()
-            .map(|p| format!(" pod={}/{}", p.namespace, p.name))
-            .unwrap_or_default();
-        Log {
-            file: c.log_file.clone(),
-            level: c.log_level,
-            prefix: format!("{}{att}{pod}", env.command.as_str()),
-        }
-    }
-
-    /// Writes one line at `level`.
-    pub fn write(&self, level: LogLevel, msg: &str) {
-        let Some(path) = &self.file else { return };
-        if level < self.level {
-            return;
-        }
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        if let Ok(mut f) = open_log(std::path::Path::new(path)) {
-            let _ = writeln!(
-                f,
-                "{secs} {level:?} pid={} {}",
-                std::process::id(),
-                escape(&format!("{} {msg}", self.prefix))
-            );
-        }
-    }
-}
-
-/// Opens the log for appending: created with mode 0600, never through a symbolic link (the
-/// path is checked by `conf::log_path`; `O_NOFOLLOW` closes the last step of a link race).
-fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// One log line stays one line: control characters (a newline in a pool name from a pod
-/// annotation) are written escaped.
-fn escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_log_is_one_line_per_event_and_never_follows_a_link() {
-        assert_eq!(
-            escape("pool a\nfake line\u{1b}[31m"),
-            "pool a\\nfake line\\u{1b}[31m"
-        );
-        let dir = tempfile::tempdir().expect("dir");
-        let real = dir.path().join("real");
-        std::fs::write(&real, "").expect("file");
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(&real, &link).expect("link");
-        assert!(open_log(&link).is_err(), "a symbolic link is refused");
-        let fresh = dir.path().join("cni.log");
-        open_log(&fresh).expect("created");
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&fresh)
-            .expect("meta")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
 
     #[test]
     fn the_log_path_stays_in_the_log_directories() {

@@ -19,7 +19,6 @@
 //! (nothing to collect: the node's part is per container, removed by DEL).
 
 mod config;
-pub(crate) mod netlink;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -28,13 +27,13 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
+use crate::answer::{peek_version, Answer};
 use crate::conf::{self, Command, Env};
 use crate::error::{CniError, DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_CONFIG};
-use crate::run::Answer;
 use crate::SUPPORTED_VERSIONS;
 
+use crate::netlink::{self, link_alias, Nl, NlError};
 pub use config::{host_veth_name, merge, pod_mac, prev_result, Mode, Prev, Settings};
-use netlink::{link_alias, Nl, NlError};
 
 /// The pod side of the pair.
 pub const POD_VETH: &str = "veth0";
@@ -62,7 +61,7 @@ fn host_prefix(ip: IpAddr) -> IpNet {
 /// One invocation of the coordinator: environment and stdin in, stdout and status out.
 /// `cluster` is the `SpiderCoordinator` default spec (JSON), when the agent serves one.
 pub fn run(vars: &BTreeMap<String, String>, stdin: &[u8], cluster: Option<&Value>) -> Answer {
-    let version = crate::run::peek_version(stdin);
+    let version = peek_version(stdin);
     let env = match conf::parse_env(vars) {
         Ok(e) => e,
         Err(e) => return Answer::err(e.version(&version)),
