@@ -618,3 +618,49 @@ fn wait_for(mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Every 1.1.0 network configuration we ship serves GC and STATUS through both our plugins (the
+/// verbs Debian's 1.1.1 plugins do not speak, so each of ours is called directly, as libcni
+/// calls each plugin of a list).
+#[test]
+fn shipped_1_1_0_configurations_serve_gc_and_status() {
+    let lab = Lab::start("");
+    let root: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "deploy"]
+        .iter()
+        .collect();
+    let conflist: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("cni/10-macvlan-zone.conflist")).expect("conflist"),
+    )
+    .expect("json");
+    let nad: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root.join("kubernetes/macvlan-zone-1.1.0.yaml")).expect("nad"),
+    )
+    .expect("yaml");
+    let nad: Value =
+        serde_json::from_str(nad["spec"]["config"].as_str().expect("config")).expect("json");
+    let coordinator = workspace_bin("coordinator", "spiderpool-cni");
+    for list in [conflist, nad] {
+        assert_eq!(list["cniVersion"], "1.1.0");
+        for p in list["plugins"].as_array().expect("plugins") {
+            let mut c = p.clone();
+            c["name"] = list["name"].clone();
+            c["cniVersion"] = list["cniVersion"].clone();
+            c["cni.dev/valid-attachments"] = json!([]);
+            if c.get("ipam").is_some() {
+                c["ipam"]["ipam_unix_socket_path"] = json!(lab.agent.sock());
+            }
+            for verb in ["STATUS", "GC"] {
+                let out = match p["type"].as_str() {
+                    Some("macvlan") => cni(&[("CNI_COMMAND", verb)], c.to_string().as_bytes()),
+                    Some("coordinator") => common::cni_with(
+                        &coordinator,
+                        &[("CNI_COMMAND", verb)],
+                        c.to_string().as_bytes(),
+                    ),
+                    other => panic!("unexpected plugin {other:?}"),
+                };
+                assert_eq!(out.status, 0, "{verb} of {}: {}", p["type"], out.stdout);
+            }
+        }
+    }
+}

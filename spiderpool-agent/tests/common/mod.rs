@@ -206,7 +206,12 @@ impl Call {
 
 /// Runs the plugin with `env` (CNI_* vars) and `stdin`, as a runtime does.
 pub fn cni(env: &[(&str, &str)], stdin: &[u8]) -> Call {
-    let mut cmd = Command::new(plugin());
+    cni_with(&plugin(), env, stdin)
+}
+
+/// Runs the plugin binary `bin` with `env` (CNI_* vars) and `stdin`, as a runtime does.
+pub fn cni_with(bin: &Path, env: &[(&str, &str)], stdin: &[u8]) -> Call {
+    let mut cmd = Command::new(bin);
     cmd.env_clear();
     for (k, v) in env {
         cmd.env(k, v);
