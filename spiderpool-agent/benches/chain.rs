@@ -121,23 +121,7 @@ fn main() {
     let store = format!("embedded:{}", dir.path().join("leases.redb").display());
     let agent = agent_for(dir.path(), "controller-node-1", &store);
     let mut ns = Netns::new();
-    let router = ns.add("router");
-    let node = ns.add("node6");
-    bridge(&router, "br6", "10.6.0.1/16");
-    wire(&router, "br6", &node, "ens192", "r6a");
-    sh(&[
-        "ip",
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "10.6.0.2/16",
-        "dev",
-        "ens192",
-    ]);
-    sh(&[
-        "ip", "-n", &node, "route", "add", "default", "via", "10.6.0.1",
-    ]);
+    let (_router, node) = zone6(&mut ns);
     let cni_path = cni_path(dir.path());
     // From here on this process (and every plugin it forks) is in the node's namespace.
     let f = std::fs::File::open(format!("/var/run/netns/{node}")).expect("node netns");

@@ -49,22 +49,9 @@ fn conflicting_addresses_are_skipped_and_recorded_and_a_dead_gateway_fails_the_a
         &[pools(dir.path())],
     );
     let mut ns = Netns::new();
-    let router = ns.add("router");
-    let node = ns.add("node6");
+    let (router, node) = zone6(&mut ns);
     let foreign = ns.add("foreign");
-    bridge(&router, "br6", "10.6.0.1/16");
-    wire(&router, "br6", &node, "ens192", "r6a");
     wire(&router, "br6", &foreign, "eth0", "r6f");
-    sh(&[
-        "ip",
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "10.6.0.2/16",
-        "dev",
-        "ens192",
-    ]);
     for a in ["10.6.171.60/16", "10.6.171.61/16"] {
         sh(&["ip", "-n", &foreign, "addr", "add", a, "dev", "eth0"]);
     }

@@ -145,19 +145,7 @@ fn podman_containers_get_zone_addresses_restart_and_rm_free_them() {
     let store = format!("embedded:{}", dir.path().join("leases.redb").display());
     let agent = agent_for(dir.path(), "controller-node-1", &store);
     let mut ns = Netns::new();
-    let router = ns.add("router");
-    let node = ns.add("node6");
-    ns.uplink(&router, &node, "r6", "10.6.0.1/16");
-    sh(&[
-        "ip",
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "10.6.0.2/16",
-        "dev",
-        "ens192",
-    ]);
+    let (_router, node) = zone6(&mut ns);
     let path = cni_path(dir.path());
     let pm = setup(dir.path(), &node, &path, &agent.sock());
     for c in ["web-a", "web-b"] {

@@ -253,3 +253,27 @@ pub fn bridge(router: &str, br: &str, gw: &str) {
     sh(&["ip", "-n", router, "addr", "add", gw, "dev", br]);
     sh(&["ip", "-n", router, "link", "set", br, "up"]);
 }
+
+/// Zone 6 of the seed: a `router` namespace whose bridge `br6` holds the gateway 10.6.0.1/16, and
+/// a node `node6` whose uplink `ens192` is on that bridge, with 10.6.0.2/16 and a default route
+/// through the gateway. Answers (router, node).
+pub fn zone6(ns: &mut Netns) -> (String, String) {
+    let router = ns.add("router");
+    let node = ns.add("node6");
+    bridge(&router, "br6", "10.6.0.1/16");
+    wire(&router, "br6", &node, "ens192", "r6a");
+    sh(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "10.6.0.2/16",
+        "dev",
+        "ens192",
+    ]);
+    sh(&[
+        "ip", "-n", &node, "route", "add", "default", "via", "10.6.0.1",
+    ]);
+    (router, node)
+}
