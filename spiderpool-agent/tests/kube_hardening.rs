@@ -432,3 +432,73 @@ fn probes_report_a_wedged_store_and_recover() {
         &|| a.log_text(),
     );
 }
+
+/// A pod that moved: its new node rewrote its SpiderEndpoint before the old node's projector
+/// noticed the pod's record was gone. The old node must leave the endpoint alone (it deletes only
+/// an endpoint that is still its own, conditional on the version it read).
+#[test]
+fn the_old_node_does_not_delete_an_endpoint_the_new_node_wrote() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let a = lab.agent("controller-node-1");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("mover", "controller-node-1"));
+    assert!(ok, "{err}");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=mover";
+    let add = cni(
+        &env_for("ADD", "c-mover", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(add.code(), 0, "{}\n{}", add.stdout, a.log_text());
+    let node_of = || {
+        s.kubectl(
+            &[
+                "get",
+                "se",
+                "mover",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.status.current.node}",
+            ],
+            "",
+        )
+        .1
+    };
+    wait_for(
+        "the old node's SpiderEndpoint",
+        Duration::from_secs(15),
+        || node_of() == "controller-node-1",
+        &|| format!("{:?}\n{}", node_of(), a.log_text()),
+    );
+    // The new node's agent writes the endpoint (as its projector does), then the old one's DEL.
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "se",
+            "mover",
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"current":{"node":"worker-node-1"}}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let del = cni(
+        &env_for("DEL", "c-mover", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(del.code(), 0, "{}", del.stdout);
+    wait_for(
+        "the record freed",
+        Duration::from_secs(15),
+        || holders(s).is_empty(),
+        &|| format!("{:?}", holders(s)),
+    );
+    // Several projector rounds (1 s each) later, the new node's endpoint is still there.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(node_of(), "worker-node-1", "{}", a.log_text());
+}
