@@ -596,6 +596,13 @@ fn the_agent_works_with_its_least_privilege_role_and_nothing_more() {
     );
     assert_eq!(del.code(), 0, "{}", del.stdout);
     coordinator_defaults_come_from_the_cluster(s, &a);
+    // The Events it posts (a pool left out of the view) are allowed.
+    let (_, out, err) = s.kubectl_as(
+        &kc,
+        &["auth", "can-i", "create", "events", "-n", "default"],
+        "",
+    );
+    assert_eq!(out.trim(), "yes", "{err}");
     assert!(!a.log_text().contains("forbidden"), "{}", a.log_text());
     // And nothing more: writes to other kinds, deletes, pool specs are refused.
     for (args, stdin) in [

@@ -278,6 +278,29 @@ fn an_overlapping_pool_is_left_out_and_the_rest_of_the_view_stays_current() {
         log.contains("left out of the view") && log.contains("overlap-new"),
         "{log}"
     );
+    // And a Warning Event on the pool, for kubectl users.
+    let events = || {
+        s.kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "involvedObject.name=overlap-new,reason=LeftOutOfView",
+                "-o",
+                "jsonpath={.items[*].type} {.items[*].involvedObject.kind} {.items[*].message}",
+            ],
+            "",
+        )
+        .1
+    };
+    wait_for(
+        "the LeftOutOfView Event",
+        Duration::from_secs(10),
+        || events().starts_with("Warning SpiderIPPool ") && events().contains("test-ippool-6"),
+        &events,
+    );
 }
 
 /// A StatefulSet pod rescheduled to a node of another zone cannot take its earlier address (the

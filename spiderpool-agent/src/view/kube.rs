@@ -37,8 +37,10 @@ pub struct KubeView {
     pods: Api<K8sPod>,
     objects: RwLock<BTreeMap<Key, Object>>,
     current: RwLock<Arc<Snapshot>>,
-    /// What the last rebuild left out (logged once each).
+    /// What the last rebuild left out (logged and reported as an Event once each).
     left_out: std::sync::Mutex<Vec<LeftOut>>,
+    /// This node (the Events' source).
+    node: String,
     /// Every Node's name (a metadata-only watch), once listed: GC asks the API server about a
     /// node only when it is missing here, so its reads do not grow with the cluster.
     node_names: RwLock<Option<BTreeSet<String>>>,
@@ -86,6 +88,7 @@ impl KubeView {
             objects: RwLock::new(BTreeMap::new()),
             current: RwLock::new(Arc::new(Snapshot::default())),
             left_out: std::sync::Mutex::new(Vec::new()),
+            node: node.to_string(),
             node_names: RwLock::new(None),
             coordinator: tokio::sync::Mutex::new(None),
         });
@@ -170,6 +173,13 @@ impl KubeView {
         let mut reported = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
         for l in left.iter().filter(|l| !reported.contains(l)) {
             tracing::warn!(object = %l.object, problems = %l.problems.join("; "), "invalid (alone or with older pools): left out of the view, the rest is used");
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(super::events::report(
+                    self.pods.clone().into_client(),
+                    self.node.clone(),
+                    l.clone(),
+                ));
+            }
         }
         *reported = left;
         drop(reported);

@@ -15,6 +15,8 @@ use spiderpool_core::types::{Namespace, Node, Object, Pod};
 use spiderpool_core::PoolSet;
 
 #[cfg(feature = "kube")]
+pub mod events;
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod manifest;
 
