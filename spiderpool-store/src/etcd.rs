@@ -581,6 +581,8 @@ impl LeaseStore for EtcdStore {
             Filter::Pool(p) => format!("{}pool/{p}/", self.prefix),
             Filter::Container(c) => format!("{}att/{c}/", self.prefix),
             Filter::Node(n) => format!("{}node/{n}/", self.prefix),
+            // No pod keys in the layout: every record, filtered below.
+            Filter::Pod(..) => format!("{}ips/", self.prefix),
         };
         let (revision, kvs) = self.get_prefix(&prefix).await?;
         let mut leases = kvs

@@ -11,12 +11,12 @@ use spiderpool_store::task::now_secs;
 use crate::agent::Agent;
 
 /// Where a StatefulSet pod's earlier records may be: anywhere with a store every node shares and
-/// this agent mirrors (kube: the pod may have been rescheduled to another node of its zone),
-/// else on this node.
+/// this agent mirrors (kube: the pod may have been rescheduled to another node of its zone; the
+/// mirror's pod index costs the pod's own records), else on this node.
 async fn records_of_pod(a: &Agent, namespace: &str, name: &str) -> Vec<Lease> {
     let store = a.engine.store();
     let filter = if store.mirrors_all_nodes() {
-        Filter::All
+        Filter::Pod(namespace, name)
     } else {
         Filter::Node(&a.node)
     };

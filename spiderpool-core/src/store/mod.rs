@@ -164,6 +164,9 @@ pub enum Filter<'a> {
     Container(&'a str),
     /// Records allocated by one node.
     Node(&'a str),
+    /// Records of one pod (namespace, name): indexed by the single-node backends and the
+    /// Kubernetes store's mirror; etcd reads every record for it.
+    Pod(&'a str, &'a str),
 }
 
 impl Filter<'_> {
@@ -174,6 +177,9 @@ impl Filter<'_> {
             Filter::Pool(p) => lease.pool == *p,
             Filter::Container(c) => lease.owner.container_id == *c,
             Filter::Node(n) => lease.owner.node == *n,
+            Filter::Pod(ns, name) => {
+                lease.owner.pod_namespace == *ns && lease.owner.pod_name == *name
+            }
         }
     }
 }
