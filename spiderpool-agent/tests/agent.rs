@@ -400,6 +400,14 @@ fn exhaustion_and_fifty_parallel_adds_into_a_pool_of_exactly_fifty() {
         "{}",
         more.stdout
     );
+    // Runtimes print "msg; details": each pool's reason appears once in the two.
+    let shown = format!(
+        "{}; {}",
+        more.json["msg"].as_str().unwrap_or(""),
+        more.json["details"].as_str().unwrap_or("")
+    );
+    assert_eq!(shown.matches("fifty skipped").count(), 1, "{shown}");
+    assert!(shown.contains("exhausted"), "{shown}");
     let rows = spiderctl(&[
         "get",
         "ippools",
@@ -416,8 +424,8 @@ fn exhaustion_and_fifty_parallel_adds_into_a_pool_of_exactly_fifty() {
         .expect("row");
     assert_eq!(
         (
-            fifty["allocatedIpCount"].as_u64(),
-            fifty["totalIpCount"].as_i64()
+            fifty["allocatedIPCount"].as_u64(),
+            fifty["totalIPCount"].as_i64()
         ),
         (Some(50), Some(50))
     );

@@ -131,7 +131,7 @@ pub struct Status {
 pub struct Column {
     /// The header (`ALLOCATED-IP-COUNT`).
     pub header: &'static str,
-    /// The field of the row in `spiderctl get -o json` (`allocatedIpCount`).
+    /// The field of the row in `spiderctl get -o json` (`allocatedIPCount`).
     pub field: &'static str,
     /// The CRD printer column's jsonPath; empty for `NAME`, which `kubectl` prints itself.
     pub json_path: &'static str,
@@ -170,14 +170,14 @@ pub const IPPOOL_COLUMNS: &[Column] = &[
     col("SUBNET", "subnet", ".spec.subnet", "string", "subnet"),
     col(
         "ALLOCATED-IP-COUNT",
-        "allocatedIpCount",
+        "allocatedIPCount",
         ".status.allocatedIPCount",
         "integer",
         "allocatedIPCount",
     ),
     col(
         "TOTAL-IP-COUNT",
-        "totalIpCount",
+        "totalIPCount",
         ".status.totalIPCount",
         "integer",
         "totalIPCount",
@@ -200,9 +200,12 @@ pub struct PoolRow {
     pub version: u8,
     /// CIDR.
     pub subnet: String,
-    /// Allocated addresses.
+    /// Allocated addresses (`allocatedIPCount`, the name `kubectl get -o json` shows; the older
+    /// `allocatedIpCount` is read too).
+    #[serde(rename = "allocatedIPCount", alias = "allocatedIpCount")]
     pub allocated_ip_count: u64,
-    /// `ips` minus `excludeIPs`.
+    /// `ips` minus `excludeIPs` (`totalIPCount`).
+    #[serde(rename = "totalIPCount", alias = "totalIpCount")]
     pub total_ip_count: i64,
     /// `spec.default`.
     pub default: bool,
@@ -220,9 +223,11 @@ pub struct SubnetRow {
     pub version: u8,
     /// CIDR.
     pub subnet: String,
-    /// Allocated addresses in the pools of this subnet.
+    /// Allocated addresses in the pools of this subnet (`allocatedIPCount`).
+    #[serde(rename = "allocatedIPCount", alias = "allocatedIpCount")]
     pub allocated_ip_count: u64,
-    /// `ips` minus `excludeIPs`.
+    /// `ips` minus `excludeIPs` (`totalIPCount`).
+    #[serde(rename = "totalIPCount", alias = "totalIpCount")]
     pub total_ip_count: i64,
 }
 
@@ -320,14 +325,29 @@ impl From<&crate::engine::EngineError> for ApiError {
             }
             E::Selection(s) => ApiError::new(ErrorKind::InvalidConfig, s.to_string()),
             E::NoAvailablePool {
-                exhausted, detail, ..
+                exhausted,
+                detail,
+                pod,
+                ifname,
+                family,
             } => {
                 let kind = if *exhausted {
                     ErrorKind::Exhausted
                 } else {
                     ErrorKind::NoPool
                 };
-                ApiError::new(kind, e.to_string()).with_details(detail.clone())
+                // The candidates and their reasons once, in `details`: runtimes print
+                // "msg; details" (libcni), so repeating them in `msg` showed each reason twice.
+                let why = if *exhausted {
+                    "the candidate pools are exhausted"
+                } else {
+                    "no candidate pool is eligible"
+                };
+                ApiError::new(
+                    kind,
+                    format!("no IPPool available for {ifname} {family} of pod {pod}: {why}"),
+                )
+                .with_details(detail.clone())
             }
             E::NotFound { .. } => ApiError::new(ErrorKind::NotFound, e.to_string()),
             E::TooManyConflicts { .. } => ApiError::new(ErrorKind::Unavailable, e.to_string()),

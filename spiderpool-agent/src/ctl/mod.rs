@@ -453,7 +453,7 @@ mod tests {
     #[test]
     fn get_tables_have_the_seed_columns() {
         let rows = serde_json::json!([{"name": "test-ippool-6", "version": 4, "subnet": "10.6.0.0/16",
-            "allocatedIpCount": 1, "totalIpCount": 10, "default": false, "disable": false}]);
+            "allocatedIPCount": 1, "totalIPCount": 10, "default": false, "disable": false}]);
         assert_eq!(
             render_get(GetWhat::IpPools, &rows),
             "NAME            VERSION   SUBNET        ALLOCATED-IP-COUNT   TOTAL-IP-COUNT   DEFAULT   DISABLE\n\

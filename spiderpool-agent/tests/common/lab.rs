@@ -230,7 +230,7 @@ pub fn pool_counts(socket: &str) -> Vec<(String, u64)> {
         .map(|r| {
             (
                 r["name"].as_str().unwrap_or_default().to_string(),
-                r["allocatedIpCount"].as_u64().unwrap_or(0),
+                r["allocatedIPCount"].as_u64().unwrap_or(0),
             )
         })
         .collect()
