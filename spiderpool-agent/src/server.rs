@@ -222,6 +222,7 @@ async fn probe(a: &Agent) -> Result<Status, Fail> {
         store: a.engine.store().backend().to_string(),
         pools: snap.pools.pools.len(),
         view: a.view.describe(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
     })
 }
 

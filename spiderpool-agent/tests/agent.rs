@@ -672,3 +672,41 @@ fn shipped_1_1_0_configurations_serve_gc_and_status() {
         }
     }
 }
+
+/// Every binary says its version; `spiderctl version --socket` also asks the agent.
+#[test]
+fn every_binary_reports_its_version_and_spiderctl_the_agents() {
+    let lab = Lab::start("");
+    let v = env!("CARGO_PKG_VERSION");
+    for (bin, pkg) in [
+        ("spiderpool", "spiderpool-cni"),
+        ("coordinator", "spiderpool-cni"),
+        ("spiderpool-agent", "spiderpool-agent"),
+        ("spiderctl", "spiderpool-agent"),
+    ] {
+        let out = std::process::Command::new(workspace_bin(bin, pkg))
+            .arg("--version")
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.trim() == format!("{bin} {v}"),
+            "{bin}: {text}"
+        );
+    }
+    let out = spiderctl(&["version", "--socket", &lab.agent.sock()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "spiderpool-agent {v} (node worker-node-1, store embedded)"
+        )),
+        "{text}"
+    );
+    let out = spiderctl(&["version", "--socket", "/nonexistent.sock"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unreachable agent is an error"
+    );
+}

@@ -4,6 +4,11 @@
 use std::io::Read;
 
 fn main() {
+    // A CNI plugin takes no arguments; `--version` is for operators (runtimes use VERSION).
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("spiderpool {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| k.starts_with("CNI_"))

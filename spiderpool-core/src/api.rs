@@ -123,6 +123,9 @@ pub struct Status {
     pub pools: usize,
     /// Where the cluster view comes from (`manifests: ...`, `kubernetes`).
     pub view: String,
+    /// The agent's version (empty from agents older than the field).
+    #[serde(default)]
+    pub version: String,
 }
 
 /// One column of a `kubectl get`-style table, the one list both `spiderctl get` and the CRD's

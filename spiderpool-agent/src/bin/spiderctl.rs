@@ -47,6 +47,12 @@ enum GetArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// This spiderctl's version, and with --socket the version of the agent answering there.
+    Version {
+        /// An agent's socket to ask as well.
+        #[arg(long)]
+        socket: Option<String>,
+    },
     /// Ask a running agent whether it is ready (serves ADD: its store answers, no command stuck)
     /// or, with --live, alive (no command stuck past every deadline): the DaemonSet's probes.
     /// Exit 0 yes, 1 no (the reason on stderr).
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
             output,
         } => get(what, socket, store, manifests, output),
         Command::Health { socket, live } => health(socket, live),
+        Command::Version { socket } => version(socket),
         Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
@@ -277,6 +284,34 @@ fn health(socket: Option<String>, live: bool) -> ExitCode {
                 String::from_utf8_lossy(&body)
             );
             ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `spiderctl version [--socket PATH]`: exit 1 when the agent cannot be asked.
+fn version(socket: Option<String>) -> ExitCode {
+    println!("spiderctl {}", env!("CARGO_PKG_VERSION"));
+    let Some(sock) = socket else {
+        return ExitCode::SUCCESS;
+    };
+    let s: Result<spiderpool_core::api::Status, _> = spiderpool_cni::client::call::<(), _>(
+        &sock,
+        "GET",
+        "/v1/status",
+        None,
+        std::time::Duration::from_secs(8),
+    );
+    match s {
+        Ok(s) => {
+            println!(
+                "spiderpool-agent {} (node {}, store {})",
+                s.version, s.node, s.store
+            );
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("spiderctl: {e}");

@@ -10,6 +10,11 @@ use spiderpool_cni::error::{CniError, IO_FAILURE};
 use spiderpool_cni::run::Answer;
 
 fn main() {
+    // A CNI plugin takes no arguments; `--version` is for operators (runtimes use VERSION).
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("coordinator {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| k.starts_with("CNI_"))

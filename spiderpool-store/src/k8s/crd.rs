@@ -25,6 +25,8 @@ use spiderpool_core::types::{
 pub const GROUP: &str = "spiderpool.spidernet.io";
 /// The API version.
 pub const VERSION: &str = "v2beta1";
+/// The annotation on every CRD naming the spiderpool-rs release that generated it.
+pub const VERSION_ANNOTATION: &str = "spiderpool-rs/version";
 /// The finalizer that keeps a pool while it holds allocations (Spiderpool's name).
 pub const FINALIZER: &str = "spiderpool.spidernet.io";
 
@@ -332,6 +334,11 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ];
     for crd in &mut out {
         fix_schema(crd);
+        // Which release wrote the CRDs (an upgrade applies the newer ones first).
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(VERSION_ANNOTATION.into(), env!("CARGO_PKG_VERSION").into());
     }
     out
 }
@@ -504,6 +511,14 @@ mod tests {
             })
             .collect();
         assert_eq!(short, ["sp", "ss", "sr", "se", "sib", "scc"]);
+        for c in &crds {
+            let v = c
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(VERSION_ANNOTATION));
+            assert_eq!(v.map(String::as_str), Some(env!("CARGO_PKG_VERSION")));
+        }
         let cols: Vec<_> = crds[0].spec.versions[0]
             .additional_printer_columns
             .iter()
