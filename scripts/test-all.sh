@@ -33,11 +33,28 @@ fi
 
 # The Kubernetes tests need a real kube-apiserver: envtest's convention is KUBEBUILDER_ASSETS, a
 # directory holding kube-apiserver (this lab keeps one at ../shared/envtest), and kubectl.
+# Elsewhere, as controller-runtime users do: setup-envtest (on PATH, or through Go and a network).
 if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -x ../shared/envtest/kube-apiserver ]; then
   KUBEBUILDER_ASSETS="$(cd ../shared/envtest && pwd)"
-  export KUBEBUILDER_ASSETS
 fi
-[ -n "${KUBEBUILDER_ASSETS:-}" ] || echo "!! KUBEBUILDER_ASSETS unset and no ../shared/envtest: Kubernetes tests will SKIP (loudly)" >&2
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && command -v setup-envtest >/dev/null 2>&1; then
+  KUBEBUILDER_ASSETS="$(setup-envtest use -p path 1.24.x 2>/dev/null || true)"
+fi
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && command -v go >/dev/null 2>&1; then
+  KUBEBUILDER_ASSETS="$(go run sigs.k8s.io/controller-runtime/tools/setup-envtest@release-0.19 use -p path 1.24.x 2>/dev/null || true)"
+fi
+if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
+  export KUBEBUILDER_ASSETS
+  echo "== kube-apiserver for the Kubernetes tests: $KUBEBUILDER_ASSETS"
+else
+  cat >&2 <<'MSG'
+!! no kube-apiserver for the Kubernetes tests (they will SKIP loudly; in CI they fail). Get one:
+!!   go install sigs.k8s.io/controller-runtime/tools/setup-envtest@release-0.19
+!!   export KUBEBUILDER_ASSETS="$(setup-envtest use -p path 1.24.x)"
+!! (or point KUBEBUILDER_ASSETS at any directory holding a kube-apiserver binary; etcd comes
+!! from Debian's etcd-server, which this script installs)
+MSG
+fi
 command -v kubectl >/dev/null 2>&1 || echo "!! kubectl missing: Kubernetes tests will fail (install kubectl)" >&2
 
 export CARGO_TERM_COLOR=never

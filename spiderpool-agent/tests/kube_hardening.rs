@@ -525,3 +525,76 @@ fn the_old_node_does_not_delete_an_endpoint_the_new_node_wrote() {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(node_of(), "worker-node-1", "{}", a.log_text());
 }
+
+/// An upgrade as docs/kubernetes.md describes it: the CRDs of the new release applied over the
+/// running ones (objects and records in place), then the agent replaced (SIGTERM, new process):
+/// every allocation is kept (CHECK passes, the same address is recorded, the pool count holds)
+/// and the new agent serves the next ADD.
+#[test]
+fn crds_applied_over_running_objects_and_a_replaced_agent_keep_every_allocation() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let mut a = lab.agent("controller-node-1");
+    let conf = netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let mut held = Vec::new();
+    for name in ["up-a", "up-b"] {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod(name, "controller-node-1"));
+        assert!(ok, "{err}");
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+        let add = cni(
+            &env_for("ADD", &format!("c-{name}"), "eth0", &args),
+            conf.to_string().as_bytes(),
+        );
+        assert_eq!(add.code(), 0, "{}\n{}", add.stdout, a.log_text());
+        held.push((name, args, add.json.clone()));
+    }
+    // The new release's CRDs over the current ones (server-side apply keeps every object).
+    s.install_crds(&spiderpool_store::k8s::crd::crds_yaml())
+        .expect("CRDs re-applied");
+    let (ok, out, _) = s.kubectl(&["get", "spideripblocks", "-o", "name"], "");
+    assert!(
+        ok && !out.trim().is_empty(),
+        "blocks after the CRD upgrade: {out}"
+    );
+    assert!(a.terminate().success(), "the agent stops cleanly");
+    a.start_again();
+    for (name, args, result) in &held {
+        let mut check = conf.clone();
+        check["prevResult"] = result.clone();
+        let out = cni(
+            &env_for("CHECK", &format!("c-{name}"), "eth0", args),
+            check.to_string().as_bytes(),
+        );
+        assert_eq!(
+            out.code(),
+            0,
+            "{name} after the upgrade: {}\n{}",
+            out.stdout,
+            a.log_text()
+        );
+    }
+    assert_eq!(holders(s), ["c-up-a", "c-up-b"]);
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("up-c", "controller-node-1"));
+    assert!(ok, "{err}");
+    let add = cni(
+        &env_for(
+            "ADD",
+            "c-up-c",
+            "eth0",
+            "K8S_POD_NAMESPACE=default;K8S_POD_NAME=up-c",
+        ),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(add.code(), 0, "{}", add.stdout);
+    let ips: std::collections::BTreeSet<String> = held
+        .iter()
+        .map(|(_, _, r)| {
+            r["ips"][0]["address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .chain([add.ip()])
+        .collect();
+    assert_eq!(ips.len(), 3, "an address was handed out twice: {ips:?}");
+}

@@ -336,7 +336,7 @@ impl KubeServer {
         let dir = require(
             "the envtest kube-apiserver",
             envtest_dir(),
-            "set KUBEBUILDER_ASSETS to a directory holding kube-apiserver (../shared/envtest)",
+            "set KUBEBUILDER_ASSETS to a directory holding kube-apiserver (../shared/envtest here; elsewhere: go install sigs.k8s.io/controller-runtime/tools/setup-envtest@release-0.19 && export KUBEBUILDER_ASSETS=\"$(setup-envtest use -p path 1.24.x)\")",
         )?;
         let etcd_bin = require_etcd()?;
         let openssl_ok = require("openssl", find_binary("openssl"), "apt-get install openssl");
