@@ -88,6 +88,23 @@ enum Command {
     /// kubectl apply -f -` installs them.
     #[cfg(feature = "kube")]
     Crd,
+    /// Take spiderpool-rs off a cluster without blocking on its own webhooks: the webhook
+    /// configurations, then the agents, the controller and what the manifests install by name,
+    /// then our finalizer on pools that hold no address, then (with --delete-crds) the CRDs.
+    /// Exit 0 done, 1 some pools still hold addresses (named; nothing else is left), 2 error.
+    #[cfg(feature = "kube")]
+    Uninstall {
+        /// The kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Also delete the CRDs (and with them every pool, subnet, block and endpoint).
+        #[arg(long)]
+        delete_crds: bool,
+        /// Drop the finalizer of pools that still hold addresses (their pods keep running with
+        /// addresses nobody tracks any more) and delete the CRDs even then.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate SpiderIPPool, SpiderSubnet and SpiderReservedIP manifests, alone and together.
     /// Exit 0 when all are valid, 1 otherwise (one line per problem).
     Validate {
@@ -140,6 +157,12 @@ fn main() -> ExitCode {
         } => get(what, socket, store, manifests, output),
         Command::Health { socket, live } => health(socket, live),
         Command::Version { socket } => version(socket),
+        #[cfg(feature = "kube")]
+        Command::Uninstall {
+            kubeconfig,
+            delete_crds,
+            force,
+        } => uninstall(kubeconfig, delete_crds, force),
         Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
@@ -316,6 +339,44 @@ fn version(socket: Option<String>) -> ExitCode {
         Err(e) => {
             eprintln!("spiderctl: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `spiderctl uninstall`.
+#[cfg(feature = "kube")]
+fn uninstall(kubeconfig: Option<PathBuf>, delete_crds: bool, force: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = rt.block_on(async {
+        let (client, _) = spiderpool_store::k8s::request_client(kubeconfig.as_deref()).await?;
+        spiderpool_agent::ctl::uninstall::uninstall(client, delete_crds, force).await
+    });
+    match out {
+        Ok(r) => {
+            for line in &r.done {
+                println!("{line}");
+            }
+            for (pool, n) in &r.refused {
+                eprintln!("kept: SpiderIPPool {pool} holds {n} addresses (its pods still use them: delete them first, or --force)");
+            }
+            if r.refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 pub mod table;
+#[cfg(feature = "kube")]
+pub mod uninstall;
 
 use serde::Serialize;
 use spiderpool_core::api::{IPPOOL_COLUMNS, SUBNET_COLUMNS};
