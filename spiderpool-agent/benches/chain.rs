@@ -62,46 +62,29 @@ fn exec(
 fn once(list: &Value, cni_path: &Path, pod_ns: &str, container: &str) -> (f64, f64) {
     let netns = format!("/var/run/netns/{pod_ns}");
     let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
-    let bin = |p: &Value| {
-        let ty = p["type"].as_str().unwrap_or_default();
-        let ours = cni_path.join(ty);
-        if ours.exists() {
-            ours
-        } else {
-            Path::new("/usr/lib/cni").join(ty)
-        }
-    };
-    let conf = |p: &Value, prev: Option<&Value>| {
-        let mut c = p.clone();
-        c["name"] = list["name"].clone();
-        c["cniVersion"] = list["cniVersion"].clone();
-        if let Some(r) = prev {
-            c["prevResult"] = r.clone();
-        }
-        c
-    };
+    let bin = |p: &Value| plugin_binary(cni_path, p["type"].as_str().unwrap_or_default());
     let t0 = Instant::now();
     let mut prev: Option<Value> = None;
-    for p in &plugins {
+    for (i, p) in plugins.iter().enumerate() {
         prev = Some(exec(
             &bin(p),
             "ADD",
             container,
             &netns,
             cni_path,
-            &conf(p, prev.as_ref()),
+            &plugin_conf(list, i, prev.as_ref()),
         ));
     }
     let add = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    for p in plugins.iter().rev() {
+    for (i, p) in plugins.iter().enumerate().rev() {
         exec(
             &bin(p),
             "DEL",
             container,
             &netns,
             cni_path,
-            &conf(p, prev.as_ref()),
+            &plugin_conf(list, i, prev.as_ref()),
         );
     }
     (add, t1.elapsed().as_secs_f64() * 1e3)

@@ -17,7 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::lab::*;
-use common::*;
 use serde_json::{json, Value};
 use spiderpool_store::testing::{find_binary, require, EtcdServer};
 
@@ -37,103 +36,6 @@ fn seed_nad() -> Value {
     .expect("deploy/kubernetes/macvlan-conf.yaml");
     let nad: Value = serde_yaml_ng::from_str(&text).expect("yaml");
     serde_json::from_str(nad["spec"]["config"].as_str().expect("spec.config")).expect("json")
-}
-
-/// libcni's way with a conflist: ADD and CHECK in order, DEL in reverse; each plugin gets the
-/// list's `name` and `cniVersion`, and `prevResult` (the previous plugin's result for ADD, the
-/// chain's result for CHECK and DEL at 0.4.0 and later).
-struct Chain<'a> {
-    node: &'a str,
-    cni_path: &'a Path,
-    list: Value,
-}
-
-impl Chain<'_> {
-    fn plugin_conf(&self, i: usize, prev: Option<&Value>) -> Value {
-        let mut c = self.list["plugins"][i].clone();
-        c["name"] = self.list["name"].clone();
-        c["cniVersion"] = self.list["cniVersion"].clone();
-        if let Some(p) = prev {
-            c["prevResult"] = p.clone();
-        }
-        c
-    }
-
-    fn binary(&self, ty: &str) -> String {
-        let ours = self.cni_path.join(ty);
-        if ours.exists() {
-            ours.to_string_lossy().into_owned()
-        } else {
-            format!("/usr/lib/cni/{ty}")
-        }
-    }
-
-    fn call(&self, i: usize, cmd: &str, pod: &Pod<'_>, prev: Option<&Value>) -> Call {
-        let conf = self.plugin_conf(i, prev);
-        let bin = self.binary(conf["type"].as_str().unwrap_or_default());
-        let rt = Runtime {
-            node: self.node,
-            main: &bin,
-            cni_path: self.cni_path,
-        };
-        plugin_in_if(
-            &rt,
-            cmd,
-            &pod.ns,
-            &pod.container,
-            pod.ifname,
-            &pod.args,
-            &conf,
-        )
-    }
-
-    fn len(&self) -> usize {
-        self.list["plugins"].as_array().map_or(0, Vec::len)
-    }
-
-    fn add(&self, pod: &Pod<'_>) -> Value {
-        let mut prev: Option<Value> = None;
-        for i in 0..self.len() {
-            let out = self.call(i, "ADD", pod, prev.as_ref());
-            assert_eq!(
-                out.status, 0,
-                "ADD of plugin {i} for {} ({}): {}",
-                pod.container, pod.ifname, out.stdout
-            );
-            prev = Some(out.json);
-        }
-        prev.expect("a result")
-    }
-
-    fn legacy(&self) -> bool {
-        self.list["cniVersion"] == "0.3.1"
-    }
-
-    fn check(&self, pod: &Pod<'_>, result: &Value) -> Vec<Call> {
-        (0..self.len())
-            .map(|i| self.call(i, "CHECK", pod, Some(result)))
-            .collect()
-    }
-
-    fn del(&self, pod: &Pod<'_>, result: &Value) {
-        for i in (0..self.len()).rev() {
-            let prev = (!self.legacy()).then_some(result);
-            let out = self.call(i, "DEL", pod, prev);
-            assert_eq!(
-                out.status, 0,
-                "DEL of plugin {i} for {}: {}",
-                pod.container, out.stdout
-            );
-        }
-    }
-}
-
-/// One attachment: a pod's namespace, its sandbox ID and interface.
-struct Pod<'a> {
-    ns: String,
-    container: String,
-    ifname: &'a str,
-    args: String,
 }
 
 /// A process killed on drop.
@@ -245,13 +147,11 @@ fn node_leftovers(node: &str) -> String {
 }
 
 fn extras(dir: &Path) -> PathBuf {
-    let p = dir.join("zone7-node6.yaml");
-    std::fs::write(
-        &p,
+    write_manifest(
+        dir,
+        "zone7-node6.yaml",
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: zone7-node6\nspec:\n  subnet: 10.7.0.0/16\n  ips: [10.7.169.60-10.7.169.69]\n  gateway: 10.7.0.1\n",
     )
-    .expect("write");
-    p
 }
 
 fn chain_prerequisites() -> Option<PathBuf> {

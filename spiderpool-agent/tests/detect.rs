@@ -15,14 +15,12 @@ use common::*;
 use serde_json::{json, Value};
 
 fn pools(dir: &Path) -> PathBuf {
-    let p = dir.join("detect-pools.yaml");
-    std::fs::write(
-        &p,
+    write_manifest(
+        dir,
+        "detect-pools.yaml",
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: guarded\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.171.60-10.6.171.62]\n  gateway: 10.6.0.1\n\
 ---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: dead-gw\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.172.60-10.6.172.69]\n  gateway: 10.6.0.254\n",
     )
-    .expect("write");
-    p
 }
 
 fn conf(sock: &str, pool: &str, ipam_extra: Value) -> Value {

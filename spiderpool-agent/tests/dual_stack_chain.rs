@@ -20,14 +20,12 @@ use common::*;
 use serde_json::{json, Value};
 
 fn pools(dir: &Path) -> PathBuf {
-    let p = dir.join("dual-pools.yaml");
-    std::fs::write(
-        &p,
+    write_manifest(
+        dir,
+        "dual-pools.yaml",
         "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: dual4\nspec:\n  subnet: 10.6.0.0/16\n  ips: [10.6.173.60-10.6.173.69]\n  gateway: 10.6.0.1\n\
 ---\napiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: dual6\nspec:\n  subnet: fd00:6::/64\n  ips: [fd00:6::173:60-fd00:6::173:61]\n  gateway: fd00:6::1\n",
     )
-    .expect("write");
-    p
 }
 
 /// `ping` (`-6` for IPv6) from `from_ns` until it answers or `limit` passes (a fresh IPv6
@@ -122,28 +120,19 @@ fn dual_stack_chain_with_ndp_conflict_detection_and_probes_over_the_pair() {
                   "enableIPConflictDetection": true, "enableGatewayDetection": true}},
         {"type": "coordinator", "service_cidr": ["10.233.0.0/18", "fd00:233::/112"]}]});
     let pod = ns.add("pod");
-    let conf = |i: usize, prev: Option<&Value>| {
-        let mut c = list["plugins"][i].clone();
-        c["name"] = list["name"].clone();
-        c["cniVersion"] = list["cniVersion"].clone();
-        if let Some(p) = prev {
-            c["prevResult"] = p.clone();
-        }
-        c
+    let chain = Chain {
+        node: &node,
+        cni_path: &path,
+        list,
     };
-    let run = |cmd: &str, i: usize, prev: Option<&Value>| {
-        let bin = if i == 0 {
-            MACVLAN.to_string()
-        } else {
-            path.join("coordinator").to_string_lossy().into_owned()
-        };
-        let rt = Runtime {
-            node: &node,
-            main: &bin,
-            cni_path: &path,
-        };
-        plugin_in(&rt, cmd, &pod, "sandbox-dual", "", &conf(i, prev))
+    let attachment = Pod {
+        ns: pod.clone(),
+        container: "sandbox-dual".into(),
+        ifname: "eth0",
+        args: String::new(),
     };
+    let conf = |i: usize, prev: Option<&Value>| chain.plugin_conf(i, prev);
+    let run = |cmd: &str, i: usize, prev: Option<&Value>| chain.call(i, cmd, &attachment, prev);
     let main = run("ADD", 0, None);
     assert_eq!(
         main.status,

@@ -1,8 +1,11 @@
 //! What one invocation answers the runtime: stdout and an exit status.
 
-use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Read;
 
-use crate::error::CniError;
+use serde_json::{json, Value};
+
+use crate::error::{CniError, IO_FAILURE};
 use crate::SUPPORTED_VERSIONS;
 
 /// What the runtime sees.
@@ -39,4 +42,36 @@ pub fn peek_version(stdin: &[u8]) -> String {
         })
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_string())
+}
+
+/// The answer to CNI VERSION.
+pub fn version_answer(version: &str) -> Answer {
+    Answer::ok(json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string())
+}
+
+/// A plugin binary's `main`: `--version` for operators (runtimes use CNI VERSION), else the
+/// `CNI_*` environment and the configuration on stdin (at most [`crate::conf::MAX_STDIN`] bytes
+/// read) to `run`; prints its answer and exits with its status.
+pub fn plugin_main(name: &str, run: impl FnOnce(&BTreeMap<String, String>, &[u8]) -> Answer) -> ! {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("{name} {}", env!("CARGO_PKG_VERSION"));
+        std::process::exit(0);
+    }
+    let vars: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("CNI_"))
+        .collect();
+    let mut stdin = Vec::new();
+    let limit = crate::conf::MAX_STDIN as u64 + 1;
+    let answer = match std::io::stdin().take(limit).read_to_end(&mut stdin) {
+        Ok(_) => run(&vars, &stdin),
+        Err(e) => Answer::err(CniError::new(
+            IO_FAILURE,
+            format!("cannot read the network configuration from stdin: {e}"),
+        )),
+    };
+    if !answer.stdout.is_empty() {
+        println!("{}", answer.stdout);
+    }
+    std::process::exit(answer.status);
 }

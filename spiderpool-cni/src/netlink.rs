@@ -75,6 +75,30 @@ impl NlError {
 /// Result of a netlink step.
 pub type NlResult<T> = Result<T, NlError>;
 
+/// `r` as a step's result, where the kernel saying the object is gone already is success.
+fn gone_ok(r: Result<(), rtnetlink::Error>, what: impl Into<String>) -> NlResult<()> {
+    r.or_else(|e| {
+        let e = NlError::netlink(what, e);
+        if e.missing() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// `r` as a step's result, where the kernel saying the object exists already is success.
+fn exists_ok(r: Result<(), rtnetlink::Error>, what: impl Into<String>) -> NlResult<()> {
+    r.or_else(|e| {
+        let e = NlError::netlink(what, e);
+        if e.exists() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
 /// A route as the coordinator reads it.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -232,17 +256,10 @@ impl Nl {
 
     /// Deletes link `index` (a veth pair goes as a whole).
     pub async fn del_link(&self, index: u32) -> NlResult<()> {
-        match self.h.link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NlError::netlink(format!("delete link {index}"), e);
-                if e.missing() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        gone_ok(
+            self.h.link().del(index).execute().await,
+            format!("delete link {index}"),
+        )
     }
 
     /// Addresses of every link (`index`, address with prefix, scope is global).
@@ -276,17 +293,7 @@ impl Nl {
         req.message_mut()
             .attributes
             .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        match req.execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NlError::netlink(format!("add {addr} to link {index}"), e);
-                if e.exists() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        exists_ok(req.execute().await, format!("add {addr} to link {index}"))
     }
 
     /// Every route of one family, all tables.
@@ -384,17 +391,7 @@ impl Nl {
 
     /// Deletes a route read here; a route already gone is fine.
     pub async fn del_route(&self, msg: RouteMessage) -> NlResult<()> {
-        match self.h.route().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NlError::netlink("delete a route", e);
-                if e.missing() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        gone_ok(self.h.route().del(msg).execute().await, "delete a route")
     }
 
     /// Every rule, both families.
@@ -485,32 +482,12 @@ impl Nl {
                     .await
             }
         };
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NlError::netlink(what(), e);
-                if e.exists() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        exists_ok(r, what())
     }
 
     /// Deletes a rule read here; a rule already gone is fine.
     pub async fn del_rule(&self, msg: RuleMessage) -> NlResult<()> {
-        match self.h.rule().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = NlError::netlink("delete a rule", e);
-                if e.missing() {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        gone_ok(self.h.rule().del(msg).execute().await, "delete a rule")
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use spiderpool_core::api::{AddRequest, CheckRequest, DelRequest, DelResponse, GcRequest, Status};
 use spiderpool_core::engine::Allocation;
 
@@ -22,7 +22,6 @@ use crate::error::{
 };
 pub use crate::log::Log;
 use crate::result::add_result;
-use crate::SUPPORTED_VERSIONS;
 
 /// How long the plugin waits for the agent.
 const ADD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,9 +35,7 @@ pub fn run(vars: &BTreeMap<String, String>, stdin: &[u8]) -> Answer {
         Err(e) => return Answer::err(e.version(&version)),
     };
     if env.command == Command::Version {
-        return Answer::ok(
-            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
-        );
+        return crate::answer::version_answer(&version);
     }
     let netconf = match conf::parse_netconf(stdin) {
         Ok(c) => c,
@@ -229,6 +226,7 @@ fn check_prev_result(stdin: &[u8], recorded: &Value) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_log_path_stays_in_the_log_directories() {

@@ -223,9 +223,7 @@ impl Allocator {
 
     /// A start hint derived from a node name (FNV-1a), so nodes start apart.
     pub fn hint_for(node: &str) -> u64 {
-        node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        crate::fnv1a(node.bytes())
     }
 
     /// The allocatable addresses.

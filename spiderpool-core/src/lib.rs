@@ -77,6 +77,15 @@
 #![warn(missing_docs)]
 
 pub mod api;
+
+/// FNV-1a (64 bits) of `bytes`: a hash that is the same in every build and on every platform,
+/// for names derived from other names (allocator start hints, interface names, object names).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 pub mod autopool;
 pub mod bitmap;
 pub mod cache;

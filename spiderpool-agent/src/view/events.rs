@@ -21,11 +21,8 @@ pub fn event_name(l: &LeftOut) -> String {
         .object
         .split_once('/')
         .map_or(l.object.as_str(), |(_, n)| n);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in l.object.bytes().chain(l.problems.join("\n").bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let problems = l.problems.join("\n");
+    let h = spiderpool_core::fnv1a(l.object.bytes().chain(problems.bytes()));
     format!("{name}.leftoutofview.{:08x}", h & 0xffff_ffff)
 }
 

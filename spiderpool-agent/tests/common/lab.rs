@@ -277,3 +277,130 @@ pub fn zone6(ns: &mut Netns) -> (String, String) {
     ]);
     (router, node)
 }
+
+/// Plugin `i` of the conflist `list` as libcni passes it: the list's `name` and `cniVersion`,
+/// and `prevResult` when given.
+pub fn plugin_conf(list: &Value, i: usize, prev: Option<&Value>) -> Value {
+    let mut c = list["plugins"][i].clone();
+    c["name"] = list["name"].clone();
+    c["cniVersion"] = list["cniVersion"].clone();
+    if let Some(p) = prev {
+        c["prevResult"] = p.clone();
+    }
+    c
+}
+
+/// The binary of plugin type `ty`: ours in `cni_path`, else Debian's in /usr/lib/cni.
+pub fn plugin_binary(cni_path: &Path, ty: &str) -> PathBuf {
+    let ours = cni_path.join(ty);
+    if ours.exists() {
+        ours
+    } else {
+        Path::new("/usr/lib/cni").join(ty)
+    }
+}
+
+/// Writes `yaml` (manifests) to `dir/name` for an agent's `--manifests`.
+pub fn write_manifest(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).expect("write manifest");
+    p
+}
+
+/// libcni's way with a conflist: ADD and CHECK in order, DEL in reverse; each plugin gets the
+/// list's `name` and `cniVersion`, and `prevResult` (the previous plugin's result for ADD, the
+/// chain's result for CHECK and DEL at 0.4.0 and later).
+pub struct Chain<'a> {
+    /// The node's namespace (where the plugins run).
+    pub node: &'a str,
+    /// `CNI_PATH`: our plugins; Debian's come from /usr/lib/cni.
+    pub cni_path: &'a Path,
+    /// The conflist.
+    pub list: Value,
+}
+
+impl Chain<'_> {
+    /// The configuration of plugin `i` as libcni passes it.
+    pub fn plugin_conf(&self, i: usize, prev: Option<&Value>) -> Value {
+        plugin_conf(&self.list, i, prev)
+    }
+
+    /// Runs plugin `i` for `cmd` on `pod`.
+    pub fn call(&self, i: usize, cmd: &str, pod: &Pod<'_>, prev: Option<&Value>) -> Call {
+        let conf = self.plugin_conf(i, prev);
+        let bin = plugin_binary(self.cni_path, conf["type"].as_str().unwrap_or_default())
+            .to_string_lossy()
+            .into_owned();
+        let rt = Runtime {
+            node: self.node,
+            main: &bin,
+            cni_path: self.cni_path,
+        };
+        plugin_in_if(
+            &rt,
+            cmd,
+            &pod.ns,
+            &pod.container,
+            pod.ifname,
+            &pod.args,
+            &conf,
+        )
+    }
+
+    /// See the type.
+    pub fn len(&self) -> usize {
+        self.list["plugins"].as_array().map_or(0, Vec::len)
+    }
+
+    /// See the type.
+    pub fn add(&self, pod: &Pod<'_>) -> Value {
+        let mut prev: Option<Value> = None;
+        for i in 0..self.len() {
+            let out = self.call(i, "ADD", pod, prev.as_ref());
+            assert_eq!(
+                out.status, 0,
+                "ADD of plugin {i} for {} ({}): {}",
+                pod.container, pod.ifname, out.stdout
+            );
+            prev = Some(out.json);
+        }
+        prev.expect("a result")
+    }
+
+    /// See the type.
+    pub fn legacy(&self) -> bool {
+        self.list["cniVersion"] == "0.3.1"
+    }
+
+    /// See the type.
+    pub fn check(&self, pod: &Pod<'_>, result: &Value) -> Vec<Call> {
+        (0..self.len())
+            .map(|i| self.call(i, "CHECK", pod, Some(result)))
+            .collect()
+    }
+
+    /// See the type.
+    pub fn del(&self, pod: &Pod<'_>, result: &Value) {
+        for i in (0..self.len()).rev() {
+            let prev = (!self.legacy()).then_some(result);
+            let out = self.call(i, "DEL", pod, prev);
+            assert_eq!(
+                out.status, 0,
+                "DEL of plugin {i} for {}: {}",
+                pod.container, out.stdout
+            );
+        }
+    }
+}
+
+/// One attachment: a pod's namespace, its sandbox ID and interface.
+pub struct Pod<'a> {
+    /// The pod's namespace name.
+    pub ns: String,
+    /// `CNI_CONTAINERID`.
+    pub container: String,
+    /// `CNI_IFNAME`.
+    pub ifname: &'a str,
+    /// `CNI_ARGS`.
+    pub args: String,
+}

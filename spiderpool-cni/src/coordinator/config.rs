@@ -266,12 +266,7 @@ pub fn pod_mac(prefix: [u8; 2], addr: IpAddr) -> [u8; 6] {
 /// The node-side name of a pod's veth pair: `veth` and 11 hex digits of a hash of the
 /// container ID (15 characters, the kernel's limit), the same for every call of one container.
 pub fn host_veth_name(container_id: &str) -> String {
-    // FNV-1a, 64 bits: stable across builds and platforms.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = spiderpool_core::fnv1a(container_id.bytes());
     format!("veth{:011x}", h & 0x0fff_ffff_ffff)
 }
 

@@ -67,9 +67,7 @@ pub fn run(vars: &BTreeMap<String, String>, stdin: &[u8], cluster: Option<&Value
         Err(e) => return Answer::err(e.version(&version)),
     };
     if env.command == Command::Version {
-        return Answer::ok(
-            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
-        );
+        return crate::answer::version_answer(&version);
     }
     match invoke(&env, stdin, cluster) {
         Ok(out) => Answer::ok(out),
@@ -209,26 +207,29 @@ async fn node_addresses(host: &Nl) -> Result<Vec<IpAddr>, CniError> {
     Ok(out.into_iter().map(|(_, a)| a).collect())
 }
 
-/// The pair: made by the pod's first NIC (`true`: this call made it), reused by the others.
+/// The NIC that made the pod's pair, from the alias on its node side
+/// (`spiderpool-coordinator <container> <NIC>`).
+fn alias_owner(h: &rtnetlink::packet_route::link::LinkMessage) -> Option<&str> {
+    link_alias(h).and_then(|a| a.split(' ').nth(2))
+}
+
+/// The pair: made by the pod's first NIC, reused by the others. Answers the node side's and the
+/// pod side's indexes and the NIC that made it (this one when it was just made).
 async fn ensure_pair(
     host: &Nl,
     pod: &Nl,
     env: &Env,
     s: &Settings,
     want_v6: bool,
-) -> Result<(u32, u32, bool), CniError> {
+) -> Result<(u32, u32, String), CniError> {
     let hv = host_veth_name(&container(env));
-    if let (Some(h), Some(p)) = (
-        host.link(&hv).await.map_err(nl)?,
-        pod.link(POD_VETH).await.map_err(nl)?,
-    ) {
-        let owner = link_alias(&h)
-            .and_then(|a| a.split(' ').nth(2))
-            .is_none_or(|o| o == ifname(env));
-        return Ok((h.header.index, p.header.index, owner));
-    }
-    // Half of an earlier, interrupted ADD: start again.
-    if let Some(h) = host.link(&hv).await.map_err(nl)? {
+    let existing = host.link(&hv).await.map_err(nl)?;
+    if let Some(h) = &existing {
+        if let Some(p) = pod.link(POD_VETH).await.map_err(nl)? {
+            let owner = alias_owner(h).map_or_else(|| ifname(env), str::to_string);
+            return Ok((h.header.index, p.header.index, owner));
+        }
+        // Half of an earlier, interrupted ADD: start again.
         host.del_link(h.header.index).await.map_err(nl)?;
     }
     let tmp = format!("vp{}", &hv[4..]);
@@ -253,7 +254,7 @@ async fn ensure_pair(
     if let Some(a) = s.veth_link_address {
         pod.add_address(pidx, host_prefix(a)).await.map_err(nl)?;
     }
-    Ok((hidx, pidx, true))
+    Ok((hidx, pidx, ifname(env)))
 }
 
 /// ADD in underlay mode; the pod NIC's new MAC when `podMACPrefix` set one.
@@ -283,8 +284,8 @@ async fn add(env: &Env, s: &Settings, prev: &Value) -> Result<Option<[u8; 6]>, C
             .map_err(nl)?;
     }
     let want_v6 = p.addresses.iter().any(|a| a.addr().is_ipv6());
-    let (hidx, pidx, owner) = ensure_pair(&host, &pod, env, s, want_v6).await?;
-    if owner {
+    let (hidx, pidx, owner_nic) = ensure_pair(&host, &pod, env, s, want_v6).await?;
+    if owner_nic == nic {
         pod_routes(&host, &pod, s, &p, pidx).await?;
     }
     // The node reaches the pod's addresses through the pair.
@@ -298,12 +299,12 @@ async fn add(env: &Env, s: &Settings, prev: &Value) -> Result<Option<[u8; 6]>, C
             .map_err(nl)?;
     }
     if s.tune_pod_routes {
-        let default_nic = if !s.default_route_nic.is_empty() {
-            s.default_route_nic.clone()
+        let default_nic = if s.default_route_nic.is_empty() {
+            &owner_nic
         } else {
-            owner_nic(&host, env).await?.unwrap_or_else(|| nic.clone())
+            &s.default_route_nic
         };
-        tune(&pod, &p, pod_if, pidx, nic != default_nic).await?;
+        tune(&pod, &p, pod_if, pidx, &nic != default_nic).await?;
     }
     if s.pod_rp_filter >= 0 && p.addresses.iter().any(|a| a.addr().is_ipv4()) {
         let v = s.pod_rp_filter.to_string();
@@ -317,16 +318,6 @@ async fn add(env: &Env, s: &Settings, prev: &Value) -> Result<Option<[u8; 6]>, C
         }
     }
     Ok(mac)
-}
-
-/// The NIC that made the pod's pair, from the alias on its node side.
-async fn owner_nic(host: &Nl, env: &Env) -> Result<Option<String>, CniError> {
-    let hv = host_veth_name(&container(env));
-    Ok(host
-        .link(&hv)
-        .await
-        .map_err(nl)?
-        .and_then(|h| link_alias(&h).and_then(|a| a.split(' ').nth(2).map(str::to_string))))
 }
 
 /// In the pod: the node's addresses and the hijacked CIDRs through `veth0`.
@@ -425,11 +416,9 @@ async fn del(env: &Env, s: &Settings, prev: Option<&Value>) -> Result<(), CniErr
     }
     let hv = host_veth_name(&container(env));
     let link = host.link(&hv).await.map_err(nl)?;
-    let owner = link.as_ref().is_some_and(|h| {
-        link_alias(h)
-            .and_then(|a| a.split(' ').nth(2))
-            .is_none_or(|o| o == nic)
-    });
+    let owner = link
+        .as_ref()
+        .is_some_and(|h| alias_owner(h).is_none_or(|o| o == nic));
     if let Some(h) = &link {
         for v6 in [false, true] {
             for r in host.routes(v6).await.map_err(nl)? {
@@ -502,15 +491,22 @@ async fn check(env: &Env, s: &Settings, prev: &Value) -> Result<(), CniError> {
     Ok(())
 }
 
-/// The cluster's `SpiderCoordinator` defaults (its `spec`), from the agent on this node
-/// (`GET /v1/coordinator` on `agentSocket`, default the agent's socket). None when no agent
-/// runs here or it has none. ADD fails with code 11 when the socket exists but the agent does
-/// not answer (the defaults may carry the Service CIDRs); DEL, CHECK and the rest go on with
-/// the built-in defaults.
+/// The cluster's `SpiderCoordinator` defaults (its `spec`), for ADD, DEL and CHECK, from the
+/// agent on this node (`GET /v1/coordinator` on `agentSocket`, default the agent's socket).
+/// None when no agent runs here or it has none. ADD fails with code 11 when the socket exists
+/// but the agent does not answer (the defaults may carry the Service CIDRs); DEL and CHECK go on
+/// with the built-in defaults.
 pub fn cluster_defaults(
     vars: &BTreeMap<String, String>,
     stdin: &[u8],
 ) -> Result<Option<Value>, CniError> {
+    // Only the verbs that touch the node read them (VERSION, GC and STATUS cost no request).
+    if !matches!(
+        vars.get("CNI_COMMAND").map(String::as_str),
+        Some("ADD" | "DEL" | "CHECK")
+    ) {
+        return Ok(None);
+    }
     let conf: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
     let socket = conf
         .get("agentSocket")
