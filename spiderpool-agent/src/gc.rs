@@ -139,7 +139,14 @@ async fn node_gone(
         .map(|l| l.owner.node.as_str())
         .filter(|n| *n != agent.node && !n.is_empty())
         .collect();
-    let mut gone = BTreeSet::new();
+    // A record that names no node (imported from Spiderpool for a pod no endpoint or pod
+    // placed) is judged by its pod alone, as a gone node's are.
+    let mut gone: BTreeSet<String> = all
+        .iter()
+        .any(|l| l.owner.node.is_empty())
+        .then(String::new)
+        .into_iter()
+        .collect();
     for n in nodes {
         match agent.view.node_exists_now(n).await {
             Ok(false) => {

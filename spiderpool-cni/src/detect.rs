@@ -126,6 +126,8 @@ fn release(c: &NetConf, req: &AddRequest, log: &Log) {
     let del = DelRequest {
         attachment: req.attachment.clone(),
         network: c.defaults.network_name.clone().unwrap_or_default(),
+        // Only what this attachment holds: never the pod's records imported from Spiderpool.
+        pod: None,
     };
     let out: Result<DelResponse, _> = client::call(
         &c.socket,

@@ -106,6 +106,7 @@ fn dispatch(env: &Env, c: &NetConf, stdin: &[u8], log: &Log) -> Result<String, C
             let req = DelRequest {
                 attachment: env.attachment.clone().unwrap_or_default(),
                 network,
+                pod: env.pod.clone(),
             };
             let out: Result<DelResponse, _> =
                 client::call(&c.socket, "POST", "/v1/del", Some(&req), OTHER_TIMEOUT);
@@ -129,6 +130,7 @@ fn dispatch(env: &Env, c: &NetConf, stdin: &[u8], log: &Log) -> Result<String, C
             let att = env.attachment.clone().unwrap_or_default();
             let req = CheckRequest {
                 attachment: att.clone(),
+                pod: env.pod.clone(),
             };
             let alloc: Allocation =
                 client::call(&c.socket, "POST", "/v1/check", Some(&req), OTHER_TIMEOUT)

@@ -83,6 +83,10 @@ pub struct DelRequest {
     /// The network config's `name`.
     #[serde(default)]
     pub network: String,
+    /// The pod, when the runtime names one (`CNI_ARGS`): frees the records imported from
+    /// Spiderpool, which name the pod but no container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// What a DEL or GC freed.
@@ -99,6 +103,9 @@ pub struct DelResponse {
 pub struct CheckRequest {
     /// Container (sandbox) and interface.
     pub attachment: Attachment,
+    /// The pod, when the runtime names one (see [`DelRequest::pod`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// CNI GC (1.1.0): the attachments still valid for one network.

@@ -94,6 +94,7 @@ pub mod conformance;
 pub mod engine;
 pub mod lifecycle;
 pub mod manifest;
+pub mod migrate;
 pub mod model;
 pub mod netconf;
 pub mod range;

@@ -135,7 +135,7 @@ pub struct IpPoolSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolStatus {
-    /// JSON string: bare IP -> `{"pod":"ns/name","podUid":"..."}`.
+    /// JSON string: bare IP -> `{"interface":"eth0","pod":"ns/name","podUid":"..."}`.
     #[serde(
         default,
         rename = "allocatedIPs",

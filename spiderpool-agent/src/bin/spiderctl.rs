@@ -105,6 +105,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Take over a stopped Spiderpool's allocations in place (pods keep their addresses), or
+    /// give them back. Exit 0 done and clean, 1 done with findings (or addresses not imported),
+    /// 2 refused or failed (nothing lost: run it again).
+    #[cfg(feature = "kube")]
+    Migrate {
+        #[command(subcommand)]
+        direction: Direction,
+    },
     /// Validate SpiderIPPool, SpiderSubnet and SpiderReservedIP manifests, alone and together.
     /// Exit 0 when all are valid, 1 otherwise (one line per problem).
     Validate {
@@ -141,6 +149,49 @@ enum Command {
     },
 }
 
+/// `spiderctl migrate` directions.
+#[cfg(feature = "kube")]
+#[derive(Subcommand)]
+enum Direction {
+    /// With Spiderpool's agents and controller stopped: back up its objects, replace its CRDs
+    /// with ours, import every allocation (pool statuses, SpiderEndpoints) into SpiderIPBlocks
+    /// and check that each address is held by the same pod. Idempotent and resumable.
+    FromSpiderpool(MigrateArgs),
+    /// With our agents and controller stopped: write every record back into Spiderpool's pool
+    /// statuses, restore its CRDs and webhooks from the backup, delete the SpiderIPBlocks.
+    ToSpiderpool {
+        #[command(flatten)]
+        args: MigrateArgs,
+        /// Spiderpool's CRDs are installed already (no backup to restore them from).
+        #[arg(long)]
+        keep_crds: bool,
+    },
+}
+
+/// What both directions take.
+#[cfg(feature = "kube")]
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Print what would be done and every inconsistency found; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Go on although the other IPAM's agents or controller still run, or pools still change.
+    #[arg(long)]
+    force: bool,
+    /// The namespace of the backup ConfigMaps.
+    #[arg(long, default_value = "kube-system")]
+    namespace: String,
+    /// Pools must stay unchanged this long (milliseconds) before the import starts.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// Output format of the report.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         #[cfg(feature = "kube")]
@@ -163,6 +214,8 @@ fn main() -> ExitCode {
             delete_crds,
             force,
         } => uninstall(kubeconfig, delete_crds, force),
+        #[cfg(feature = "kube")]
+        Command::Migrate { direction } => migrate(direction),
         Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
@@ -369,6 +422,59 @@ fn uninstall(kubeconfig: Option<PathBuf>, delete_crds: bool, force: bool) -> Exi
                 eprintln!("kept: SpiderIPPool {pool} holds {n} addresses (its pods still use them: delete them first, or --force)");
             }
             if r.refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `spiderctl migrate`.
+#[cfg(feature = "kube")]
+fn migrate(direction: Direction) -> ExitCode {
+    use spiderpool_agent::ctl::migrate as m;
+    let (args, keep_crds, back) = match direction {
+        Direction::FromSpiderpool(a) => (a, false, false),
+        Direction::ToSpiderpool { args, keep_crds } => (args, keep_crds, true),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = rt.block_on(async {
+        let (client, server) =
+            spiderpool_store::k8s::request_client(args.kubeconfig.as_deref()).await?;
+        let opts = m::Options {
+            dry_run: args.dry_run,
+            force: args.force,
+            namespace: args.namespace.clone(),
+            settle: std::time::Duration::from_millis(args.settle_ms),
+            server,
+        };
+        if back {
+            m::to_spiderpool(client, &opts, keep_crds).await
+        } else {
+            m::from_spiderpool(client, &opts).await
+        }
+    });
+    match out {
+        Ok(r) => {
+            match args.output {
+                Output::Json => println!("{}", m::report_json(&r)),
+                Output::Table => print!("{}", m::report_text(&r, args.dry_run)),
+            }
+            if r.findings.is_empty() && r.refused.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

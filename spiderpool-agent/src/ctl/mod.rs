@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "kube")]
+pub mod migrate;
 pub mod table;
 #[cfg(feature = "kube")]
 pub mod uninstall;

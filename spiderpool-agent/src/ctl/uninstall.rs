@@ -166,7 +166,7 @@ const INSTALLED: &[Installed] = &[
     ),
 ];
 
-fn api_for(
+pub(crate) fn api_for(
     client: &kube::Client,
     gvk: (&str, &str, &str, &str),
     ns: Option<&str>,
@@ -181,7 +181,7 @@ fn api_for(
 }
 
 /// Deletes one object; gone already is fine.
-async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<bool, String> {
+pub(crate) async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<bool, String> {
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),

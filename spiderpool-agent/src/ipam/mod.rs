@@ -12,8 +12,9 @@ use spiderpool_core::api::{
     AddRequest, ApiError, CheckRequest, ConflictRequest, DelRequest, DelResponse, ErrorKind,
     GcRequest,
 };
-use spiderpool_core::engine::Allocation;
+use spiderpool_core::engine::{Allocation, Attachment, EngineError};
 use spiderpool_core::select::SelectionInput;
+use spiderpool_core::store::{Filter, LeaseStore};
 use spiderpool_core::types::{Namespace, Node, Pod};
 use spiderpool_core::Families;
 use spiderpool_store::task::now_secs;
@@ -21,6 +22,7 @@ use spiderpool_store::task::now_secs;
 use crate::agent::Agent;
 use crate::view::{AutoPools, Snapshot};
 
+pub mod imported;
 pub mod statefulset;
 
 /// The pod an ADD serves, as the view has it (or fetched once when the view has not seen it).
@@ -167,6 +169,8 @@ pub async fn add(a: &Agent, req: &AddRequest) -> Result<Allocation, ApiError> {
     let statefulset = ctx.owner(Some("StatefulSet")).is_some();
     if statefulset {
         statefulset::keep_address(a, &snap.pools, &input, &req.attachment, &ctx.uid).await;
+    } else if ctx.kubernetes {
+        imported::take_over(a, &snap.pools, &input, &req.attachment, &ctx.uid).await;
     }
     let out = a
         .engine
@@ -231,15 +235,32 @@ pub async fn conflict(a: &Agent, req: &ConflictRequest) -> Result<Allocation, Ap
 
 /// DEL: frees the attachment's addresses, unless a StatefulSet pod's next sandbox takes them.
 pub async fn del(a: &Agent, req: &DelRequest) -> Result<DelResponse, ApiError> {
-    if statefulset::kept_on_del(a, &req.attachment.container_id).await {
-        tracing::info!(container = %req.attachment.container_id, "DEL: addresses kept for the StatefulSet pod's next sandbox");
+    let mut container = req.attachment.container_id.clone();
+    let own = a
+        .engine
+        .store()
+        .list(Filter::Container(&container))
+        .await
+        .map_err(|e| ApiError::from(&EngineError::from(e)))?;
+    if !own
+        .leases
+        .iter()
+        .any(|l| l.owner.ifname == req.attachment.ifname)
+    {
+        // Nothing under the sandbox: the pod's records imported from Spiderpool, if any.
+        if let Some(c) = imported::container(a, req.pod.as_ref(), &req.attachment.ifname).await {
+            container = c;
+        }
+    }
+    if statefulset::kept_on_del(a, &container).await {
+        tracing::info!(container = %container, "DEL: addresses kept for the StatefulSet pod's next sandbox");
         return Ok(DelResponse {
             released: Vec::new(),
         });
     }
     let freed = a
         .engine
-        .release(&req.attachment.container_id, Some(&req.attachment.ifname))
+        .release(&container, Some(&req.attachment.ifname))
         .await
         .map_err(|e| ApiError::from(&e))?;
     if !freed.is_empty() {
@@ -254,10 +275,27 @@ pub async fn del(a: &Agent, req: &DelRequest) -> Result<DelResponse, ApiError> {
 /// CHECK: the attachment still holds what ADD gave it.
 pub async fn check(a: &Agent, req: &CheckRequest) -> Result<Allocation, ApiError> {
     let snap = a.view.snapshot();
-    a.engine
-        .check(&snap.pools, &req.attachment)
-        .await
-        .map_err(|e| ApiError::from(&e))
+    match a.engine.check(&snap.pools, &req.attachment).await {
+        Err(EngineError::NotFound { .. }) if req.pod.is_some() => {
+            // The pod's records imported from Spiderpool answer for its sandbox.
+            let Some(c) = imported::container(a, req.pod.as_ref(), &req.attachment.ifname).await
+            else {
+                return Err(ApiError::from(&EngineError::NotFound {
+                    container_id: req.attachment.container_id.clone(),
+                    ifname: req.attachment.ifname.clone(),
+                }));
+            };
+            let att = Attachment {
+                container_id: c,
+                ifname: req.attachment.ifname.clone(),
+            };
+            a.engine
+                .check(&snap.pools, &att)
+                .await
+                .map_err(|e| ApiError::from(&e))
+        }
+        out => out.map_err(|e| ApiError::from(&e)),
+    }
 }
 
 /// GC: frees the network's records of attachments the runtime no longer has.

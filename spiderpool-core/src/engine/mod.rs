@@ -617,11 +617,14 @@ impl<S: LeaseStore> Engine<S> {
     /// CNI GC of one network: frees this node's records of `network` whose container is not in
     /// `valid`. A record is live while its container id is listed with any interface (under
     /// Multus the runtime lists a sandbox once, while its first ADD may have allocated several
-    /// NICs); records of other networks and other nodes are never touched.
+    /// NICs); records of other networks and other nodes are never touched, nor records imported
+    /// from Spiderpool (no runtime lists their container: pod-lifecycle GC judges them).
     pub async fn gc(&self, network: &str, valid: &[Attachment]) -> Result<Vec<Lease>, EngineError> {
         let live: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
         self.gc_where(Filter::Node(&self.node), |l| {
-            l.owner.network == network && !live.contains(l.owner.container_id.as_str())
+            l.owner.network == network
+                && !live.contains(l.owner.container_id.as_str())
+                && !crate::migrate::is_imported(l)
         })
         .await
     }

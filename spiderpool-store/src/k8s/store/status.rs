@@ -3,7 +3,7 @@
 //! written in the background, at most once per interval per pool, forward only
 //! (`status.allocatedRevision`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
@@ -237,30 +237,11 @@ impl Inner {
     }
 }
 
-/// Spiderpool's `allocatedIPs`: address -> `{pod, podUid}`, while the pool holds at most
-/// [`ALLOCATED_IPS_LIMIT`] records.
+/// Spiderpool's `allocatedIPs` (v1.x: address -> `{interface, pod, podUid}`), while the pool
+/// holds at most [`ALLOCATED_IPS_LIMIT`] records.
 fn allocated_ips(leases: &[Lease]) -> Option<String> {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Entry<'a> {
-        pod: String,
-        pod_uid: &'a str,
-    }
-    (leases.len() <= ALLOCATED_IPS_LIMIT).then(|| {
-        let map: BTreeMap<String, Entry<'_>> = leases
-            .iter()
-            .map(|l| {
-                (
-                    l.ip.to_string(),
-                    Entry {
-                        pod: format!("{}/{}", l.owner.pod_namespace, l.owner.pod_name),
-                        pod_uid: &l.owner.pod_uid,
-                    },
-                )
-            })
-            .collect();
-        serde_json::to_string(&map).unwrap_or_default()
-    })
+    (leases.len() <= ALLOCATED_IPS_LIMIT)
+        .then(|| spiderpool_core::migrate::format_allocated_ips(leases))
 }
 
 #[derive(Debug, Serialize)]
