@@ -287,6 +287,71 @@ pub fn ledger_count(ledger: &Controlled, family: IpFamily) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A subnet ledger entry that disagrees with the pools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerProblem {
+    /// The subnet.
+    pub subnet: String,
+    /// The pool its ledger names.
+    pub pool: String,
+    /// What the ledger promises the pool.
+    pub promised: Vec<String>,
+    /// What the pool has (`None`: it does not exist).
+    pub has: Option<Vec<String>>,
+}
+
+impl std::fmt::Display for LedgerProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.has {
+            None => write!(
+                f,
+                "subnet {} promises {:?} to pool {}, which does not exist (the controller's reconcile drops the entry)",
+                self.subnet, self.promised, self.pool
+            ),
+            Some(has) => write!(
+                f,
+                "subnet {} promises {:?} to pool {}, which has {:?} (the controller's reconcile brings them in line)",
+                self.subnet, self.promised, self.pool, has
+            ),
+        }
+    }
+}
+
+/// Subnets whose ledger (`controlledIPPools`) names a pool that does not exist, or promises it
+/// other addresses than it has (compared as address sets, not strings).
+pub fn ledger_problems(
+    subnets: &[crate::types::SpiderSubnet],
+    pools: &[SpiderIpPool],
+) -> Vec<LedgerProblem> {
+    let mut out = Vec::new();
+    for s in subnets {
+        let ledger = parse_controlled(
+            s.status
+                .as_ref()
+                .and_then(|x| x.controlled_ip_pools.as_deref()),
+        );
+        for (pool, entry) in &ledger {
+            let problem = |has| LedgerProblem {
+                subnet: s.metadata.name.clone(),
+                pool: pool.clone(),
+                promised: entry.ips.clone(),
+                has,
+            };
+            let Some(p) = pools.iter().find(|p| &p.metadata.name == pool) else {
+                out.push(problem(None));
+                continue;
+            };
+            let fam = p.spec.family();
+            let promised = fam.and_then(|f| entry.addresses(f));
+            let has = fam.and_then(|f| IpSet::parse(f, &p.spec.ips).ok());
+            if promised.is_some() && promised != has {
+                out.push(problem(Some(p.spec.ips.clone())));
+            }
+        }
+    }
+    out
+}
+
 /// What one round of making or growing an auto-pool must find out from the cluster.
 #[derive(Debug, Clone)]
 pub struct PoolFacts<'a> {

@@ -86,6 +86,7 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     })
 }
 
+pub mod audit;
 pub mod autopool;
 pub mod bitmap;
 pub mod cache;

@@ -531,38 +531,15 @@ fn record_from_endpoint(
 }
 
 /// Subnets whose ledger (`controlledIPPools`) names a pool that does not exist, or promises it
-/// other addresses than it has.
+/// other addresses than it has: kept as they are (the controller's reconcile mends them).
 fn check_subnets(cluster: &Cluster, findings: &mut Vec<Finding>) {
-    for s in &cluster.subnets {
-        let ledger = autopool::parse_controlled(
-            s.status
-                .as_ref()
-                .and_then(|x| x.controlled_ip_pools.as_deref()),
-        );
-        for (pool, entry) in &ledger {
-            let Some(p) = cluster.pools.iter().find(|p| &p.metadata.name == pool) else {
-                findings.push(Finding::new(
-                    "ledger-names-missing-pool",
-                    format!(
-                        "subnet {} promises {:?} to pool {pool}, which does not exist: kept (the controller's reconcile drops it)",
-                        s.metadata.name, entry.ips
-                    ),
-                ));
-                continue;
-            };
-            let fam = p.spec.family();
-            let promised = fam.and_then(|f| entry.addresses(f));
-            let has = fam.and_then(|f| IpSet::parse(f, &p.spec.ips).ok());
-            if promised.is_some() && promised != has {
-                findings.push(Finding::new(
-                    "ledger-disagrees",
-                    format!(
-                        "subnet {} promises {:?} to pool {pool}, which has {:?}: kept (the controller's reconcile brings them in line)",
-                        s.metadata.name, entry.ips, p.spec.ips
-                    ),
-                ));
-            }
-        }
+    for p in autopool::ledger_problems(&cluster.subnets, &cluster.pools) {
+        let kind = if p.has.is_none() {
+            "ledger-names-missing-pool"
+        } else {
+            "ledger-disagrees"
+        };
+        findings.push(Finding::new(kind, format!("{p}: kept")));
     }
 }
 

@@ -11,9 +11,24 @@ pub fn parse(s: &str) -> Option<u64> {
     u64::try_from(t.unix_timestamp()).ok()
 }
 
+/// The RFC 3339 time (UTC, whole seconds) of `secs` since the epoch.
+pub fn format(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_back() {
+        assert_eq!(format(1_795_792_807), "2026-11-27T15:20:07Z");
+        assert_eq!(parse(&format(951_825_600)), Some(951_825_600));
+    }
 
     #[test]
     fn kubernetes_times() {

@@ -113,6 +113,53 @@ enum Command {
         #[command(subcommand)]
         direction: Direction,
     },
+    /// Check every allocation record against the cluster (read-only): leaks (pod gone,
+    /// finished, past its grace period, replaced), records of missing pools or outside their
+    /// pool, addresses in conflict, pods using addresses nobody holds for them, SpiderEndpoints
+    /// and subnet ledgers that disagree. Exit 0 clean, 1 findings, 2 could not check.
+    Check {
+        /// The kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+        #[arg(long, conflicts_with = "store")]
+        kubeconfig: Option<PathBuf>,
+        /// Outside Kubernetes: the store (embedded:PATH, etcd:URL[#PREFIX]); pools only.
+        #[arg(long, requires = "manifests")]
+        store: Option<String>,
+        /// Manifests with the pools (with --store).
+        #[arg(long = "manifests")]
+        manifests: Vec<PathBuf>,
+        /// The agents' --gc-interval-ms, in seconds (to say when GC frees a leak).
+        #[arg(long, default_value_t = 60)]
+        gc_interval_secs: u64,
+        /// The agents' --gc-margin-secs.
+        #[arg(long, default_value_t = 30)]
+        gc_margin_secs: u64,
+        /// Output format (json is what `release --from-report` reads).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Free exactly the records named: by address, or the releasable findings of a `check -o
+    /// json` report (each only while the record is still the one reported). Refuses an address
+    /// whose pod is alive (or whose StatefulSet wants it back) unless --force. Exit 0 all
+    /// freed, 1 some refused or left alone (each said why), 2 error.
+    #[cfg(feature = "kube")]
+    Release {
+        /// The kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Addresses to free.
+        #[arg(
+            long = "ip",
+            required_unless_present = "from_report",
+            conflicts_with = "from_report"
+        )]
+        ips: Vec<std::net::IpAddr>,
+        /// A `spiderctl check -o json` report ("-" for stdin).
+        #[arg(long)]
+        from_report: Option<PathBuf>,
+        /// Free addresses whose pod is alive too (it may then be handed out twice).
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate SpiderIPPool, SpiderSubnet and SpiderReservedIP manifests, alone and together.
     /// Exit 0 when all are valid, 1 otherwise (one line per problem).
     Validate {
@@ -216,6 +263,27 @@ fn main() -> ExitCode {
         } => uninstall(kubeconfig, delete_crds, force),
         #[cfg(feature = "kube")]
         Command::Migrate { direction } => migrate(direction),
+        Command::Check {
+            kubeconfig,
+            store,
+            manifests,
+            gc_interval_secs,
+            gc_margin_secs,
+            output,
+        } => {
+            let gc = spiderpool_core::audit::GcTiming {
+                interval: gc_interval_secs,
+                margin: gc_margin_secs,
+            };
+            check(kubeconfig, store, &manifests, gc, output)
+        }
+        #[cfg(feature = "kube")]
+        Command::Release {
+            kubeconfig,
+            ips,
+            from_report,
+            force,
+        } => release(kubeconfig, ips, from_report, force),
         Command::Validate { files } => validate(&files),
         Command::Explain {
             manifests,
@@ -392,6 +460,116 @@ fn version(socket: Option<String>) -> ExitCode {
         Err(e) => {
             eprintln!("spiderctl: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// `spiderctl check`.
+fn check(
+    kubeconfig: Option<PathBuf>,
+    store: Option<String>,
+    manifests: &[PathBuf],
+    gc: spiderpool_core::audit::GcTiming,
+    output: Output,
+) -> ExitCode {
+    use spiderpool_agent::ctl::check as c;
+    let report = match store {
+        Some(spec) => c::check_store(&spec, manifests),
+        #[cfg(feature = "kube")]
+        None => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let (client, server) =
+                    spiderpool_store::k8s::request_client(kubeconfig.as_deref()).await?;
+                c::check_kube(client, &server, gc).await
+            })
+        }),
+        #[cfg(not(feature = "kube"))]
+        None => {
+            let _ = (kubeconfig, gc);
+            Err("this spiderctl is built without Kubernetes support: use --store".to_string())
+        }
+    };
+    match report {
+        Ok(r) => {
+            match output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default())
+                }
+                Output::Table => print!("{}", c::render(&r)),
+            }
+            if r.findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("spiderctl: could not check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `spiderctl release`.
+#[cfg(feature = "kube")]
+fn release(
+    kubeconfig: Option<PathBuf>,
+    ips: Vec<std::net::IpAddr>,
+    from_report: Option<PathBuf>,
+    force: bool,
+) -> ExitCode {
+    use spiderpool_agent::ctl::check as c;
+    let targets = match from_report {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())
+            } else {
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+            };
+            match text.and_then(|t| c::targets_from_report(&t)) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("spiderctl: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => ips
+            .into_iter()
+            .map(|ip| c::Target { ip, expect: None })
+            .collect(),
+    };
+    let out = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (client, server) =
+                spiderpool_store::k8s::request_client(kubeconfig.as_deref()).await?;
+            c::release_kube(client, &server, &targets, force).await
+        })
+    });
+    match out {
+        Ok(r) => {
+            for l in &r.released {
+                println!("{l}");
+            }
+            for l in r.refused.iter().chain(&r.skipped) {
+                eprintln!("{l}");
+            }
+            if r.refused.is_empty() && r.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("spiderctl: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+pub mod check;
 #[cfg(feature = "kube")]
 pub mod migrate;
 pub mod table;
