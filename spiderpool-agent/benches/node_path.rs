@@ -435,7 +435,12 @@ fn main() {
             let distinct: std::collections::BTreeSet<&String> = got.iter().collect();
             let lost: u64 = agents
                 .iter()
-                .map(|(_, m)| metric(m, "spiderpool_ipam_update_ippool_conflict_counts"))
+                .map(|(_, m)| {
+                    metric(
+                        m,
+                        "spiderpool_ipam_allocation_update_ippool_conflict_counts_total",
+                    )
+                })
                 .sum();
             let t1 = Instant::now();
             let dels: Vec<_> = (0..10)

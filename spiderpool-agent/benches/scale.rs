@@ -237,7 +237,7 @@ async fn run(n: usize) -> Row {
     let (g0, gw0) = requests(&s);
     for _ in 0..GC_ROUNDS {
         for (a, sus) in agents.iter().zip(suspects.iter_mut()) {
-            let freed = spiderpool_agent::gc::round(a, sus, 30)
+            let freed = spiderpool_agent::gc::round(a, sus, &Default::default())
                 .await
                 .expect("GC round");
             assert!(freed.is_empty(), "GC freed live pods' addresses");

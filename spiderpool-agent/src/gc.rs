@@ -42,12 +42,68 @@ fn facts(pod: &Option<Pod>) -> PodFacts<'_> {
     }
 }
 
-/// One round: judges, remembers suspects, frees what was dead twice. Returns what it freed.
+/// What an operator steers GC by (the agent's `--gc-*` flags; docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Time between rounds.
+    pub every: Duration,
+    /// Seconds a terminating pod keeps its address past its grace period.
+    pub margin: u64,
+    /// Free the addresses of gone, replaced or terminating pods while this node is NotReady
+    /// (default: keep them; a partitioned node may still run those containers, and freeing
+    /// their addresses then makes duplicates). Finished pods are freed either way.
+    pub free_on_not_ready_node: bool,
+    /// Only report (log lines, the leak-candidates gauge) what would be freed.
+    pub dry_run: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            every: Duration::from_secs(60),
+            margin: 30,
+            free_on_not_ready_node: false,
+            dry_run: false,
+        }
+    }
+}
+
+/// Keeps, while this node is NotReady, every verdict but `PodFinished` (the kubelet reported
+/// that phase: its containers are stopped).
+async fn hold_on_not_ready(agent: &Agent, verdicts: &mut [(Lease, Option<Reason>)]) {
+    if !verdicts
+        .iter()
+        .any(|(_, v)| v.is_some_and(|r| r != Reason::PodFinished))
+    {
+        return;
+    }
+    let ready = match agent.view.node_ready_now(&agent.node).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "GC: this node unreadable; addresses kept this round");
+            Some(false)
+        }
+    };
+    if ready == Some(false) {
+        let mut kept = 0;
+        for (_, v) in verdicts.iter_mut() {
+            if v.is_some_and(|r| r != Reason::PodFinished) {
+                *v = None;
+                kept += 1;
+            }
+        }
+        tracing::warn!(kept, node = %agent.node, "GC: node is NotReady, addresses of its gone or terminating pods kept (--gc-free-on-not-ready-node frees them)");
+    }
+}
+
+/// One round: judges, remembers suspects, frees what was dead twice. Returns what it freed
+/// (in a dry run: what it would have freed).
 pub async fn round(
     agent: &Agent,
     suspects: &mut Suspects,
-    margin: u64,
+    settings: &Settings,
 ) -> Result<Vec<(Lease, Reason)>, String> {
+    let margin = settings.margin;
     let store = agent.engine.store();
     let mine = store
         .list(Filter::Node(&agent.node))
@@ -94,11 +150,27 @@ pub async fn round(
     }
     // Records of nodes that are gone: only where every node's records are at hand (a store all
     // nodes share and this agent mirrors: kube).
+    if !settings.free_on_not_ready_node {
+        hold_on_not_ready(agent, &mut verdicts).await;
+    }
     if store.mirrors_all_nodes() {
         verdicts.extend(node_gone(agent, &mut fresh, t, margin).await?);
     }
+    let candidates = verdicts.iter().filter(|(_, v)| v.is_some()).count();
+    agent
+        .metrics
+        .gc_leak_candidates
+        .store(u64::try_from(candidates).unwrap_or(u64::MAX), Relaxed);
     let mut freed = Vec::new();
-    for (lease, reason) in suspects.round(verdicts) {
+    let due = suspects.round(verdicts);
+    if settings.dry_run {
+        for (lease, reason) in &due {
+            tracing::info!(ip = %lease.ip, pod = %format!("{}/{}", lease.owner.pod_namespace, lease.owner.pod_name),
+                container = %lease.owner.container_id, reason = reason.as_str(), "GC dry run: would free");
+        }
+        return Ok(due);
+    }
+    for (lease, reason) in due {
         let txn = Txn {
             claims: Vec::new(),
             releases: vec![Release::from(&lease)],
@@ -111,10 +183,30 @@ pub async fn round(
                 agent.engine.observe(&lease.pool, lease.ip, revision, false);
                 tracing::info!(ip = %lease.ip, pod = %format!("{}/{}", lease.owner.pod_namespace, lease.owner.pod_name),
                     container = %lease.owner.container_id, node = %lease.owner.node, reason = reason.as_str(), "GC freed");
+                if !lease.owner.pod_namespace.is_empty() {
+                    agent.view.pod_event(crate::view::events::PodEvent {
+                        namespace: lease.owner.pod_namespace.clone(),
+                        name: lease.owner.pod_name.clone(),
+                        uid: lease.owner.pod_uid.clone(),
+                        type_: "Normal",
+                        reason: "ReleasedByGC",
+                        message: format!(
+                            "{} of pool {} freed by GC on {} ({}; container {})",
+                            lease.ip,
+                            lease.pool,
+                            agent.node,
+                            reason.as_str(),
+                            lease.owner.container_id
+                        ),
+                    });
+                }
                 freed.push((lease, reason));
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(ip = %lease.ip, error = %e, "GC: release failed; next round"),
+            Err(e) => {
+                agent.metrics.gc_failures.fetch_add(1, Relaxed);
+                tracing::warn!(ip = %lease.ip, error = %e, "GC: release failed; next round");
+            }
         }
     }
     Ok(freed)
@@ -193,8 +285,7 @@ async fn node_gone(
 /// Runs [`round`] every `every` until `stop` changes (only for views that track pods).
 pub async fn run(
     agent: Arc<Agent>,
-    every: Duration,
-    margin: u64,
+    settings: Settings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     if !agent.view.tracks_pods() {
@@ -202,10 +293,10 @@ pub async fn run(
     }
     let mut suspects = Suspects::default();
     loop {
-        if !spiderpool_store::task::sleep_or_stop(every, &mut stop).await {
+        if !spiderpool_store::task::sleep_or_stop(settings.every, &mut stop).await {
             return;
         }
-        if let Err(e) = round(&agent, &mut suspects, margin).await {
+        if let Err(e) = round(&agent, &mut suspects, &settings).await {
             tracing::warn!(error = %e, "GC round failed");
         }
     }

@@ -75,6 +75,11 @@ pub struct Metrics {
     pub ip_conflicts: AtomicU64,
     /// Records freed by the agent's pod-lifecycle GC, by reason (`lifecycle::Reason` order).
     pub lifecycle_released: [AtomicU64; 5],
+    /// Releases GC tried that failed (retried next round).
+    pub gc_failures: AtomicU64,
+    /// Records the last GC round judged dead (freed after a second look, or, in a dry run,
+    /// only reported).
+    pub gc_leak_candidates: AtomicU64,
 }
 
 /// The reasons of [`Metrics::lifecycle_released`], in order.
@@ -94,11 +99,26 @@ pub struct PoolUsage {
     pub total: i64,
 }
 
+/// A counter, named as Spiderpool's OpenTelemetry exporter names it (`_total` appended).
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(
         out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        "# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total {v}"
     );
+}
+
+/// One gauge per pool.
+fn pool_gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    pools: &[PoolUsage],
+    v: fn(&PoolUsage) -> i64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for p in pools {
+        let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", p.pool, v(p));
+    }
 }
 
 impl Metrics {
@@ -106,69 +126,30 @@ impl Metrics {
     pub fn render(&self, conflicts: u64, pools: &[PoolUsage]) -> String {
         let mut out = String::new();
         let c = |a: &AtomicU64| a.load(Relaxed);
-        counter(
-            &mut out,
-            "spiderpool_ipam_allocation_counts",
-            "IPAM ADD requests.",
-            c(&self.allocations),
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_allocation_failure_counts",
-            "IPAM ADD requests that failed.",
-            c(&self.allocation_failures),
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_update_ippool_conflict_counts",
-            "Claims the lease store refused because another node took the address first.",
-            conflicts,
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_err_ip_used_out_counts",
-            "ADDs refused because the candidate pools were exhausted.",
-            c(&self.ip_used_out),
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_err_no_available_pool_counts",
-            "ADDs refused because no pool was eligible.",
-            c(&self.no_available_pool),
-        );
+        for (name, help, v) in [
+            ("spiderpool_ipam_allocation_counts", "IPAM ADD requests.", c(&self.allocations)),
+            ("spiderpool_ipam_allocation_failure_counts", "IPAM ADD requests that failed.", c(&self.allocation_failures)),
+            ("spiderpool_ipam_allocation_update_ippool_conflict_counts", "Claims the lease store refused because another node took the address first.", conflicts),
+            ("spiderpool_ipam_allocation_err_ip_used_out_counts", "ADDs refused because the candidate pools were exhausted.", c(&self.ip_used_out)),
+            ("spiderpool_ipam_allocation_err_no_available_pool_counts", "ADDs refused because no pool was eligible.", c(&self.no_available_pool)),
+            ("spiderpool_ipam_release_counts", "IPAM DEL requests.", c(&self.releases)),
+            ("spiderpool_ipam_release_failure_counts", "IPAM DEL requests that failed.", c(&self.release_failures)),
+            ("spiderpool_ip_gc_counts", "Addresses freed by this agent's pod-lifecycle GC (Spiderpool counts them in its controller).", self.lifecycle_released.iter().map(c).sum()),
+            ("spiderpool_ip_gc_failure_counts", "GC releases that failed (retried next round).", c(&self.gc_failures)),
+            ("spiderpool_ipam_cni_gc_released_counts", "Addresses freed by CNI GC (the runtime's list of live attachments).", c(&self.gc_released)),
+            ("spiderpool_ipam_ip_conflict_counts", "Addresses another host answered for (IP conflict detection), recorded as in conflict and replaced.", c(&self.ip_conflicts)),
+        ] {
+            counter(&mut out, name, help, v);
+        }
         self.allocation_duration.render(
             &mut out,
             "spiderpool_ipam_allocation_duration_seconds",
             "IPAM ADD latency.",
         );
-        counter(
-            &mut out,
-            "spiderpool_ipam_release_counts",
-            "IPAM DEL requests.",
-            c(&self.releases),
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_release_failure_counts",
-            "IPAM DEL requests that failed.",
-            c(&self.release_failures),
-        );
         self.release_duration.render(
             &mut out,
             "spiderpool_ipam_release_duration_seconds",
             "IPAM DEL latency.",
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_gc_released_counts",
-            "Addresses freed by CNI GC.",
-            c(&self.gc_released),
-        );
-        counter(
-            &mut out,
-            "spiderpool_ipam_ip_conflicts_total",
-            "Addresses another host answered for (IP conflict detection), recorded as in conflict and replaced.",
-            c(&self.ip_conflicts),
         );
         let _ = writeln!(out, "# HELP spiderpool_gc_released_total Addresses freed by the agent's pod-lifecycle GC, by reason.\n# TYPE spiderpool_gc_released_total counter");
         for (i, r) in LIFECYCLE_REASONS.iter().enumerate() {
@@ -179,22 +160,48 @@ impl Metrics {
                 c(&self.lifecycle_released[i])
             );
         }
-        let _ = writeln!(out, "# HELP spiderpool_ippool_allocated_ip_count Allocated addresses per pool.\n# TYPE spiderpool_ippool_allocated_ip_count gauge");
-        for p in pools {
-            let _ = writeln!(
-                out,
-                "spiderpool_ippool_allocated_ip_count{{pool=\"{}\"}} {}",
-                p.pool, p.allocated
-            );
-        }
-        let _ = writeln!(out, "# HELP spiderpool_ippool_total_ip_count Addresses per pool (ips minus excludeIPs).\n# TYPE spiderpool_ippool_total_ip_count gauge");
-        for p in pools {
-            let _ = writeln!(
-                out,
-                "spiderpool_ippool_total_ip_count{{pool=\"{}\"}} {}",
-                p.pool, p.total
-            );
-        }
+        let _ = writeln!(
+            out,
+            "# HELP spiderpool_gc_leak_candidates Records of this node the last GC round judged dead (freed after a second look; only reported with --gc-dry-run).\n# TYPE spiderpool_gc_leak_candidates gauge\nspiderpool_gc_leak_candidates {}",
+            c(&self.gc_leak_candidates)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP spiderpool_total_ippool_counts SpiderIPPools this agent serves.\n# TYPE spiderpool_total_ippool_counts gauge\nspiderpool_total_ippool_counts {}",
+            pools.len()
+        );
+        pool_gauge(
+            &mut out,
+            "spiderpool_ippool_allocated_ip_count",
+            "Allocated addresses per pool.",
+            pools,
+            |p| i64::try_from(p.allocated).unwrap_or(i64::MAX),
+        );
+        pool_gauge(
+            &mut out,
+            "spiderpool_ippool_total_ip_count",
+            "Addresses per pool (ips minus excludeIPs).",
+            pools,
+            |p| p.total,
+        );
+        pool_gauge(
+            &mut out,
+            "spiderpool_debug_ippool_total_ip_counts",
+            "Addresses per pool (Spiderpool's name).",
+            pools,
+            |p| p.total,
+        );
+        pool_gauge(
+            &mut out,
+            "spiderpool_debug_ippool_available_ip_counts",
+            "Free addresses per pool (Spiderpool's name).",
+            pools,
+            |p| {
+                p.total
+                    .saturating_sub(i64::try_from(p.allocated).unwrap_or(i64::MAX))
+                    .max(0)
+            },
+        );
         out
     }
 }
@@ -217,10 +224,12 @@ mod tests {
             }],
         );
         assert!(
-            text.contains("spiderpool_ipam_allocation_counts 3\n"),
+            text.contains("# TYPE spiderpool_ipam_allocation_counts_total counter\nspiderpool_ipam_allocation_counts_total 3\n"),
             "{text}"
         );
-        assert!(text.contains("spiderpool_ipam_update_ippool_conflict_counts 7\n"));
+        assert!(text.contains("spiderpool_ipam_allocation_update_ippool_conflict_counts_total 7\n"));
+        assert!(text.contains("spiderpool_debug_ippool_available_ip_counts{pool=\"a\"} 8\n"));
+        assert!(text.contains("spiderpool_total_ippool_counts 1\n"));
         assert!(
             text.contains("spiderpool_ipam_allocation_duration_seconds_bucket{le=\"0.001\"} 0\n")
         );

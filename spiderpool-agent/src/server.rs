@@ -101,8 +101,10 @@ pub async fn serve(
 async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocation>, Fail> {
     let t0 = Instant::now();
     a.metrics.allocations.fetch_add(1, Relaxed);
+    let mut pod = None;
     let out = match body::<AddRequest>(&bytes) {
         Ok(req) => {
+            pod = req.pod.clone();
             let agent = a.clone();
             let container = req.attachment.container_id.clone();
             a.inflight
@@ -115,12 +117,32 @@ async fn add(State(a): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<Allocatio
     a.metrics.allocation_duration.observe(t0.elapsed());
     if let Err(Fail(e)) = &out {
         a.metrics.allocation_failures.fetch_add(1, Relaxed);
-        match e.kind {
-            ErrorKind::Exhausted => a.metrics.ip_used_out.fetch_add(1, Relaxed),
-            ErrorKind::NoPool => a.metrics.no_available_pool.fetch_add(1, Relaxed),
-            _ => 0,
+        let reason = match e.kind {
+            ErrorKind::Exhausted => {
+                a.metrics.ip_used_out.fetch_add(1, Relaxed);
+                Some("PoolExhausted")
+            }
+            ErrorKind::NoPool => {
+                a.metrics.no_available_pool.fetch_add(1, Relaxed);
+                Some("NoEligiblePool")
+            }
+            _ => None,
         };
         tracing::warn!(error = %e.message, details = %e.details, "ADD failed");
+        if let (Some(reason), Some(p)) = (reason, pod) {
+            a.view.pod_event(crate::view::events::PodEvent {
+                namespace: p.namespace,
+                name: p.name,
+                uid: p.uid,
+                type_: "Warning",
+                reason,
+                message: if e.details.is_empty() {
+                    e.message.clone()
+                } else {
+                    format!("{}: {}", e.message, e.details)
+                },
+            });
+        }
     }
     out.map(Json)
 }

@@ -76,7 +76,9 @@ fn conflicts(metrics_addr: &str) -> u64 {
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read");
     text.lines()
-        .find_map(|l| l.strip_prefix("spiderpool_ipam_update_ippool_conflict_counts "))
+        .find_map(|l| {
+            l.strip_prefix("spiderpool_ipam_allocation_update_ippool_conflict_counts_total ")
+        })
         .and_then(|v| v.trim().parse().ok())
         .expect("conflict counter")
 }

@@ -522,6 +522,9 @@ fn every_kustomize_overlay_and_component_renders_and_passes_a_server_dry_run() {
         .iter()
         .collect();
     let root = root.canonicalize().expect("deploy/");
+    // The monitoring component's kinds (the Prometheus Operator's CRDs, reduced).
+    s.install_crds(include_str!("../../testdata/prometheus-operator-crds.yaml"))
+        .expect("monitoring CRDs");
     let render = |dir: &std::path::Path| {
         let out = std::process::Command::new("kubectl")
             .arg("kustomize")
@@ -559,6 +562,7 @@ fn every_kustomize_overlay_and_component_renders_and_passes_a_server_dry_run() {
         ("default-pool-ipv6", "name: default-v6-ippool", true),
         ("agent-resources", "memory: 512Mi", true),
         ("metrics-off", "--metrics-addr", false),
+        ("monitoring", "kind: PrometheusRule", true),
     ];
     let mut names: Vec<String> = std::fs::read_dir(root.join("components"))
         .expect("components")

@@ -203,3 +203,230 @@ fn check_says_when_it_cannot_check() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("/nonexistent/report.json"), "{err}");
 }
+
+/// Every metric the shipped PrometheusRule and Grafana dashboard query is one the agent serves
+/// (scraped from a real agent process in Kubernetes mode after an ADD and a DEL).
+#[test]
+fn every_metric_the_alerts_and_the_dashboard_query_is_served() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = common::Agent::start(
+        &lab.dir.path().join("m.sock"),
+        &lab.dir.path().join("m.log"),
+        &[
+            "--node-name".into(),
+            "controller-node-1".into(),
+            "--kube".into(),
+            "--kubeconfig".into(),
+            s.kubeconfig().to_string_lossy().into_owned(),
+            "--store".into(),
+            "kube".into(),
+            "--metrics-addr".into(),
+            addr.clone(),
+        ],
+    );
+    let conf = netconf(
+        "1.0.0",
+        "macvlan-conf",
+        &agent.sock(),
+        serde_json::json!({}),
+    );
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod("m-0", "controller-node-1"));
+    assert!(ok, "{err}");
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=m-0";
+    let r = cni(
+        &env_for("ADD", "c-m-0", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stdout);
+    let r = cni(
+        &env_for("DEL", "c-m-0", "eth0", args),
+        conf.to_string().as_bytes(),
+    );
+    assert_eq!(r.code(), 0, "{}", r.stdout);
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "scrape failed: {}", agent.log_text());
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    assert!(
+        text.contains("spiderpool_ipam_allocation_counts_total 1\n"),
+        "{text}"
+    );
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/components/monitoring/"
+    );
+    let mut queried = std::collections::BTreeSet::new();
+    for file in ["monitoring.yaml", "spiderpool-dashboard.json"] {
+        let body = std::fs::read_to_string(format!("{dir}{file}")).expect(file);
+        let mut rest = body.as_str();
+        while let Some(i) = rest.find("spiderpool_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            queried.insert(name);
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|q| !served.contains(q.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not served: {missing:?}\n{text}"
+    );
+}
+
+fn gc_agent(lab: &common::kube::Lab, name: &str, extra: &[&str]) -> common::Agent {
+    let mut args: Vec<String> = [
+        "--node-name",
+        "controller-node-1",
+        "--kube",
+        "--kubeconfig",
+        &lab.server.kubeconfig().to_string_lossy(),
+        "--store",
+        "kube",
+        "--gc-interval-ms",
+        "300",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    common::Agent::start(
+        &lab.dir.path().join(format!("{name}.sock")),
+        &lab.dir.path().join(format!("{name}.log")),
+        &args,
+    )
+}
+
+fn set_ready(s: &KubeServer, ready: bool) {
+    let body = serde_json::json!({"status": {"conditions": [{
+        "type": "Ready", "status": if ready { "True" } else { "False" },
+        "reason": "Test", "lastHeartbeatTime": "2026-12-01T00:00:00Z",
+        "lastTransitionTime": "2026-12-01T00:00:00Z"}]}});
+    let (ok, _, err) = s.kubectl(
+        &[
+            "patch",
+            "node",
+            "controller-node-1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &body.to_string(),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+}
+
+/// GC that an operator steers: a dry run only reports; on a NotReady node a gone pod's address
+/// is kept (its containers may still run); once the node is Ready GC frees it and says so in an
+/// Event on the pod. A full pool makes a PoolExhausted Event on the pod that got nothing.
+#[test]
+fn gc_dry_run_and_not_ready_nodes_keep_addresses_and_events_tell_the_pod() {
+    let Some(lab) = lab() else { return };
+    let s = &lab.server;
+    let mut agent = gc_agent(&lab, "dry", &["--gc-dry-run"]);
+    let conf =
+        |a: &common::Agent| netconf("1.0.0", "macvlan-conf", &a.sock(), serde_json::json!({}));
+    let add = |a: &common::Agent, name: &str| {
+        let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &pod(name, "controller-node-1"));
+        assert!(ok, "{err}");
+        let args = format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}");
+        cni(
+            &env_for("ADD", &format!("c-{name}"), "eth0", &args),
+            conf(a).to_string().as_bytes(),
+        )
+    };
+    assert_eq!(add(&agent, "gone").code(), 0);
+    let (ok, _, err) = s.kubectl(
+        &["delete", "pod", "gone", "--grace-period=0", "--force"],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_for(
+        "the dry run to report",
+        Duration::from_secs(15),
+        || agent.log_text().contains("GC dry run: would free"),
+        &|| agent.log_text(),
+    );
+    assert_eq!(common::kube::records(s).len(), 1, "a dry run frees nothing");
+    agent.kill9();
+
+    set_ready(s, false);
+    let agent = gc_agent(&lab, "notready", &[]);
+    wait_for(
+        "GC to keep the address on a NotReady node",
+        Duration::from_secs(15),
+        || agent.log_text().contains("node is NotReady"),
+        &|| agent.log_text(),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(common::kube::records(s).len(), 1, "kept while NotReady");
+
+    set_ready(s, true);
+    wait_for(
+        "GC to free it once the node is Ready",
+        Duration::from_secs(15),
+        || common::kube::records(s).is_empty(),
+        &|| agent.log_text(),
+    );
+    let events = |reason: &str| {
+        s.kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("reason={reason}"),
+                "-o",
+                "jsonpath={.items[*].involvedObject.name} {.items[*].message}",
+            ],
+            "",
+        )
+        .1
+    };
+    wait_for(
+        "the ReleasedByGC Event",
+        Duration::from_secs(10),
+        || {
+            events("ReleasedByGC").starts_with("gone ")
+                && events("ReleasedByGC").contains("pod_gone")
+        },
+        &|| events("ReleasedByGC"),
+    );
+
+    // Fill the seed pool (10 addresses); the eleventh pod gets a PoolExhausted Event.
+    for i in 0..10 {
+        let r = add(&agent, &format!("fill-{i}"));
+        assert_eq!(r.code(), 0, "{}", r.stdout);
+    }
+    let r = add(&agent, "over");
+    assert_ne!(r.code(), 0, "{}", r.stdout);
+    wait_for(
+        "the PoolExhausted Event",
+        Duration::from_secs(10),
+        || {
+            events("PoolExhausted").starts_with("over ")
+                && events("PoolExhausted").contains("test-ippool-6")
+        },
+        &|| events("PoolExhausted"),
+    );
+}

@@ -80,6 +80,15 @@ struct Args {
     /// Seconds a terminating pod keeps its address past its grace period.
     #[arg(long, default_value_t = 30)]
     gc_margin_secs: u64,
+    /// Free the addresses of gone, replaced or terminating pods while this node is NotReady
+    /// (Spiderpool keeps them too by default: a partitioned node may still run those containers,
+    /// and freeing their addresses makes duplicates). Finished pods are freed either way.
+    #[arg(long)]
+    gc_free_on_not_ready_node: bool,
+    /// GC only reports (log lines "GC dry run: would free", the
+    /// `spiderpool_gc_leak_candidates` gauge) and frees nothing.
+    #[arg(long)]
+    gc_dry_run: bool,
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -191,8 +200,12 @@ async fn spawn_tasks(
     let _ = kube;
     tokio::spawn(spiderpool_agent::gc::run(
         agent.clone(),
-        Duration::from_millis(args.gc_interval_ms.max(100)),
-        args.gc_margin_secs,
+        spiderpool_agent::gc::Settings {
+            every: Duration::from_millis(args.gc_interval_ms.max(100)),
+            margin: args.gc_margin_secs,
+            free_on_not_ready_node: args.gc_free_on_not_ready_node,
+            dry_run: args.gc_dry_run,
+        },
         stop.clone(),
     ));
     if !args.no_watch {

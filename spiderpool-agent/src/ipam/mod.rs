@@ -221,6 +221,19 @@ pub async fn conflict(a: &Agent, req: &ConflictRequest) -> Result<Allocation, Ap
         .map_err(|e| ApiError::from(&e))?;
     if let Some(m) = &marked {
         a.metrics.ip_conflicts.fetch_add(1, Relaxed);
+        if let Some(p) = &req.add.pod {
+            a.view.pod_event(crate::view::events::PodEvent {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                uid: p.uid.clone(),
+                type_: "Warning",
+                reason: "IPConflict",
+                message: format!(
+                    "{} of pool {} is answered for by another host ({}): kept out of the pool, the pod gets another address",
+                    req.address, m.pool, req.mac
+                ),
+            });
+        }
         tracing::warn!(
             address = %req.address,
             mac = %req.mac,

@@ -70,9 +70,125 @@ pub async fn report(client: kube::Client, node: String, l: LeftOut) {
     }
 }
 
+/// An Event about a pod (`NoEligiblePool`, `PoolExhausted`, `IPConflict`, `ReleasedByGC`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The pod's UID (empty when unknown).
+    pub uid: String,
+    /// `Normal` or `Warning`.
+    pub type_: &'static str,
+    /// The reason.
+    pub reason: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+/// The Event's name: the pod, the reason and a hash of the message, so an ADD the runtime
+/// retries with the same failure makes one Event, not one per retry.
+pub fn pod_event_name(e: &PodEvent) -> String {
+    let h = spiderpool_core::fnv1a(e.uid.bytes().chain(e.message.bytes()));
+    format!(
+        "{}.{}.{:08x}",
+        e.name,
+        e.reason.to_ascii_lowercase(),
+        h & 0xffff_ffff
+    )
+}
+
+/// At most this many pod Events per agent per second (an ADD storm on an exhausted pool must
+/// not flood the API server); the rest are only logged.
+pub const POD_EVENTS_PER_SEC: u32 = 5;
+
+/// A one-second window counter for [`POD_EVENTS_PER_SEC`].
+#[derive(Debug, Default)]
+pub struct Limiter {
+    window: std::sync::Mutex<(u64, u32)>,
+}
+
+impl Limiter {
+    /// Whether one more Event may go out in the second `now` (monotonic seconds).
+    pub fn admit(&self, now: u64) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0 != now {
+            *w = (now, 0);
+        }
+        if w.1 >= POD_EVENTS_PER_SEC {
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
+}
+
+/// Posts a pod Event (best effort; 409: the same Event exists already).
+pub async fn report_pod(client: kube::Client, node: String, e: PodEvent) {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let ev = Event {
+        metadata: ObjectMeta {
+            name: Some(pod_event_name(&e)),
+            namespace: Some(e.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(e.name.clone()),
+            namespace: Some(e.namespace.clone()),
+            uid: (!e.uid.is_empty()).then(|| e.uid.clone()),
+            ..Default::default()
+        },
+        reason: Some(e.reason.into()),
+        message: Some(e.message.clone()),
+        type_: Some(e.type_.into()),
+        source: Some(EventSource {
+            component: Some("spiderpool-agent".into()),
+            host: Some(node.clone()),
+        }),
+        reporting_component: Some("spiderpool-agent".into()),
+        reporting_instance: Some(node),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client, &e.namespace);
+    match api.create(&PostParams::default(), &ev).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(x)) if x.code == 409 => {}
+        Err(x) => {
+            tracing::warn!(pod = %format!("{}/{}", e.namespace, e.name), reason = e.reason, error = %x, "cannot post the Event")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_events_are_named_once_per_message_and_limited() {
+        let e = PodEvent {
+            namespace: "default".into(),
+            name: "app-1".into(),
+            uid: "u1".into(),
+            type_: "Warning",
+            reason: "PoolExhausted",
+            message: "all full".into(),
+        };
+        let mut other = e.clone();
+        other.message = "another".into();
+        assert!(pod_event_name(&e).starts_with("app-1.poolexhausted."));
+        assert_eq!(pod_event_name(&e), pod_event_name(&e.clone()));
+        assert_ne!(pod_event_name(&e), pod_event_name(&other));
+        let l = Limiter::default();
+        let admitted = (0..20).filter(|_| l.admit(7)).count();
+        assert_eq!(admitted, POD_EVENTS_PER_SEC as usize);
+        assert!(l.admit(8), "a new second");
+    }
 
     #[test]
     fn one_name_per_object_and_problems() {

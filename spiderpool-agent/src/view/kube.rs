@@ -47,6 +47,10 @@ pub struct KubeView {
     /// The `SpiderCoordinator` defaults as last read, and when (read again after
     /// [`COORDINATOR_TTL`]: one GET per node per TTL, however many pods start).
     coordinator: tokio::sync::Mutex<Option<(std::time::Instant, Option<serde_json::Value>)>>,
+    /// Pod Events per second ([`super::events::POD_EVENTS_PER_SEC`]).
+    events: super::events::Limiter,
+    /// Since when (the limiter's clock).
+    started: std::time::Instant,
 }
 
 /// How long the agent serves the `SpiderCoordinator` defaults it read before reading again.
@@ -91,6 +95,8 @@ impl KubeView {
             node: node.to_string(),
             node_names: RwLock::new(None),
             coordinator: tokio::sync::Mutex::new(None),
+            events: super::events::Limiter::default(),
+            started: std::time::Instant::now(),
         });
         tokio::spawn(follow_node_names(view.clone(), Api::all(client.clone())));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<&'static str>(16);
@@ -449,5 +455,31 @@ impl ClusterView for KubeView {
         api.get_opt(name).await.map(|n| n.is_some()).map_err(|e| {
             ViewError::Unavailable(format!("reading node {name} from {}: {e}", self.server))
         })
+    }
+
+    fn pod_event(&self, event: super::events::PodEvent) {
+        if !self.events.admit(self.started.elapsed().as_secs()) {
+            tracing::debug!(pod = %event.name, reason = event.reason, "Event not posted (rate limit)");
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(super::events::report_pod(
+                self.pods.clone().into_client(),
+                self.node.clone(),
+                event,
+            ));
+        }
+    }
+
+    async fn node_ready_now(&self, name: &str) -> Result<Option<bool>, ViewError> {
+        let api: Api<K8sNode> = Api::all(self.pods.clone().into_client());
+        let node = api.get_opt(name).await.map_err(|e| {
+            ViewError::Unavailable(format!("reading node {name} from {}: {e}", self.server))
+        })?;
+        Ok(node
+            .and_then(|n| n.status)
+            .and_then(|s| s.conditions)
+            .and_then(|c| c.into_iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status == "True"))
     }
 }

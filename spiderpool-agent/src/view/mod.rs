@@ -219,6 +219,16 @@ pub trait ClusterView: Send + Sync {
         Ok(self.snapshot().nodes.contains_key(name))
     }
 
+    /// Tells the pod's users something through an Event (Kubernetes); best effort, rate
+    /// limited, never waited for.
+    fn pod_event(&self, _event: events::PodEvent) {}
+
+    /// Whether the node's `Ready` condition is `True` now, read past any cache; `Ok(None)`
+    /// when the view cannot say (no such node, no conditions, manifests).
+    async fn node_ready_now(&self, _name: &str) -> Result<Option<bool>, ViewError> {
+        Ok(None)
+    }
+
     /// The cluster's `coordinator` defaults: the `SpiderCoordinator` named `default`, its `spec`
     /// with `status.serviceCIDR` as `serviceCIDR` when the spec names none (the keys the
     /// coordinator plugin reads). `Ok(None)` when there is none (or the view knows none:
