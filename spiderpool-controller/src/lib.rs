@@ -17,7 +17,9 @@
 
 pub mod admission;
 pub mod cache;
+pub mod conditions;
 pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 pub mod tls;
 pub mod webhook;

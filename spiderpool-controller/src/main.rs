@@ -60,6 +60,12 @@ struct Args {
     /// renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_secs: u64,
+    /// Serve Prometheus metrics on HOST:PORT (plain HTTP, `/metrics`); off when not given.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Post a NearlyExhausted Event on a pool when this many percent of it are allocated.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    nearly_exhausted_percent: u8,
     /// How often the certificate is checked for renewal, in seconds.
     #[arg(long, default_value_t = 3600)]
     renew_check_secs: u64,
@@ -173,8 +179,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         identity,
         Duration::from_millis(args.reconcile_interval_ms.max(50)),
         Duration::from_secs(args.lease_duration_secs.max(2)),
+        args.nearly_exhausted_percent,
         stop_rx.clone(),
     ));
+    if let Some(addr) = &args.metrics_addr {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async { spiderpool_controller::metrics::METRICS.render() }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, app).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     tracing::info!(listen = %listen, server = %server, "serving the admission webhooks");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("watching SIGTERM")?;

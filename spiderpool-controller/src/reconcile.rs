@@ -91,7 +91,14 @@ pub struct Reconciler {
     /// stale, and shrinking from it would free addresses the pool is about to hold; an agent
     /// killed between the two leaves the entry to be shrunk after the grace).
     shrinking: BTreeMap<(String, String), Sighting>,
+    /// Pools above the NearlyExhausted threshold or exhausted (Events once per crossing).
+    seen: crate::conditions::Seen,
+    /// The NearlyExhausted threshold, percent allocated (0: [`NEARLY_EXHAUSTED_PERCENT`]).
+    pub nearly_exhausted_percent: u8,
 }
+
+/// The default NearlyExhausted threshold, percent allocated.
+pub const NEARLY_EXHAUSTED_PERCENT: u8 = 90;
 
 /// A pool's resourceVersion, its ledger entry's addresses, and when they were first seen so.
 type Sighting = (String, Vec<String>, std::time::Instant);
@@ -276,6 +283,11 @@ impl Reconciler {
         }
         self.missing = seen.missing;
         self.shrinking = seen.shrinking;
+        let threshold = match self.nearly_exhausted_percent {
+            0 => NEARLY_EXHAUSTED_PERCENT,
+            t => t.min(100),
+        };
+        crate::conditions::sync(client, &all_pools, &subnets, threshold, &mut self.seen).await?;
         Ok(report)
     }
 
@@ -516,9 +528,15 @@ pub async fn run(
     identity: String,
     every: Duration,
     lease: Duration,
+    nearly_exhausted_percent: u8,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut r = Reconciler::default();
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &crate::metrics::METRICS;
+    let mut r = Reconciler {
+        nearly_exhausted_percent,
+        ..Default::default()
+    };
     let mut elector = Elector::new(
         client.clone(),
         &namespace,
@@ -539,16 +557,28 @@ pub async fn run(
             tracing::info!(identity = %identity, leading = now, "leadership");
         }
         leading = now;
+        m.leader.store(i64::from(leading), Relaxed);
         if leading {
             match tokio::time::timeout(elector.remaining(), r.round(&client)).await {
-                Ok(Ok(rep)) if rep != Report::default() => {
-                    tracing::info!(grown = ?rep.grown, shrunk = ?rep.shrunk, reclaimed = ?rep.reclaimed, "auto-pools reconciled")
+                Ok(Ok(rep)) => {
+                    let n = |v: &Vec<String>| u64::try_from(v.len()).unwrap_or(u64::MAX);
+                    m.autopool_grown.fetch_add(n(&rep.grown), Relaxed);
+                    m.autopool_shrunk.fetch_add(n(&rep.shrunk), Relaxed);
+                    m.autopool_reclaimed.fetch_add(n(&rep.reclaimed), Relaxed);
+                    if rep != Report::default() {
+                        tracing::info!(grown = ?rep.grown, shrunk = ?rep.shrunk, reclaimed = ?rep.reclaimed, "auto-pools reconciled")
+                    }
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "auto-pool reconcile failed; next round"),
-                Err(_) => tracing::warn!(
-                    "auto-pool reconcile cut at the lease's renew deadline; renewing first"
-                ),
+                Ok(Err(e)) => {
+                    m.reconcile_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(error = %e, "auto-pool reconcile failed; next round")
+                }
+                Err(_) => {
+                    m.reconcile_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        "auto-pool reconcile cut at the lease's renew deadline; renewing first"
+                    )
+                }
             }
         }
         let pause = if leading {

@@ -191,7 +191,7 @@ fn refuse(req: &AdmissionRequest<DynamicObject>, message: String) -> Json<Review
     Json(r.into_review())
 }
 
-async fn mutate(Json(review): Json<Review>) -> Json<Review> {
+async fn mutate_inner(Json(review): Json<Review>) -> Json<Review> {
     let req = match request(review) {
         Ok(r) => r,
         Err(answer) => return *answer,
@@ -260,7 +260,7 @@ pub struct Served {
     pub agent_user: String,
 }
 
-async fn validate(State(st): State<Served>, Json(review): Json<Review>) -> Json<Review> {
+async fn validate_inner(State(st): State<Served>, Json(review): Json<Review>) -> Json<Review> {
     let client = &st.client;
     let req = match request(review) {
         Ok(r) => r,
@@ -318,6 +318,29 @@ fn removes_addresses(old: &Value, new: &Value) -> bool {
         (Some(a), Some(b)) => !a.subtract(&b).is_empty(),
         _ => true,
     }
+}
+
+/// Counts a review's answer and its latency.
+fn measured(t0: std::time::Instant, answer: Json<Review>) -> Json<Review> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &crate::metrics::METRICS;
+    m.webhook_duration.observe(t0.elapsed());
+    if answer.0.response.as_ref().is_some_and(|r| r.allowed) {
+        m.webhook_allowed.fetch_add(1, Relaxed);
+    } else {
+        m.webhook_refused.fetch_add(1, Relaxed);
+    }
+    answer
+}
+
+async fn mutate(review: Json<Review>) -> Json<Review> {
+    let t0 = std::time::Instant::now();
+    measured(t0, mutate_inner(review).await)
+}
+
+async fn validate(st: State<Served>, review: Json<Review>) -> Json<Review> {
+    let t0 = std::time::Instant::now();
+    measured(t0, validate_inner(st, review).await)
 }
 
 /// The webhook routes.

@@ -294,7 +294,7 @@ fn the_controller_works_with_its_roles_and_nothing_more() {
         .collect();
     let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], &rbac.join("\n---\n"));
     assert!(ok, "{err}");
-    let binds = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: controller-user}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: controller-user, namespace: kube-system}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n";
+    let binds = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: controller-user}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: controller-user, namespace: kube-system}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: spiderpool-controller}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: controller-user-events, namespace: default}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: spiderpool-controller-events}\nsubjects: [{kind: User, name: controller-user, apiGroup: rbac.authorization.k8s.io}]\n";
     let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], binds);
     assert!(ok, "{err}");
     let kc = s
@@ -411,6 +411,9 @@ fn the_controller_works_with_its_roles_and_nothing_more() {
             false,
         ),
         ("create", "leases", "kube-system", false),
+        ("create", "events", "default", true),
+        ("create", "events", "kube-system", false),
+        ("patch", "spiderippools/status", "", true),
     ] {
         let mut args = vec!["auth", "can-i", verb, what];
         if !ns.is_empty() {
@@ -564,4 +567,184 @@ fn the_agent_may_not_rewrite_an_operators_pool() {
         "",
     );
     assert!(ok, "{err}");
+}
+
+fn scrape(addr: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn conditions(s: &KubeServer, pool: &str) -> serde_json::Value {
+    let (_, out, _) = s.kubectl(&["get", "spiderippool", pool, "-o", "json"], "");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v["status"]["conditions"].clone()
+}
+
+fn condition(s: &KubeServer, pool: &str, t: &str) -> (String, String) {
+    let c = conditions(s, pool);
+    let c = c
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == t))
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["status"].as_str().unwrap_or_default().to_string(),
+        c["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn wait(what: &str, mut f: impl FnMut() -> bool, log: &dyn Fn() -> String) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{what}\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The leader writes `Valid` and `Exhausted` conditions (an overlapping pool that got in before
+/// the webhook says why the agents leave it out), posts NearlyExhausted and Exhausted Events
+/// once per crossing, and serves the metrics the shipped dashboard and alerts query.
+#[test]
+fn pools_carry_conditions_and_events_and_the_controller_serves_its_metrics() {
+    let Some(s) = KubeServer::start() else { return };
+    s.install_crds(&crds_yaml()).expect("CRDs");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], SEED_POOLS);
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(1100));
+    // No webhook yet: an overlapping pool gets in, as two creates at once would.
+    let (ok, _, err) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("overlap-new", "10.6.0.0/16", "['10.6.168.65-10.6.168.70']"),
+    );
+    assert!(ok, "{err}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let metrics = free_addr();
+    let c = Controller::start_with(
+        &s.kubeconfig(),
+        &free_addr(),
+        &dir.path().join("c.log"),
+        &[
+            "--reconcile-interval-ms",
+            "300",
+            "--metrics-addr",
+            &metrics,
+            "--nearly-exhausted-percent",
+            "80",
+        ],
+    );
+    let log = || c.log_text();
+    wait(
+        "Valid conditions",
+        || condition(&s, "overlap-new", "Valid").0 == "False",
+        &log,
+    );
+    let (_, why) = condition(&s, "overlap-new", "Valid");
+    assert!(why.contains("test-ippool-6"), "{why}");
+    assert_eq!(condition(&s, "test-ippool-6", "Valid").0, "True");
+    assert_eq!(condition(&s, "test-ippool-6", "Exhausted").0, "False");
+
+    // The agents' counts (written here by hand): 8 of 10, then 10 of 10.
+    let counts = |n: i64| {
+        let body = serde_json::json!({"status": {"allocatedIPCount": n, "totalIPCount": 10}});
+        let (ok, _, err) = s.kubectl(
+            &[
+                "patch",
+                "spiderippool",
+                "test-ippool-6",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &body.to_string(),
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+    };
+    let events = |reason: &str| {
+        s.kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("involvedObject.name=test-ippool-6,reason={reason}"),
+                "-o",
+                "jsonpath={.items[*].message}",
+            ],
+            "",
+        )
+        .1
+    };
+    counts(8);
+    wait(
+        "the NearlyExhausted Event",
+        || events("NearlyExhausted").contains("8 of 10"),
+        &log,
+    );
+    counts(10);
+    wait(
+        "the Exhausted condition",
+        || condition(&s, "test-ippool-6", "Exhausted").0 == "True",
+        &log,
+    );
+    wait(
+        "the Exhausted Event",
+        || events("Exhausted").contains("all 10 addresses"),
+        &log,
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        events("Exhausted").matches("all 10").count(),
+        1,
+        "one Event per crossing"
+    );
+
+    // One refused review, then the scrape.
+    let (ok, _, _) = s.kubectl(
+        &["apply", "-f", "-"],
+        &pool("bad", "10.9.0.0/16", "['10.8.0.1']"),
+    );
+    assert!(!ok, "the webhook refuses an address outside the subnet");
+    let text = scrape(&metrics);
+    for want in [
+        "spiderpool_total_ippool_counts 3\n",
+        "spiderpool_invalid_ippool_counts 1\n",
+        "spiderpool_exhausted_ippool_counts 1\n",
+        "spiderpool_controller_leader 1\n",
+        "spiderpool_webhook_refused_counts_total 1\n",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // Every name the dashboard and alerts query that the agent does not serve is served here.
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let agent = include_str!("../../spiderpool-agent/src/metrics.rs");
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/components/monitoring/"
+    );
+    for file in ["monitoring.yaml", "spiderpool-dashboard.json"] {
+        let body = std::fs::read_to_string(format!("{dir}{file}")).expect(file);
+        for (i, _) in body.match_indices("spiderpool_") {
+            let name: String = body[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = name.trim_end_matches("_total").trim_end_matches("_bucket");
+            if agent.contains(base) {
+                continue;
+            }
+            assert!(
+                served.contains(name.as_str()),
+                "{file} queries {name}, served by neither: {text}"
+            );
+        }
+    }
 }

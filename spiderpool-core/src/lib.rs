@@ -93,6 +93,7 @@ pub mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod engine;
+pub mod exposition;
 pub mod lifecycle;
 pub mod manifest;
 pub mod migrate;

@@ -160,6 +160,30 @@ pub struct IpPoolStatus {
     /// the status only with a newer one; not in Spiderpool's schema).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated_revision: Option<i64>,
+    /// `Valid`, `Exhausted` (written by the controller; not in Spiderpool's schema).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, as `metav1.Condition`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Valid`, `Exhausted`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One CamelCase word.
+    #[serde(default)]
+    pub reason: String,
+    /// What a person reads.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    #[serde(default)]
+    pub last_transition_time: String,
 }
 
 /// A SpiderIPPool.
@@ -237,6 +261,9 @@ pub struct SubnetStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub allocated_ip_count: Option<i64>,
+    /// `Valid` (written by the controller; not in Spiderpool's schema).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// A SpiderSubnet.

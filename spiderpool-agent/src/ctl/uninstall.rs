@@ -111,6 +111,22 @@ const INSTALLED: &[Installed] = &[
     (
         "rbac.authorization.k8s.io",
         "v1",
+        "RoleBinding",
+        "rolebindings",
+        Some("default"),
+        "spiderpool-controller-events",
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        Some("default"),
+        "spiderpool-controller-events",
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
         "Role",
         "roles",
         Some("kube-system"),

@@ -85,14 +85,7 @@ impl Snapshot {
     }
 }
 
-/// One object the view leaves out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeftOut {
-    /// `Kind/name`.
-    pub object: String,
-    /// The validation problems.
-    pub problems: Vec<String>,
-}
+pub use spiderpool_core::validate::LeftOut;
 
 impl Snapshot {
     /// A snapshot of everything that can be used: pods, nodes and namespaces always; of the
@@ -108,51 +101,24 @@ impl Snapshot {
         if let Ok(s) = Snapshot::build(objects, generation) {
             return (s, Vec::new());
         }
-        let is_ipam = |o: &&Object| {
+        let is_ipam = |o: &Object| {
             matches!(
                 o,
                 Object::IpPool(_) | Object::Subnet(_) | Object::ReservedIp(_)
             )
         };
-        let mut ipam: Vec<&Object> = objects.iter().filter(is_ipam).collect();
         let served = |o: &Object| match o {
             Object::IpPool(p) => previous.pools.pools.contains_key(&p.metadata.name),
             Object::Subnet(p) => previous.pools.subnets.contains_key(&p.metadata.name),
             _ => false,
         };
-        ipam.sort_by_key(|o| {
-            let r = o.reference();
-            (
-                !served(o),
-                o.metadata().creation_timestamp.clone(),
-                r.kind,
-                r.name,
-            )
-        });
-        let mut kept: Vec<Object> = objects.iter().filter(|o| !is_ipam(o)).cloned().collect();
-        let others = kept.len();
-        let mut left = Vec::new();
-        for o in ipam {
-            let alone = PoolSet::build(std::slice::from_ref(o));
-            kept.push(o.clone());
-            let together = match alone {
-                Ok(_) => PoolSet::build(&kept[others..]).map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = together {
-                kept.pop();
-                left.push(LeftOut {
-                    object: o.describe(),
-                    problems: e.iter().map(|e| e.to_string()).collect(),
-                });
-            }
-        }
+        let (kept, left) = spiderpool_core::validate::usable(objects, served);
         match Snapshot::build(&kept, generation) {
             Ok(s) => (s, left),
             // Cannot happen (every kept object was validated with those before it); serve
             // pods, nodes and namespaces without pools rather than nothing.
             Err(_) => {
-                let bare: Vec<Object> = kept.into_iter().filter(|o| !is_ipam(&o)).collect();
+                let bare: Vec<Object> = kept.into_iter().filter(|o| !is_ipam(o)).collect();
                 (Snapshot::build(&bare, generation).unwrap_or_default(), left)
             }
         }

@@ -13,6 +13,8 @@ use crate::selector::LabelSelector;
 use crate::types::{Object, ObjectRef, SpiderIpPool, SpiderReservedIp, SpiderSubnet};
 
 mod common;
+mod usable;
+pub use usable::{usable, LeftOut};
 #[cfg(test)]
 mod tests;
 

@@ -254,6 +254,8 @@ pub async fn write_ledger(
                     .map(|s| s.count_i64())
                     .unwrap_or(0),
             ),
+            // The controller's; a merge patch leaves them as they are.
+            conditions: Vec::new(),
         },
     };
     let api: Api<SpiderSubnet> = Api::all(client.clone());

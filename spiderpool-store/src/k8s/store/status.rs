@@ -139,6 +139,8 @@ impl Inner {
             allocated_ip_count: Some(leases.len() as i64),
             total_ip_count: total.or(current.total_ip_count),
             allocated_revision: Some(rev),
+            // The controller's; a merge patch leaves them as they are.
+            conditions: Vec::new(),
         };
         let written = self
             .write_status_patch(pool, resource_version, status)
