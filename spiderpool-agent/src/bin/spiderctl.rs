@@ -7,6 +7,10 @@
 //! Online:
 //! - `spiderctl get ippools|subnets|endpoints [--socket PATH | --store SPEC --manifests PATH]
 //!   [-o table|json]`: counts and allocations, from a running agent or from the store itself.
+//! - `spiderctl check --kubeconfig PATH [-o table|json]`: every record against the cluster
+//!   (leaks, conflicts, disagreements); `spiderctl release (--ip IP ... | --from-report F)`:
+//!   frees exactly those records (docs/operations.md).
+//! - `spiderctl crd`, `uninstall`, `migrate from-spiderpool|to-spiderpool`, `version`, `health`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
