@@ -161,7 +161,6 @@ pub async fn round(
         .metrics
         .gc_leak_candidates
         .store(u64::try_from(candidates).unwrap_or(u64::MAX), Relaxed);
-    let mut freed = Vec::new();
     let due = suspects.round(verdicts);
     if settings.dry_run {
         for (lease, reason) in &due {
@@ -170,6 +169,13 @@ pub async fn round(
         }
         return Ok(due);
     }
+    Ok(free(agent, due).await)
+}
+
+/// Frees each record judged dead twice (a conditional release of exactly that record).
+async fn free(agent: &Agent, due: Vec<(Lease, Reason)>) -> Vec<(Lease, Reason)> {
+    let store = agent.engine.store();
+    let mut freed = Vec::new();
     for (lease, reason) in due {
         let txn = Txn {
             claims: Vec::new(),
@@ -209,7 +215,7 @@ pub async fn round(
             }
         }
     }
-    Ok(freed)
+    freed
 }
 
 /// Verdicts for the records of other nodes whose Node object is gone (read twice, fresh).

@@ -166,35 +166,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.renew_check_secs.max(1)),
         stop_rx.clone(),
     ));
-    let identity = format!(
-        "{}-{}",
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "controller".into()),
-        std::process::id()
-    );
     tokio::spawn(spiderpool_controller::reconcile::run(
         client.clone(),
         args.namespace.clone(),
-        identity,
+        identity(),
         Duration::from_millis(args.reconcile_interval_ms.max(50)),
         Duration::from_secs(args.lease_duration_secs.max(2)),
         args.nearly_exhausted_percent,
         stop_rx.clone(),
     ));
     if let Some(addr) = &args.metrics_addr {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-addr {addr}"))?;
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(|| async { spiderpool_controller::metrics::METRICS.render() }),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(tcp, app).await {
-                tracing::warn!(error = %e, "metrics endpoint stopped");
-            }
-        });
+        serve_metrics(addr).await?;
     }
     tracing::info!(listen = %listen, server = %server, "serving the admission webhooks");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -207,4 +189,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = serving.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `/metrics` (plain HTTP) on `addr` in the background.
+async fn serve_metrics(addr: &str) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async { spiderpool_controller::metrics::METRICS.render() }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(tcp, app).await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// This replica's name in the leader Lease: host name and process id.
+fn identity() -> String {
+    format!(
+        "{}-{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "controller".into()),
+        std::process::id()
+    )
 }
