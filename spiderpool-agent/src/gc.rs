@@ -110,6 +110,13 @@ pub async fn round(
         .await
         .map_err(|e| e.to_string())?
         .leases;
+    let mut by_pool: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for l in mine
+        .iter()
+        .filter(|l| spiderpool_core::engine::is_conflict(l))
+    {
+        by_pool.entry(l.pool.clone()).or_default().1 += 1;
+    }
     let snap = agent.view.snapshot();
     let t = spiderpool_store::task::now_secs();
     let mut fresh: BTreeMap<(String, String), Option<Pod>> = BTreeMap::new();
@@ -157,6 +164,14 @@ pub async fn round(
         verdicts.extend(node_gone(agent, &mut fresh, t, margin).await?);
     }
     let candidates = verdicts.iter().filter(|(_, v)| v.is_some()).count();
+    for (l, _) in verdicts.iter().filter(|(_, v)| v.is_some()) {
+        by_pool.entry(l.pool.clone()).or_default().0 += 1;
+    }
+    *agent
+        .metrics
+        .gc_by_pool
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = by_pool;
     agent
         .metrics
         .gc_leak_candidates

@@ -39,6 +39,9 @@ pub struct Metrics {
     /// Records the last GC round judged dead (freed after a second look, or, in a dry run,
     /// only reported).
     pub gc_leak_candidates: AtomicU64,
+    /// Per pool, from the last GC round over this node's records: (leak candidates, addresses
+    /// in conflict).
+    pub gc_by_pool: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
 /// The reasons of [`Metrics::lifecycle_released`], in order.
@@ -135,6 +138,31 @@ impl Metrics {
             pools,
             |p| p.total,
         );
+        let gc = self
+            .gc_by_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, help, pick) in [
+            (
+                "spiderpool_ippool_leak_candidate_counts",
+                "Records of this node per pool the last GC round judged dead.",
+                0,
+            ),
+            (
+                "spiderpool_ippool_conflict_ip_counts",
+                "Addresses of this node per pool in conflict (quarantined).",
+                1,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in pools {
+                let v = gc
+                    .get(&p.pool)
+                    .map_or(0, |c| if pick == 0 { c.0 } else { c.1 });
+                let _ = writeln!(out, "{name}{{pool=\"{}\"}} {v}", p.pool);
+            }
+        }
         pool_gauge(
             &mut out,
             "spiderpool_debug_ippool_total_ip_counts",
@@ -182,6 +210,7 @@ mod tests {
         assert!(text.contains("spiderpool_ipam_allocation_update_ippool_conflict_counts_total 7\n"));
         assert!(text.contains("spiderpool_debug_ippool_available_ip_counts{pool=\"a\"} 8\n"));
         assert!(text.contains("spiderpool_total_ippool_counts 1\n"));
+        assert!(text.contains("spiderpool_ippool_leak_candidate_counts{pool=\"a\"} 0\n"));
         assert!(
             text.contains("spiderpool_ipam_allocation_duration_seconds_bucket{le=\"0.001\"} 0\n")
         );
