@@ -138,6 +138,30 @@ impl Metrics {
             pools,
             |p| p.total,
         );
+        self.render_gc_pools(&mut out, pools);
+        pool_gauge(
+            &mut out,
+            "spiderpool_debug_ippool_total_ip_counts",
+            "Addresses per pool (Spiderpool's name).",
+            pools,
+            |p| p.total,
+        );
+        pool_gauge(
+            &mut out,
+            "spiderpool_debug_ippool_available_ip_counts",
+            "Free addresses per pool (Spiderpool's name).",
+            pools,
+            |p| {
+                p.total
+                    .saturating_sub(i64::try_from(p.allocated).unwrap_or(i64::MAX))
+                    .max(0)
+            },
+        );
+        out
+    }
+
+    /// Per pool: leak candidates and addresses in conflict from the last GC round.
+    fn render_gc_pools(&self, out: &mut String, pools: &[PoolUsage]) {
         let gc = self
             .gc_by_pool
             .lock()
@@ -163,25 +187,6 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{pool=\"{}\"}} {v}", p.pool);
             }
         }
-        pool_gauge(
-            &mut out,
-            "spiderpool_debug_ippool_total_ip_counts",
-            "Addresses per pool (Spiderpool's name).",
-            pools,
-            |p| p.total,
-        );
-        pool_gauge(
-            &mut out,
-            "spiderpool_debug_ippool_available_ip_counts",
-            "Free addresses per pool (Spiderpool's name).",
-            pools,
-            |p| {
-                p.total
-                    .saturating_sub(i64::try_from(p.allocated).unwrap_or(i64::MAX))
-                    .max(0)
-            },
-        );
-        out
     }
 }
 
