@@ -581,10 +581,7 @@ fn release(
 /// `spiderctl uninstall`.
 #[cfg(feature = "kube")]
 fn uninstall(kubeconfig: Option<PathBuf>, delete_crds: bool, force: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("spiderctl: {e}");
@@ -624,10 +621,7 @@ fn migrate(direction: Direction) -> ExitCode {
         Direction::FromSpiderpool(a) => (a, false, false),
         Direction::ToSpiderpool { args, keep_crds } => (args, keep_crds, true),
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("spiderctl: {e}");

@@ -26,31 +26,32 @@ pub fn event_name(l: &LeftOut) -> String {
     format!("{name}.leftoutofview.{:08x}", h & 0xffff_ffff)
 }
 
-/// Posts the Event for `l` (best effort: a failure is logged, the log line already says it all).
-pub async fn report(client: kube::Client, node: String, l: LeftOut) {
-    let (kind, name) = l
-        .object
-        .split_once('/')
-        .unwrap_or(("SpiderIPPool", &l.object));
+/// Builds and posts one agent Event (best effort; 409: the same Event exists already, posted
+/// by this agent earlier or by another one).
+async fn post(
+    client: kube::Client,
+    node: String,
+    name: String,
+    namespace: &str,
+    object: ObjectReference,
+    (type_, reason, message): (&str, &str, String),
+) {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let what = format!(
+        "{}/{}",
+        object.kind.as_deref().unwrap_or_default(),
+        object.name.as_deref().unwrap_or_default()
+    );
     let ev = Event {
         metadata: ObjectMeta {
-            name: Some(event_name(&l)),
-            namespace: Some(NAMESPACE.into()),
+            name: Some(name),
+            namespace: Some(namespace.into()),
             ..Default::default()
         },
-        involved_object: ObjectReference {
-            api_version: Some("spiderpool.spidernet.io/v2beta1".into()),
-            kind: Some(kind.into()),
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        reason: Some(REASON.into()),
-        message: Some(format!(
-            "left out of every agent's view (the rest of the view is used): {}",
-            l.problems.join("; ")
-        )),
-        type_: Some("Warning".into()),
+        involved_object: object,
+        reason: Some(reason.into()),
+        message: Some(message),
+        type_: Some(type_.into()),
         source: Some(EventSource {
             component: Some("spiderpool-agent".into()),
             host: Some(node.clone()),
@@ -62,12 +63,39 @@ pub async fn report(client: kube::Client, node: String, l: LeftOut) {
         count: Some(1),
         ..Default::default()
     };
-    let api: Api<Event> = Api::namespaced(client, NAMESPACE);
+    let api: Api<Event> = Api::namespaced(client, namespace);
     match api.create(&PostParams::default(), &ev).await {
         Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {} // another agent reported it
-        Err(e) => tracing::warn!(object = %l.object, error = %e, "cannot post the Event"),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => tracing::warn!(object = %what, reason, error = %e, "cannot post the Event"),
     }
+}
+
+/// Posts the Event for `l` (best effort: a failure is logged, the log line already says it all).
+pub async fn report(client: kube::Client, node: String, l: LeftOut) {
+    let (kind, name) = l
+        .object
+        .split_once('/')
+        .unwrap_or(("SpiderIPPool", &l.object));
+    let object = ObjectReference {
+        api_version: Some("spiderpool.spidernet.io/v2beta1".into()),
+        kind: Some(kind.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    let message = format!(
+        "left out of every agent's view (the rest of the view is used): {}",
+        l.problems.join("; ")
+    );
+    post(
+        client,
+        node,
+        event_name(&l),
+        NAMESPACE,
+        object,
+        ("Warning", REASON, message),
+    )
+    .await;
 }
 
 /// An Event about a pod (`NoEligiblePool`, `PoolExhausted`, `IPConflict`, `ReleasedByGC`).
@@ -126,43 +154,24 @@ impl Limiter {
 
 /// Posts a pod Event (best effort; 409: the same Event exists already).
 pub async fn report_pod(client: kube::Client, node: String, e: PodEvent) {
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let ev = Event {
-        metadata: ObjectMeta {
-            name: Some(pod_event_name(&e)),
-            namespace: Some(e.namespace.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(e.name.clone()),
-            namespace: Some(e.namespace.clone()),
-            uid: (!e.uid.is_empty()).then(|| e.uid.clone()),
-            ..Default::default()
-        },
-        reason: Some(e.reason.into()),
-        message: Some(e.message.clone()),
-        type_: Some(e.type_.into()),
-        source: Some(EventSource {
-            component: Some("spiderpool-agent".into()),
-            host: Some(node.clone()),
-        }),
-        reporting_component: Some("spiderpool-agent".into()),
-        reporting_instance: Some(node),
-        first_timestamp: Some(now.clone()),
-        last_timestamp: Some(now),
-        count: Some(1),
+    let object = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(e.name.clone()),
+        namespace: Some(e.namespace.clone()),
+        uid: (!e.uid.is_empty()).then(|| e.uid.clone()),
         ..Default::default()
     };
-    let api: Api<Event> = Api::namespaced(client, &e.namespace);
-    match api.create(&PostParams::default(), &ev).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(x)) if x.code == 409 => {}
-        Err(x) => {
-            tracing::warn!(pod = %format!("{}/{}", e.namespace, e.name), reason = e.reason, error = %x, "cannot post the Event")
-        }
-    }
+    let name = pod_event_name(&e);
+    post(
+        client,
+        node,
+        name,
+        &e.namespace,
+        object,
+        (e.type_, e.reason, e.message),
+    )
+    .await;
 }
 
 #[cfg(test)]
