@@ -162,6 +162,9 @@ pub async fn round(
     }
     if store.mirrors_all_nodes() {
         verdicts.extend(node_gone(agent, &mut fresh, t, margin).await?);
+        if !settings.dry_run {
+            return_gone_blocks(agent).await;
+        }
     }
     let candidates = verdicts.iter().filter(|(_, v)| v.is_some()).count();
     for (l, _) in verdicts.iter().filter(|(_, v)| v.is_some()) {
@@ -185,6 +188,30 @@ pub async fn round(
         return Ok(due);
     }
     Ok(free(agent, due).await)
+}
+
+/// Gives back the blocks of nodes that are gone once they hold none of that node's records (a
+/// store with node-affine blocks; their records were freed in an earlier round).
+async fn return_gone_blocks(agent: &Agent) {
+    let store = agent.engine.store();
+    let mut gone = Vec::new();
+    for n in store.idle_block_owners() {
+        match agent.view.node_exists_now(&n).await {
+            Ok(false) => gone.push(n),
+            Ok(true) => {}
+            Err(e) => tracing::warn!(error = %e, "GC: node unreadable; its blocks are kept"),
+        }
+    }
+    if gone.is_empty() {
+        return;
+    }
+    match store.return_blocks(&gone).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(blocks = n, nodes = ?gone, "GC gave back the blocks of nodes that are gone")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "GC: giving back blocks failed; next round"),
+    }
 }
 
 /// Frees each record judged dead twice (a conditional release of exactly that record).

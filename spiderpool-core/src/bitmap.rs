@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::range::{ip_to_u128, IpFamily, IpSet};
+use crate::store::{Affinity, Tier};
 
 /// Pools with at most this many addresses use the dense bitmap.
 pub const DENSE_LIMIT: u128 = 1 << 25;
@@ -332,6 +333,10 @@ impl Allocator {
             return None;
         }
         let i = self.find_from(self.cursor).or_else(|| self.find_from(0))?;
+        self.take_index(i)
+    }
+
+    fn take_index(&mut self, i: u128) -> Option<IpAddr> {
         let ip = self.space.nth_ip(i)?;
         match &mut self.used {
             Used::Dense(b) => b.set(i as u64),
@@ -340,6 +345,85 @@ impl Allocator {
         self.used_count += 1;
         self.cursor = if i + 1 >= self.len { 0 } else { i + 1 };
         Some(ip)
+    }
+
+    /// Takes a free address preferring, in order, this node's blocks, blocks nobody owns and
+    /// last other nodes' blocks ([`Affinity`]); next-fit within each tier (from the cursor,
+    /// wrapping). Costs O(own blocks) for the first tier and O(blocks of the pool) at most for
+    /// the second, each step one bitmap search.
+    pub fn take_affine(&mut self, aff: &Affinity) -> Option<(IpAddr, Tier)> {
+        if self.used_count >= self.len || aff.block == 0 {
+            return self.take().map(|ip| (ip, Tier::Free));
+        }
+        if let Some(i) = self.find_own(aff) {
+            return self.take_index(i).map(|ip| (ip, Tier::Own));
+        }
+        if let Some(i) = self.find_unowned(aff) {
+            return self.take_index(i).map(|ip| (ip, Tier::Free));
+        }
+        self.take().map(|ip| (ip, Tier::Borrowed))
+    }
+
+    /// The first free index in one of this node's blocks, next-fit from the cursor.
+    fn find_own(&self, aff: &Affinity) -> Option<u128> {
+        let family = self.space.family();
+        // (first index of the block in the space, last address of the block)
+        let blocks: Vec<(u128, u128)> = aff
+            .own
+            .iter()
+            .filter(|b| IpFamily::of(b) == family)
+            .filter_map(|b| {
+                let end = aff.block_end(*b);
+                let lo = self.space.index_at_or_after(ip_to_u128(*b))?;
+                (self.space.nth(lo)? <= end).then_some((lo, end))
+            })
+            .collect();
+        if blocks.is_empty() {
+            return None;
+        }
+        let in_block = |from: u128, end: u128| {
+            self.find_from(from)
+                .filter(|&i| self.space.nth(i).is_some_and(|n| n <= end))
+        };
+        // Blocks that reach the cursor or beyond first (from the cursor), then all from their
+        // start (the wrap).
+        let cur = self.space.nth(self.cursor).unwrap_or(0);
+        blocks
+            .iter()
+            .filter(|&&(_, end)| end >= cur)
+            .find_map(|&(lo, end)| in_block(lo.max(self.cursor), end))
+            .or_else(|| blocks.iter().find_map(|&(lo, end)| in_block(lo, end)))
+    }
+
+    /// The first free index, next-fit from the cursor, in a block no node owns.
+    fn find_unowned(&self, aff: &Affinity) -> Option<u128> {
+        let mut pos = self.cursor;
+        let mut wrapped = false;
+        loop {
+            let limit = if wrapped { self.cursor } else { self.len };
+            let Some(i) = self.find_from(pos).filter(|&i| i < limit) else {
+                if wrapped {
+                    return None;
+                }
+                (wrapped, pos) = (true, 0);
+                continue;
+            };
+            let base = aff.base_of(self.space.nth_ip(i)?);
+            if !aff.foreign.contains(&base) && !aff.own.contains(&base) {
+                return Some(i);
+            }
+            // Skip the rest of that block.
+            pos = self
+                .space
+                .index_at_or_after(aff.block_end(base).saturating_add(1))
+                .unwrap_or(self.len);
+            if pos >= limit {
+                if wrapped {
+                    return None;
+                }
+                (wrapped, pos) = (true, 0);
+            }
+        }
     }
 }
 
@@ -364,6 +448,84 @@ mod tests {
         assert_eq!(a.take().map(|i| i.to_string()).as_deref(), Some("10.0.0.1"));
         assert_eq!(a.take(), None);
         assert_eq!(a.free(), 0);
+    }
+
+    fn affinity(own: &[&str], foreign: &[&str]) -> Affinity {
+        let ips =
+            |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().expect("ip")).collect() };
+        Affinity {
+            block: 16,
+            own: std::sync::Arc::new(ips(own).into_iter().collect()),
+            foreign: std::sync::Arc::new(ips(foreign).into_iter().collect()),
+        }
+    }
+
+    #[test]
+    fn affine_takes_own_blocks_then_free_ones_then_borrows() {
+        // 10.0.0.8-10.0.0.39: the tail of block .0 (8 addresses), all of .16, half of .32.
+        let mut a = Allocator::new(space(&["10.0.0.8-10.0.0.39"]), 0);
+        let aff = affinity(&["10.0.0.16"], &["10.0.0.0"]);
+        let mut got = Vec::new();
+        for _ in 0..16 {
+            let (ip, tier) = a.take_affine(&aff).expect("free");
+            assert_eq!(tier, Tier::Own, "{ip}");
+            got.push(ip.to_string());
+        }
+        assert_eq!(got.first().map(String::as_str), Some("10.0.0.16"));
+        assert_eq!(got.last().map(String::as_str), Some("10.0.0.31"));
+        // Own block full: the free block .32 (8 addresses), then borrow in .0.
+        for i in 0..8 {
+            let (ip, tier) = a.take_affine(&aff).expect("free");
+            assert_eq!(
+                (ip.to_string(), tier),
+                (format!("10.0.0.{}", 32 + i), Tier::Free)
+            );
+        }
+        let (ip, tier) = a.take_affine(&aff).expect("free");
+        assert_eq!(
+            (ip.to_string().as_str(), tier),
+            ("10.0.0.8", Tier::Borrowed)
+        );
+    }
+
+    #[test]
+    fn affine_is_next_fit_within_own_blocks_and_skips_foreign_ones() {
+        let mut a = Allocator::new(space(&["10.0.0.0-10.0.0.63"]), 0);
+        let aff = affinity(&["10.0.0.16", "10.0.0.48"], &["10.0.0.0", "10.0.0.32"]);
+        let first = a.take_affine(&aff).expect("free").0;
+        assert_eq!(first.to_string(), "10.0.0.16");
+        assert!(a.release(first));
+        // The released address comes back only after the cursor has gone round the own blocks.
+        let next = a.take_affine(&aff).expect("free").0;
+        assert_eq!(next.to_string(), "10.0.0.17");
+        for _ in 0..30 {
+            assert_eq!(a.take_affine(&aff).expect("free").1, Tier::Own);
+        }
+        assert_eq!(
+            a.take_affine(&aff).map(|(ip, t)| (ip.to_string(), t)),
+            Some(("10.0.0.16".into(), Tier::Own))
+        );
+        // No free block (both others are foreign): borrowing, next-fit.
+        let (ip, tier) = a.take_affine(&aff).expect("free");
+        assert_eq!(tier, Tier::Borrowed);
+        assert!(
+            ip.to_string() == "10.0.0.0" || ip.to_string() == "10.0.0.32",
+            "{ip}"
+        );
+        // A cursor in the middle wraps round to a free block before it.
+        let mut b = Allocator::new(space(&["10.0.0.0-10.0.0.63"]), 40);
+        let aff = affinity(&[], &["10.0.0.32", "10.0.0.48"]);
+        assert_eq!(
+            b.take_affine(&aff).map(|(ip, t)| (ip.to_string(), t)),
+            Some(("10.0.0.0".into(), Tier::Free))
+        );
+        let v6 = IpSet::parse(IpFamily::V6, &["fd00::-fd00::3f"]).expect("ok");
+        let mut c = Allocator::new(v6, 0);
+        let aff = affinity(&["fd00::20"], &[]);
+        assert_eq!(
+            c.take_affine(&aff).map(|(ip, t)| (ip.to_string(), t)),
+            Some(("fd00::20".into(), Tier::Own))
+        );
     }
 
     #[test]

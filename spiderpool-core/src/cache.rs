@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::bitmap::Allocator;
 use crate::range::IpSet;
-use crate::store::PoolAddresses;
+use crate::store::{Affinity, PoolAddresses, Tier};
 
 /// One pool's cached state.
 struct PoolCache {
@@ -224,13 +224,17 @@ impl Caches {
         }
     }
 
-    /// Picks the next free address of `pool` (next-fit) and reserves it (rule 1).
-    pub fn take(&self, pool: &str) -> Option<IpAddr> {
+    /// Picks the next free address of `pool` (next-fit; with `affinity`, in this node's blocks
+    /// first: [`Allocator::take_affine`]) and reserves it (rule 1).
+    pub fn take(&self, pool: &str, affinity: Option<&Affinity>) -> Option<(IpAddr, Tier)> {
         let mut state = self.lock();
         let c = state.pools.get_mut(pool)?;
-        let ip = c.alloc.take()?;
+        let (ip, tier) = match affinity {
+            Some(a) => c.alloc.take_affine(a)?,
+            None => (c.alloc.take()?, Tier::Free),
+        };
         c.pending.insert(ip);
-        Some(ip)
+        Some((ip, tier))
     }
 
     /// Returns a pick that was not committed. Leaves it used if the cache has learnt meanwhile
@@ -384,7 +388,7 @@ mod tests {
     fn a_lost_pick_held_by_another_stays_used_when_given_back() {
         let c = Caches::new(0);
         c.install(c.begin_read("p"), space(), &listing(1, &[]), 0);
-        let pick = c.take("p").expect("free");
+        let pick = c.take("p", None).expect("free").0;
         assert!(c.is_pending("p", pick));
         // The commit lost: the store names another holder.
         c.learn("p", pick, 2, true);
@@ -397,8 +401,8 @@ mod tests {
     fn a_pending_pick_survives_a_rebuild_and_a_held_one_is_dropped() {
         let c = Caches::new(0);
         c.install(c.begin_read("p"), space(), &listing(1, &[]), 0);
-        let a = c.take("p").expect("a");
-        let b = c.take("p").expect("b");
+        let a = c.take("p", None).expect("a").0;
+        let b = c.take("p", None).expect("b").0;
         let t = c.begin_read("p");
         c.install(t, space(), &listing(2, &[&b.to_string()]), 0);
         assert!(c.is_pending("p", a) && c.is_used("p", a));

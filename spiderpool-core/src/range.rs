@@ -465,6 +465,13 @@ impl IpSet {
         Some(self.prefix[i] + (n - self.ranges[i].0))
     }
 
+    /// Position of the first address of the set at or above `n`, if any.
+    pub fn index_at_or_after(&self, n: u128) -> Option<u128> {
+        let i = self.ranges.partition_point(|&(_, e)| e < n);
+        let (s, _) = *self.ranges.get(i)?;
+        Some(self.prefix[i] + n.saturating_sub(s))
+    }
+
     /// Position of `ip` in ascending order, if present.
     pub fn index_of_ip(&self, ip: IpAddr) -> Option<u128> {
         if IpFamily::of(&ip) != self.family {

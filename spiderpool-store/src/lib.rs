@@ -176,6 +176,33 @@ impl LeaseStore for AnyStore {
         }
     }
 
+    fn affinity(&self) -> Option<spiderpool_core::store::Affinity> {
+        match self {
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.affinity(),
+            _ => None,
+        }
+    }
+
+    fn idle_block_owners(&self) -> Vec<String> {
+        match self {
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.idle_block_owners(),
+            _ => Vec::new(),
+        }
+    }
+
+    async fn return_blocks(&self, gone: &[String]) -> Result<usize, StoreError> {
+        match self {
+            #[cfg(feature = "kube")]
+            AnyStore::Kube(s) => s.return_blocks(gone).await,
+            _ => {
+                let _ = gone;
+                Ok(0)
+            }
+        }
+    }
+
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
         match self {
             AnyStore::Memory(s) => s.list(filter).await,

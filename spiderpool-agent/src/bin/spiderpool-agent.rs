@@ -89,6 +89,16 @@ struct Args {
     /// `spiderpool_gc_leak_candidates` gauge) and frees nothing.
     #[arg(long)]
     gc_dry_run: bool,
+    /// With `--store kube`: `owned` (default) gives each node blocks of its own (it allocates in
+    /// them first, claims a free block when they are full, borrows single addresses in other
+    /// nodes' blocks last); `shared` makes every block every node's (the store before
+    /// node-affine blocks: more refused writes as nodes grow).
+    #[arg(long, default_value = "owned", value_parser = ["owned", "shared"])]
+    blocks: String,
+    /// With `--blocks owned`: how long one of this node's blocks stays empty before it is
+    /// given back so other nodes can own it, in seconds.
+    #[arg(long, default_value_t = 60)]
+    block_return_after_secs: u64,
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -133,6 +143,8 @@ async fn open_store(args: &Args, kube: &KubeClient) -> anyhow::Result<AnyStore> 
         };
         let opts = spiderpool_store::k8s::KubeStoreOptions {
             server,
+            node: (args.blocks == "owned").then(|| args.node_name.clone()),
+            return_after: Duration::from_secs(args.block_return_after_secs),
             ..Default::default()
         };
         return Ok(AnyStore::Kube(

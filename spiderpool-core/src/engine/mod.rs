@@ -20,7 +20,7 @@ use crate::model::{Pool, PoolSet};
 use crate::range::{IpFamily, IpSet};
 use crate::select::{self, Plan, RouteRequest, SelectionInput};
 use crate::store::{
-    Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Txn,
+    Conflict, Filter, Lease, LeaseStore, Listing, Outcome, Owner, Release, StoreError, Tier, Txn,
 };
 
 mod conflict;
@@ -134,7 +134,7 @@ impl<S: LeaseStore> Engine<S> {
         if !self.caches.is_current(&pool.name, &space) {
             self.refresh(pool, pools, now).await?;
         }
-        if let Some(ip) = self.caches.take(&pool.name) {
+        if let Some(ip) = self.take(&pool.name) {
             return Ok(Some(ip));
         }
         let Some(mark) = self.caches.read_mark(&pool.name) else {
@@ -147,7 +147,21 @@ impl<S: LeaseStore> Engine<S> {
             return Ok(None);
         }
         self.refresh(pool, pools, now).await?;
-        Ok(self.caches.take(&pool.name))
+        Ok(self.take(&pool.name))
+    }
+
+    /// Takes from the cache, in this node's blocks first when the store keeps node-affine blocks.
+    fn take(&self, pool: &str) -> Option<IpAddr> {
+        let affinity = self.store.affinity();
+        let (ip, tier) = self.caches.take(pool, affinity.as_ref())?;
+        if affinity.is_some() {
+            self.bump(|s| match tier {
+                Tier::Own => s.own_block_picks += 1,
+                Tier::Free => s.free_block_picks += 1,
+                Tier::Borrowed => s.borrowed_picks += 1,
+            });
+        }
+        Some(ip)
     }
 
     /// Gives back the picks of a request that failed before (or without knowing whether) they were

@@ -187,4 +187,10 @@ pub struct EngineStats {
     pub releases: u64,
     /// Pool listings read from the store to build or rebuild a cache.
     pub pool_reads: u64,
+    /// Picks in this node's own blocks (stores with node-affine blocks).
+    pub own_block_picks: u64,
+    /// Picks in blocks no node owned (the write claims the block for this node).
+    pub free_block_picks: u64,
+    /// Picks in other nodes' blocks (borrowed: no own or free block had a free address).
+    pub borrowed_picks: u64,
 }

@@ -20,9 +20,11 @@
 //! records ([`LeaseStore::pool_revision`], O(1)). The engine compares it with the revision of the
 //! listing its cache was built from, so a pool that looks full is re-read only when it changed.
 
+mod affinity;
 mod memory;
 mod table;
 
+pub use affinity::{Affinity, Tier};
 pub use memory::MemoryStore;
 pub use table::{Batch, Changes, LeaseTable};
 
@@ -302,6 +304,28 @@ pub trait LeaseStore: Send + Sync {
         false
     }
 
+    /// Which address blocks this node owns and which other nodes own, for a store whose records
+    /// live in node-affine blocks (Kubernetes): the engine then allocates in this node's blocks
+    /// first, then in free ones, and borrows in other nodes' blocks last ([`Affinity`]).
+    /// Ownership is a preference only: uniqueness is still the store's conditional commit.
+    /// Default: none (every address is as good as any other).
+    fn affinity(&self) -> Option<Affinity> {
+        None
+    }
+
+    /// The nodes other than this one that own blocks holding no records: the agent's GC asks
+    /// which of them are gone and gives their blocks back ([`LeaseStore::return_blocks`]).
+    fn idle_block_owners(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Gives back the empty blocks owned by `gone` nodes (conditionally: a block written
+    /// meanwhile is kept), so other nodes can own them. Returns how many went back.
+    async fn return_blocks(&self, gone: &[String]) -> Result<usize, StoreError> {
+        let _ = gone;
+        Ok(0)
+    }
+
     /// Reads the records that pass `filter`, consistently, with the store revision.
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError>;
 
@@ -333,6 +357,15 @@ impl<S: LeaseStore + ?Sized> LeaseStore for std::sync::Arc<S> {
 
     fn mirrors_all_nodes(&self) -> bool {
         (**self).mirrors_all_nodes()
+    }
+    fn affinity(&self) -> Option<Affinity> {
+        (**self).affinity()
+    }
+    fn idle_block_owners(&self) -> Vec<String> {
+        (**self).idle_block_owners()
+    }
+    async fn return_blocks(&self, gone: &[String]) -> Result<usize, StoreError> {
+        (**self).return_blocks(gone).await
     }
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
         (**self).list(filter).await

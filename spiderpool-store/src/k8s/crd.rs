@@ -197,8 +197,9 @@ impl Slot {
 }
 
 /// `SpiderIPBlock.spec`: the records of one aligned block of 16 addresses, whatever pools they
-/// belong to. Address uniqueness is one object's compare-and-swap; an object never holds more than
-/// 16 records (about 4 KiB), however large the pool.
+/// belong to, and the node that owns the block. Address uniqueness is one object's
+/// compare-and-swap; an object never holds more than 16 records (about 4 KiB), however large the
+/// pool.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "spiderpool.spidernet.io",
@@ -207,12 +208,19 @@ impl Slot {
     plural = "spideripblocks",
     shortname = "sib",
     category = "spiderpool",
-    printcolumn = r#"{"name":"BASE","type":"string","jsonPath":".spec.base","description":"first address of the block"}"#
+    printcolumn = r#"{"name":"BASE","type":"string","jsonPath":".spec.base","description":"first address of the block"}"#,
+    printcolumn = r#"{"name":"OWNER","type":"string","jsonPath":".spec.owner","description":"the node whose agent allocates in this block (empty: free)"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SpiderIPBlockSpec {
     /// First address of the block.
     pub base: String,
+    /// The node whose agent allocates in this block; other nodes borrow single addresses in it
+    /// only when no block of their own or free block has one. None: a free block (the first
+    /// node to write a record into it becomes its owner). Ownership never decides uniqueness:
+    /// every write is a compare-and-swap of the whole object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Address -> record.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, BlockRecord>")]

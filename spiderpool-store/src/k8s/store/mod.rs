@@ -37,18 +37,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
 use spiderpool_core::store::{
-    Conflict, Filter, Lease, LeaseStore, LeaseTable, Listing, Outcome, PoolAddresses, Release,
+    Affinity, Conflict, Filter, Lease, LeaseStore, Listing, Outcome, PoolAddresses, Release,
     StoreError, Txn,
 };
 
+mod affinity;
+mod mirror;
 mod records;
 mod status;
 mod watch;
 
+pub use mirror::block_of;
+
 use super::crd::{Slot, SpiderIPBlock, SpiderIPBlockSpec, SpiderIPPool};
-use records::{claim_into, from_record, release_from, same_record, to_record};
+use mirror::{rv_of, Mirror};
+use records::{claim_into, release_from, to_record};
 use status::project_statuses;
 use watch::watch_blocks;
 
@@ -76,6 +81,14 @@ pub struct KubeStoreOptions {
     /// The longest one block write may take, retries included; well below the CNI plugin's
     /// 60 s, so an ADD answers "unavailable, try again" (code 11) instead of timing out.
     pub write_deadline: Duration,
+    /// The node this store allocates for, when blocks are node-affine: a block nobody owns
+    /// becomes this node's when this store writes a record into it, and the engine allocates in
+    /// this node's blocks first ([`spiderpool_core::store::Affinity`]). None: blocks are
+    /// neither claimed nor preferred (tools, and the store before node-affine blocks).
+    pub node: Option<String>,
+    /// How long one of this node's blocks stays empty before it is given back (deleted, so
+    /// another node can own it).
+    pub return_after: Duration,
 }
 
 impl Default for KubeStoreOptions {
@@ -85,6 +98,8 @@ impl Default for KubeStoreOptions {
             status_interval: Some(Duration::from_secs(1)),
             request_timeout: Duration::from_secs(10),
             write_deadline: Duration::from_secs(30),
+            node: None,
+            return_after: Duration::from_secs(60),
         }
     }
 }
@@ -149,139 +164,6 @@ struct BlockQueue {
     waiting: Vec<(Edit, tokio::sync::oneshot::Sender<Reply>)>,
 }
 
-#[derive(Default)]
-struct Mirror {
-    table: LeaseTable,
-    /// Block name -> resourceVersion and the addresses it holds.
-    blocks: HashMap<String, (u64, BTreeSet<IpAddr>)>,
-    /// Block name -> the slots it holds that are not records (kept as they are, taken).
-    unreadable: HashMap<String, BTreeMap<String, serde_json::Value>>,
-}
-
-/// The block an address belongs to: its name and first address.
-pub fn block_of(ip: IpAddr) -> (String, IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            let base = u32::from(v4) & !(BLOCK as u32 - 1);
-            let b = std::net::Ipv4Addr::from(base);
-            let o = b.octets();
-            (
-                format!("v4-{}-{}-{}-{}", o[0], o[1], o[2], o[3]),
-                IpAddr::V4(b),
-            )
-        }
-        IpAddr::V6(v6) => {
-            let base = u128::from(v6) & !(BLOCK - 1);
-            (
-                format!("v6-{base:032x}"),
-                IpAddr::V6(std::net::Ipv6Addr::from(base)),
-            )
-        }
-    }
-}
-
-fn rv_of(o: &SpiderIPBlock) -> u64 {
-    o.metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-impl Mirror {
-    /// Takes in a block as the server has it at its resourceVersion (older versions are ignored).
-    fn absorb(&mut self, o: &SpiderIPBlock) {
-        let name = o.name_any();
-        let rv = rv_of(o);
-        let old = match self.blocks.get(&name) {
-            Some((have, _)) if *have >= rv => return,
-            Some((_, ips)) => ips.clone(),
-            None => BTreeSet::new(),
-        };
-        let mut new = BTreeSet::new();
-        let mut upserts = Vec::new();
-        let mut unreadable = BTreeMap::new();
-        for (k, slot) in &o.spec.allocations {
-            let (Ok(ip), Slot::Record(r)) = (k.parse::<IpAddr>(), slot) else {
-                let value = serde_json::to_value(slot).unwrap_or_default();
-                if self.unreadable.get(&name).and_then(|u| u.get(k)) != Some(&value) {
-                    tracing::error!(block = %name, key = %k, record = %value,
-                        "SpiderIPBlock slot that is not an allocation record (edited by hand?): its address counts as taken until the slot is fixed or removed");
-                }
-                unreadable.insert(k.clone(), value);
-                continue;
-            };
-            let lease = from_record(ip, r, rv);
-            if !self
-                .table
-                .get(&ip)
-                .is_some_and(|cur| same_record(&cur, &lease))
-            {
-                upserts.push(lease);
-            }
-            new.insert(ip);
-        }
-        if unreadable.is_empty() {
-            self.unreadable.remove(&name);
-        } else {
-            self.unreadable.insert(name.clone(), unreadable);
-        }
-        let removed: Vec<IpAddr> = old.difference(&new).copied().collect();
-        self.table.mirror(&removed, upserts, rv);
-        self.blocks.insert(name, (rv, new));
-    }
-
-    /// Block `name` as the mirror has it: its resourceVersion and slots (records and the
-    /// unreadable ones, kept as they are).
-    fn slots(&self, name: &str) -> Option<(u64, BTreeMap<String, Slot>)> {
-        self.blocks.get(name).map(|(rv, ips)| {
-            let mut recs: BTreeMap<String, Slot> = ips
-                .iter()
-                .filter_map(|ip| {
-                    self.table
-                        .get(ip)
-                        .map(|l| (ip.to_string(), Slot::Record(to_record(&l))))
-                })
-                .collect();
-            for (k, v) in self.unreadable.get(name).into_iter().flatten() {
-                recs.insert(k.clone(), Slot::Unreadable(v.clone()));
-            }
-            (*rv, recs)
-        })
-    }
-
-    /// Every address of block `name` (from its name, as [`block_of`] makes it).
-    fn block_addresses(&self, name: &str) -> Vec<IpAddr> {
-        let base: Option<IpAddr> = if let Some(v4) = name.strip_prefix("v4-") {
-            v4.replace('-', ".").parse().ok()
-        } else if let Some(v6) = name.strip_prefix("v6-") {
-            u128::from_str_radix(v6, 16)
-                .ok()
-                .map(|n| IpAddr::V6(std::net::Ipv6Addr::from(n)))
-        } else {
-            None
-        };
-        let Some(base) = base else { return Vec::new() };
-        (0..BLOCK)
-            .filter_map(|i| match base {
-                IpAddr::V4(b) => u32::try_from(i)
-                    .ok()
-                    .and_then(|i| u32::from(b).checked_add(i))
-                    .map(|n| IpAddr::V4(n.into())),
-                IpAddr::V6(b) => u128::from(b).checked_add(i).map(|n| IpAddr::V6(n.into())),
-            })
-            .collect()
-    }
-
-    fn forget(&mut self, name: &str, rv: u64) {
-        self.unreadable.remove(name);
-        if let Some((_, ips)) = self.blocks.remove(name) {
-            let removed: Vec<IpAddr> = ips.into_iter().collect();
-            self.table.mirror(&removed, Vec::new(), rv);
-        }
-    }
-}
-
 /// A call to the API server that gives up after `limit` (a retryable error, as a refused
 /// connection is).
 pub(crate) async fn within<T>(
@@ -310,8 +192,8 @@ impl KubeStore {
         let inner = Arc::new(Inner {
             blocks: Api::all(client.clone()),
             pools: Api::all(client),
-            opts,
-            mirror: Mutex::new(Mirror::default()),
+            opts: opts.clone(),
+            mirror: Mutex::new(Mirror::new(opts.node.clone())),
             containers: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             conflicts: AtomicU64::new(0),
@@ -332,6 +214,11 @@ impl KubeStore {
                 Arc::downgrade(&store.inner),
                 every,
             )));
+        }
+        if store.inner.opts.node.is_some() {
+            tasks.push(tokio::spawn(affinity::return_idle(Arc::downgrade(
+                &store.inner,
+            ))));
         }
         store.inner.lock_tasks().extend(tasks);
         Ok(store)
@@ -376,7 +263,7 @@ impl Inner {
     }
 
     async fn load(&self) -> Result<(), StoreError> {
-        let mut mirror = Mirror::default();
+        let mut mirror = Mirror::new(self.opts.node.clone());
         let mut lp = ListParams::default().limit(500);
         let list_rv = loop {
             let page = within(self.opts.request_timeout, self.blocks.list(&lp))
@@ -448,7 +335,7 @@ impl Inner {
                 ));
             }
             let current = self.lock().slots(name);
-            let (rv, mut records) = current.unwrap_or((0, BTreeMap::new()));
+            let (rv, mut records, owner) = current.unwrap_or((0, BTreeMap::new(), None));
             let before = records.clone();
             let out = match edit(&mut records) {
                 Ok(out) => out,
@@ -457,6 +344,9 @@ impl Inner {
             if records == before {
                 return Ok(Ok((rv, out)));
             }
+            // A block nobody owns becomes this node's when this node adds a record to it.
+            let gained = records.keys().any(|k| !before.contains_key(k));
+            let owner = owner.or_else(|| self.opts.node.clone().filter(|_| gained));
             if let Some((key, _)) = records.iter().find(|(_, s)| s.record().is_none()) {
                 return Err(StoreError::failed(
                     format!(
@@ -469,6 +359,7 @@ impl Inner {
                 name,
                 SpiderIPBlockSpec {
                     base: base.to_string(),
+                    owner,
                     allocations: records,
                 },
             );
@@ -762,6 +653,18 @@ impl LeaseStore for KubeStore {
 
     fn mirrors_all_nodes(&self) -> bool {
         true
+    }
+
+    fn affinity(&self) -> Option<Affinity> {
+        self.inner.lock().affinity()
+    }
+
+    fn idle_block_owners(&self) -> Vec<String> {
+        self.inner.idle_block_owners()
+    }
+
+    async fn return_blocks(&self, gone: &[String]) -> Result<usize, StoreError> {
+        self.inner.return_blocks_of(gone).await
     }
 
     async fn list(&self, filter: Filter<'_>) -> Result<Listing, StoreError> {
