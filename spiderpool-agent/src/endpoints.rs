@@ -104,28 +104,37 @@ async fn current(agent: &Agent) -> Result<BTreeMap<Key, Vec<Lease>>, String> {
     Ok(by_pod)
 }
 
+/// Writes the pod's SpiderEndpoint status: a status patch when this agent wrote the endpoint
+/// before (`known`), else (or when it is gone meanwhile) a create first (the status
+/// subresource ignores a status in a create). No read: a new pod costs two requests, a change
+/// one.
 async fn upsert(
     client: &kube::Client,
     key: &Key,
     status: &EndpointStatus,
+    known: bool,
 ) -> Result<(), kube::Error> {
-    let api: Api<SpiderEndpoint> = Api::namespaced(client.clone(), &key.0);
-    if api.get_opt(&key.1).await?.is_none() {
-        let obj = SpiderEndpoint::new(&key.0, &key.1);
-        match api.create(&PostParams::default(), &obj).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e),
-        }
-    }
     #[derive(Debug, serde::Serialize)]
     struct StatusOnly<'a> {
         status: &'a EndpointStatus,
     }
-    let patch = StatusOnly { status };
-    api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
+    let api: Api<SpiderEndpoint> = Api::namespaced(client.clone(), &key.0);
+    let patch = Patch::Merge(StatusOnly { status });
+    let pp = PatchParams::default();
+    let write = || api.patch_status(&key.1, &pp, &patch);
+    if known {
+        match write().await {
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => return other.map(|_| ()),
+        }
+    }
+    let obj = SpiderEndpoint::new(&key.0, &key.1);
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    write().await.map(|_| ())
 }
 
 /// Deletes the pod's SpiderEndpoint if it is still this node's, conditional on the version read
@@ -206,7 +215,7 @@ pub async fn run(
             if written.get(key) == Some(&status) {
                 continue;
             }
-            match upsert(&client, key, &status).await {
+            match upsert(&client, key, &status, written.contains_key(key)).await {
                 Ok(()) => {
                     written.insert(key.clone(), status);
                 }

@@ -345,6 +345,26 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
     );
     assert_eq!(add.code(), 0, "{}\n{}", add.stdout, g.log_text());
     g.kill9();
+    let owners = || {
+        let (ok, out, err) = s.kubectl(
+            &[
+                "get",
+                "spideripblocks",
+                "-o",
+                "jsonpath={.items[*].spec.owner}",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        out.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        owners(),
+        ["ghost-node"],
+        "the ghost node owns the block it allocated in"
+    );
 
     let a = Agent::start(
         &lab.dir.path().join("a.sock"),
@@ -426,6 +446,12 @@ fn lifecycle_gc_frees_dead_pods_and_keeps_live_ones() {
         Duration::from_secs(30),
         || holders(s) == ["c-gc-live", "c-gc-static"],
         &|| format!("{:?}\n{}", holders(s), a.log_text()),
+    );
+    wait_for(
+        "the gone node's blocks given back once its records are freed",
+        Duration::from_secs(30),
+        || !owners().iter().any(|o| o == "ghost-node"),
+        &|| format!("{:?}\n{}", owners(), a.log_text()),
     );
     let log = a.log_text();
     for reason in [

@@ -190,6 +190,8 @@ pub struct Allocator {
     used: Used,
     used_count: u128,
     cursor: u128,
+    /// The node's start hint, which also ranks the free blocks this node prefers.
+    hint: u64,
 }
 
 impl Allocator {
@@ -219,6 +221,7 @@ impl Allocator {
             used,
             used_count: 0,
             cursor,
+            hint: start_hint,
         }
     }
 
@@ -395,35 +398,33 @@ impl Allocator {
             .or_else(|| blocks.iter().find_map(|&(lo, end)| in_block(lo, end)))
     }
 
-    /// The first free index, next-fit from the cursor, in a block no node owns.
+    /// The first free index of the free block (no node owns it) this node ranks first. Each
+    /// node ranks the blocks by a hash of its hint and the block (rendezvous hashing), so nodes
+    /// whose own blocks fill at the same moment claim different free blocks instead of all
+    /// racing for the one after their cursors.
     fn find_unowned(&self, aff: &Affinity) -> Option<u128> {
-        let mut pos = self.cursor;
-        let mut wrapped = false;
-        loop {
-            let limit = if wrapped { self.cursor } else { self.len };
-            let Some(i) = self.find_from(pos).filter(|&i| i < limit) else {
-                if wrapped {
-                    return None;
-                }
-                (wrapped, pos) = (true, 0);
-                continue;
-            };
+        let mut best: Option<(u64, u128)> = None;
+        let mut pos = 0;
+        while let Some(i) = self.find_from(pos) {
             let base = aff.base_of(self.space.nth_ip(i)?);
             if !aff.foreign.contains(&base) && !aff.own.contains(&base) {
-                return Some(i);
+                let rank = crate::fnv1a(
+                    self.hint
+                        .to_le_bytes()
+                        .into_iter()
+                        .chain(ip_to_u128(base).to_le_bytes()),
+                );
+                if best.is_none_or(|(r, _)| rank < r) {
+                    best = Some((rank, i));
+                }
             }
-            // Skip the rest of that block.
+            // The rest of that block.
             pos = self
                 .space
                 .index_at_or_after(aff.block_end(base).saturating_add(1))
                 .unwrap_or(self.len);
-            if pos >= limit {
-                if wrapped {
-                    return None;
-                }
-                (wrapped, pos) = (true, 0);
-            }
         }
+        best.map(|(_, i)| i)
     }
 }
 
@@ -512,12 +513,30 @@ mod tests {
             ip.to_string() == "10.0.0.0" || ip.to_string() == "10.0.0.32",
             "{ip}"
         );
-        // A cursor in the middle wraps round to a free block before it.
+        // Free blocks are ranked per node: one of the free ones, wherever the cursor is.
         let mut b = Allocator::new(space(&["10.0.0.0-10.0.0.63"]), 40);
         let aff = affinity(&[], &["10.0.0.32", "10.0.0.48"]);
-        assert_eq!(
-            b.take_affine(&aff).map(|(ip, t)| (ip.to_string(), t)),
-            Some(("10.0.0.0".into(), Tier::Free))
+        let (ip, tier) = b.take_affine(&aff).expect("free");
+        assert_eq!(tier, Tier::Free);
+        assert!(
+            ip.to_string() == "10.0.0.0" || ip.to_string() == "10.0.0.16",
+            "{ip}"
+        );
+        // Nodes whose blocks fill at once spread over the free blocks instead of all taking the
+        // same one.
+        let firsts: std::collections::HashSet<IpAddr> = (0..20)
+            .map(|n| {
+                let mut a = Allocator::new(
+                    space(&["10.1.0.0-10.1.3.255"]),
+                    Allocator::hint_for(&format!("node-{n}")),
+                );
+                a.take_affine(&affinity(&[], &[])).expect("free").0
+            })
+            .collect();
+        assert!(
+            firsts.len() >= 12,
+            "20 nodes chose only {} blocks",
+            firsts.len()
         );
         let v6 = IpSet::parse(IpFamily::V6, &["fd00::-fd00::3f"]).expect("ok");
         let mut c = Allocator::new(v6, 0);
