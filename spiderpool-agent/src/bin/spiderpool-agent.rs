@@ -262,8 +262,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let kube = kube_client(&args).await?;
     let store = open_store(&args, &kube).await?;
+    let store_ms = t0.elapsed().as_millis() as u64;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let view = open_view(&args, kube.clone(), &stop_rx).await?;
+    let view_ms = t0.elapsed().as_millis() as u64 - store_ms;
     if !view.snapshot().nodes.contains_key(&args.node_name) {
         tracing::warn!(node = %args.node_name, "this node is not in the view: pools with nodeAffinity will not match it");
     }
@@ -284,6 +286,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         view = %view.describe(),
         pools = view.snapshot().pools.pools.len(),
         startup_ms = t0.elapsed().as_millis() as u64,
+        store_ms,
+        view_ms,
         "serving"
     );
     server::serve(agent, listener, shutdown_signal(stop_tx))
