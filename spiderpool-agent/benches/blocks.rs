@@ -344,7 +344,6 @@ fn memory_and_restart(rt: &tokio::runtime::Runtime, s: &KubeServer, dir: &Path) 
         let mut tasks = Vec::new();
         for blk in 0..(65_000 / 16 + 1) {
             let (st, sem) = (store.clone(), sem.clone());
-            let lease = lease.clone();
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await.expect("permit");
                 let claims = (1..=16u32)
@@ -368,6 +367,9 @@ fn memory_and_restart(rt: &tokio::runtime::Runtime, s: &KubeServer, dir: &Path) 
             t.await.expect("task");
         }
     });
+    if std::env::var("BENCH_LOAD_BREAKDOWN").is_ok() {
+        load_breakdown(rt, s);
+    }
     let t0 = Instant::now();
     let mut a = agent(s, dir, 0, "owned");
     let start = t0.elapsed().as_secs_f64();
@@ -382,6 +384,76 @@ fn memory_and_restart(rt: &tokio::runtime::Runtime, s: &KubeServer, dir: &Path) 
         eprintln!("{}", a.log_text());
     }
     (rss, start, restart)
+}
+
+/// Where an agent's start goes with 65,000 records: the blocks listed as JSON values, listed
+/// typed, and a whole `KubeStore::connect` (list, mirror, watch start).
+fn load_breakdown(rt: &tokio::runtime::Runtime, s: &KubeServer) {
+    use kube::api::{Api, ListParams};
+    use spiderpool_store::k8s::crd::SpiderIPBlock;
+    rt.block_on(async {
+        let kc = s.kubeconfig();
+        let (client, _) = spiderpool_store::k8s::client(Some(&kc))
+            .await
+            .expect("client");
+        let raw: Api<kube::api::DynamicObject> = Api::all_with(
+            client.clone(),
+            &kube::api::ApiResource::erase::<SpiderIPBlock>(&()),
+        );
+        let t = Instant::now();
+        let mut lp = ListParams::default().limit(500);
+        let mut n = 0;
+        loop {
+            let page = raw.list(&lp).await.expect("list");
+            n += page.items.len();
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => break,
+            }
+        }
+        eprintln!(
+            "LIST {n} blocks as JSON values: {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        let typed: Api<SpiderIPBlock> = Api::all(client.clone());
+        let t = Instant::now();
+        let mut lp = ListParams::default().limit(500);
+        loop {
+            let page = typed.list(&lp).await.expect("list");
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => break,
+            }
+        }
+        eprintln!("LIST typed: {:.2} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut lp = ListParams::default().match_any().limit(500);
+        let mut n = 0;
+        loop {
+            let page = typed.list(&lp).await.expect("list");
+            n += page.items.len();
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => break,
+            }
+        }
+        eprintln!(
+            "LIST typed from the watch cache (resourceVersion=0): {n} in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let store = spiderpool_store::k8s::KubeStore::connect(
+            client,
+            spiderpool_store::k8s::KubeStoreOptions {
+                status_interval: None,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("store");
+        eprintln!("KubeStore::connect: {:.2} s", t.elapsed().as_secs_f64());
+        drop(store);
+    });
 }
 
 fn main() {
