@@ -104,10 +104,11 @@ async fn current(agent: &Agent) -> Result<BTreeMap<Key, Vec<Lease>>, String> {
     Ok(by_pod)
 }
 
-/// Writes the pod's SpiderEndpoint status: a status patch when this agent wrote the endpoint
-/// before (`known`), else (or when it is gone meanwhile) a create first (the status
-/// subresource ignores a status in a create). No read: a new pod costs two requests, a change
-/// one.
+/// Writes the pod's SpiderEndpoint: a merge patch of its status when this agent wrote the
+/// endpoint before (`known`), else (or when it is gone meanwhile) a create carrying the status
+/// (the CRD has no status subresource, as Spiderpool's). No read: one request per new pod or
+/// change; a create that finds the endpoint there (another node wrote it, or an earlier try)
+/// patches it.
 async fn upsert(
     client: &kube::Client,
     key: &Key,
@@ -121,20 +122,20 @@ async fn upsert(
     let api: Api<SpiderEndpoint> = Api::namespaced(client.clone(), &key.0);
     let patch = Patch::Merge(StatusOnly { status });
     let pp = PatchParams::default();
-    let write = || api.patch_status(&key.1, &pp, &patch);
+    let write = || api.patch(&key.1, &pp, &patch);
     if known {
         match write().await {
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             other => return other.map(|_| ()),
         }
     }
-    let obj = SpiderEndpoint::new(&key.0, &key.1);
+    let mut obj = SpiderEndpoint::new(&key.0, &key.1);
+    obj.status = Some(status.clone());
     match api.create(&PostParams::default(), &obj).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e),
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => write().await.map(|_| ()),
+        Err(e) => Err(e),
     }
-    write().await.map(|_| ())
 }
 
 /// Deletes the pod's SpiderEndpoint if it is still this node's, conditional on the version read

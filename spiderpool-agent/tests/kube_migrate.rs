@@ -475,7 +475,10 @@ fn a_running_spiderpool_is_taken_over_in_place_and_given_back() {
     // Converted as the switch needs: CRDs ours, the webhook gone, the auto-pool marked, the
     // endpoints' finalizer off, the field only Spiderpool's schema has pruned (kept in the backup).
     let crd = get_json(&s, &["crd", "spiderendpoints.spiderpool.spidernet.io"]);
-    assert!(crd["spec"]["versions"][0]["subresources"]["status"].is_object());
+    assert!(
+        crd["spec"]["versions"][0]["subresources"]["status"].is_null(),
+        "our SpiderEndpoint CRD, like Spiderpool's, has no status subresource"
+    );
     let (ok, _, _) = s.kubectl(
         &[
             "get",

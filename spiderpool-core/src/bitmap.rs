@@ -361,8 +361,14 @@ impl Allocator {
         if let Some(i) = self.find_own(aff) {
             return self.take_index(i).map(|ip| (ip, Tier::Own));
         }
-        if let Some(i) = self.find_unowned(aff) {
+        let unowned = |b: &IpAddr| !aff.foreign.contains(b) && !aff.own.contains(b);
+        if let Some(i) = self.find_ranked(aff, unowned) {
             return self.take_index(i).map(|ip| (ip, Tier::Free));
+        }
+        // Borrowing, ranked the same way: nodes that borrow at once write different blocks
+        // (each races only that block's owner, not every other borrower too).
+        if let Some(i) = self.find_ranked(aff, |b| aff.foreign.contains(b)) {
+            return self.take_index(i).map(|ip| (ip, Tier::Borrowed));
         }
         self.take().map(|ip| (ip, Tier::Borrowed))
     }
@@ -398,16 +404,16 @@ impl Allocator {
             .or_else(|| blocks.iter().find_map(|&(lo, end)| in_block(lo, end)))
     }
 
-    /// The first free index of the free block (no node owns it) this node ranks first. Each
-    /// node ranks the blocks by a hash of its hint and the block (rendezvous hashing), so nodes
-    /// whose own blocks fill at the same moment claim different free blocks instead of all
-    /// racing for the one after their cursors.
-    fn find_unowned(&self, aff: &Affinity) -> Option<u128> {
+    /// The first free index of the block with a free address that `wanted` accepts (by its first
+    /// address) and this node ranks first. Each node ranks the blocks by a hash of its hint and
+    /// the block (rendezvous hashing), so nodes whose own blocks fill at the same moment claim
+    /// (or borrow in) different blocks instead of all racing for the one after their cursors.
+    fn find_ranked(&self, aff: &Affinity, wanted: impl Fn(&IpAddr) -> bool) -> Option<u128> {
         let mut best: Option<(u64, u128)> = None;
         let mut pos = 0;
         while let Some(i) = self.find_from(pos) {
             let base = aff.base_of(self.space.nth_ip(i)?);
-            if !aff.foreign.contains(&base) && !aff.own.contains(&base) {
+            if wanted(&base) {
                 let rank = crate::fnv1a(
                     self.hint
                         .to_le_bytes()
@@ -461,6 +467,10 @@ mod tests {
         }
     }
 
+    fn aff_base(ip: &IpAddr) -> IpAddr {
+        affinity(&[], &[]).base_of(*ip)
+    }
+
     #[test]
     fn affine_takes_own_blocks_then_free_ones_then_borrows() {
         // 10.0.0.8-10.0.0.39: the tail of block .0 (8 addresses), all of .16, half of .32.
@@ -506,12 +516,39 @@ mod tests {
             a.take_affine(&aff).map(|(ip, t)| (ip.to_string(), t)),
             Some(("10.0.0.16".into(), Tier::Own))
         );
-        // No free block (both others are foreign): borrowing, next-fit.
+        // No free block (both others are foreign): borrowing, in the foreign block this node
+        // ranks first, until it is full.
         let (ip, tier) = a.take_affine(&aff).expect("free");
         assert_eq!(tier, Tier::Borrowed);
+        let (borrowed, _) = aff
+            .foreign
+            .iter()
+            .partition::<Vec<IpAddr>, _>(|b| aff.base_of(ip) == **b);
+        assert_eq!(borrowed.len(), 1, "{ip}");
+        for _ in 0..15 {
+            let (next, tier) = a.take_affine(&aff).expect("free");
+            assert_eq!((aff.base_of(next), tier), (borrowed[0], Tier::Borrowed));
+        }
+        let (next, _) = a.take_affine(&aff).expect("free");
+        assert_ne!(aff.base_of(next), borrowed[0], "the first block is full");
+        // Nodes that borrow at once spread over the foreign blocks.
+        let all: Vec<String> = (0..16)
+            .map(|k| format!("10.2.{}.{}", k / 16, (k % 16) * 16))
+            .collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let borrowed: std::collections::HashSet<IpAddr> = (0..20)
+            .map(|n| {
+                let mut a = Allocator::new(
+                    space(&["10.2.0.0-10.2.0.255"]),
+                    Allocator::hint_for(&format!("node-{n}")),
+                );
+                aff_base(&a.take_affine(&affinity(&[], &all)).expect("free").0)
+            })
+            .collect();
         assert!(
-            ip.to_string() == "10.0.0.0" || ip.to_string() == "10.0.0.32",
-            "{ip}"
+            borrowed.len() >= 8,
+            "20 nodes borrowed in only {} blocks",
+            borrowed.len()
         );
         // Free blocks are ranked per node: one of the free ones, wherever the cursor is.
         let mut b = Allocator::new(space(&["10.0.0.0-10.0.0.63"]), 40);

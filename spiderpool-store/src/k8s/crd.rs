@@ -222,8 +222,12 @@ pub struct SpiderIPBlockSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// Address -> record.
+    // An atomic map for the API server's field manager: every write replaces the whole object,
+    // so tracking each record's fields in `managedFields` would only double the object and the
+    // server's work per write.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, BlockRecord>")]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub allocations: BTreeMap<String, Slot>,
 }
 
@@ -409,7 +413,8 @@ fn endpoint_crd() -> CustomResourceDefinition {
             "scope": "Namespaced",
             "versions": [{
                 "name": VERSION, "served": true, "storage": true,
-                "subresources": {"status": {}},
+                // No status subresource, as Spiderpool's CRD: an endpoint is created with its
+                // status in one request and changed with one merge patch.
                 "additionalPrinterColumns": [
                     {"name": "INTERFACE", "type": "string", "jsonPath": ".status.current.ips[0].interface"},
                     {"name": "IPV4POOL", "type": "string", "jsonPath": ".status.current.ips[0].ipv4Pool"},
@@ -434,8 +439,7 @@ fn endpoint_crd() -> CustomResourceDefinition {
 }
 
 /// Makes the generated schemas what Spiderpool's CRDs say: `default` and `disable` default to
-/// `false` (the seed's `kubectl get` prints `false`), and the status subresource everywhere a
-/// status exists.
+/// `false` (the seed's `kubectl get` prints `false`).
 fn fix_schema(crd: &mut CustomResourceDefinition) {
     let mut v = serde_json::to_value(&*crd).unwrap_or_default();
     if let Some(props) =
@@ -544,7 +548,11 @@ mod tests {
                 "DISABLE"
             ]
         );
-        for i in [0, 1, 3] {
+        assert!(
+            crds[3].spec.versions[0].subresources.is_none(),
+            "SpiderEndpoint has no status subresource (as Spiderpool's)"
+        );
+        for i in [0, 1] {
             assert!(
                 crds[i].spec.versions[0]
                     .subresources
