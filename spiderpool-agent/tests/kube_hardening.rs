@@ -502,7 +502,6 @@ fn the_old_node_does_not_delete_an_endpoint_the_new_node_wrote() {
             "mover",
             "-n",
             "default",
-            "--subresource=status",
             "--type=merge",
             "-p",
             r#"{"status":{"current":{"node":"worker-node-1"}}}"#,
