@@ -153,8 +153,11 @@ async fn run(n: usize) -> Row {
     let mut agents = Vec::with_capacity(n);
     for i in 0..n {
         let node = format!("node-{i}");
+        // `SCALE_BLOCKS=shared`: the store before node-affine blocks (no owner, no preference).
+        let shared = std::env::var("SCALE_BLOCKS").is_ok_and(|v| v == "shared");
         let opts = KubeStoreOptions {
             server: server.clone(),
+            node: (!shared).then(|| node.clone()),
             ..Default::default()
         };
         let store = KubeStore::connect(watch.clone(), opts)
