@@ -150,11 +150,11 @@ async fn run(n: usize) -> Row {
         "{:?}",
         made.iter().find(|r| r.is_err())
     );
+    // `SCALE_BLOCKS=shared`: the store before node-affine blocks (no owner, no preference).
+    let shared = std::env::var("SCALE_BLOCKS").is_ok_and(|v| v == "shared");
     let mut agents = Vec::with_capacity(n);
     for i in 0..n {
         let node = format!("node-{i}");
-        // `SCALE_BLOCKS=shared`: the store before node-affine blocks (no owner, no preference).
-        let shared = std::env::var("SCALE_BLOCKS").is_ok_and(|v| v == "shared");
         let opts = KubeStoreOptions {
             server: server.clone(),
             node: (!shared).then(|| node.clone()),

@@ -351,9 +351,10 @@ impl Allocator {
     }
 
     /// Takes a free address preferring, in order, this node's blocks, blocks nobody owns and
-    /// last other nodes' blocks ([`Affinity`]); next-fit within each tier (from the cursor,
-    /// wrapping). Costs O(own blocks) for the first tier and O(blocks of the pool) at most for
-    /// the second, each step one bitmap search.
+    /// last other nodes' blocks ([`Affinity`]); next-fit within this node's blocks (from the
+    /// cursor, wrapping), the block this node ranks first among the others. Costs O(own blocks)
+    /// for the first tier and one pass over the pool's blocks for the other two, each step one
+    /// bitmap search.
     pub fn take_affine(&mut self, aff: &Affinity) -> Option<(IpAddr, Tier)> {
         if self.used_count >= self.len || aff.block == 0 {
             return self.take().map(|ip| (ip, Tier::Free));
@@ -361,15 +362,12 @@ impl Allocator {
         if let Some(i) = self.find_own(aff) {
             return self.take_index(i).map(|ip| (ip, Tier::Own));
         }
-        let unowned = |b: &IpAddr| !aff.foreign.contains(b) && !aff.own.contains(b);
-        if let Some(i) = self.find_ranked(aff, unowned) {
-            return self.take_index(i).map(|ip| (ip, Tier::Free));
+        // Then a free block, else borrowing; one pass over the pool's blocks finds both.
+        if let Some((i, tier)) = self.find_ranked(aff) {
+            return self.take_index(i).map(|ip| (ip, tier));
         }
-        // Borrowing, ranked the same way: nodes that borrow at once write different blocks
-        // (each races only that block's owner, not every other borrower too).
-        if let Some(i) = self.find_ranked(aff, |b| aff.foreign.contains(b)) {
-            return self.take_index(i).map(|ip| (ip, Tier::Borrowed));
-        }
+        // Every free address is in one of the three tiers; plain next-fit only if the affinity
+        // and the space ever disagree.
         self.take().map(|ip| (ip, Tier::Borrowed))
     }
 
@@ -404,24 +402,34 @@ impl Allocator {
             .or_else(|| blocks.iter().find_map(|&(lo, end)| in_block(lo, end)))
     }
 
-    /// The first free index of the block with a free address that `wanted` accepts (by its first
-    /// address) and this node ranks first. Each node ranks the blocks by a hash of its hint and
-    /// the block (rendezvous hashing), so nodes whose own blocks fill at the same moment claim
-    /// (or borrow in) different blocks instead of all racing for the one after their cursors.
-    fn find_ranked(&self, aff: &Affinity, wanted: impl Fn(&IpAddr) -> bool) -> Option<u128> {
-        let mut best: Option<(u64, u128)> = None;
+    /// The first free index of the block, among those with a free address and not this node's,
+    /// that this node ranks first: a block nobody owns ([`Tier::Free`]) before one another node
+    /// owns ([`Tier::Borrowed`]). Each node ranks the blocks by a hash of its hint and the block
+    /// (rendezvous hashing), so nodes whose own blocks fill at the same moment claim (or borrow
+    /// in) different blocks instead of all racing for the one after their cursors; a borrower
+    /// then races only that block's owner, not every other borrower too.
+    fn find_ranked(&self, aff: &Affinity) -> Option<(u128, Tier)> {
+        // (tier order, rank, index)
+        let mut best: Option<(u8, u64, u128)> = None;
         let mut pos = 0;
         while let Some(i) = self.find_from(pos) {
             let base = aff.base_of(self.space.nth_ip(i)?);
-            if wanted(&base) {
+            let order = if aff.own.contains(&base) {
+                None
+            } else if aff.foreign.contains(&base) {
+                Some(1)
+            } else {
+                Some(0)
+            };
+            if let Some(order) = order {
                 let rank = crate::fnv1a(
                     self.hint
                         .to_le_bytes()
                         .into_iter()
                         .chain(ip_to_u128(base).to_le_bytes()),
                 );
-                if best.is_none_or(|(r, _)| rank < r) {
-                    best = Some((rank, i));
+                if best.is_none_or(|b| (order, rank) < (b.0, b.1)) {
+                    best = Some((order, rank, i));
                 }
             }
             // The rest of that block.
@@ -430,7 +438,16 @@ impl Allocator {
                 .index_at_or_after(aff.block_end(base).saturating_add(1))
                 .unwrap_or(self.len);
         }
-        best.map(|(_, i)| i)
+        best.map(|(order, _, i)| {
+            (
+                i,
+                if order == 0 {
+                    Tier::Free
+                } else {
+                    Tier::Borrowed
+                },
+            )
+        })
     }
 }
 
@@ -465,10 +482,6 @@ mod tests {
             own: std::sync::Arc::new(ips(own).into_iter().collect()),
             foreign: std::sync::Arc::new(ips(foreign).into_iter().collect()),
         }
-    }
-
-    fn aff_base(ip: &IpAddr) -> IpAddr {
-        affinity(&[], &[]).base_of(*ip)
     }
 
     #[test]
@@ -520,29 +533,27 @@ mod tests {
         // ranks first, until it is full.
         let (ip, tier) = a.take_affine(&aff).expect("free");
         assert_eq!(tier, Tier::Borrowed);
-        let (borrowed, _) = aff
-            .foreign
-            .iter()
-            .partition::<Vec<IpAddr>, _>(|b| aff.base_of(ip) == **b);
-        assert_eq!(borrowed.len(), 1, "{ip}");
+        let borrowed = aff.base_of(ip);
+        assert!(aff.foreign.contains(&borrowed), "{ip}");
         for _ in 0..15 {
             let (next, tier) = a.take_affine(&aff).expect("free");
-            assert_eq!((aff.base_of(next), tier), (borrowed[0], Tier::Borrowed));
+            assert_eq!((aff.base_of(next), tier), (borrowed, Tier::Borrowed));
         }
         let (next, _) = a.take_affine(&aff).expect("free");
-        assert_ne!(aff.base_of(next), borrowed[0], "the first block is full");
+        assert_ne!(aff.base_of(next), borrowed, "the first block is full");
         // Nodes that borrow at once spread over the foreign blocks.
         let all: Vec<String> = (0..16)
             .map(|k| format!("10.2.{}.{}", k / 16, (k % 16) * 16))
             .collect();
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let foreign = affinity(&[], &all);
         let borrowed: std::collections::HashSet<IpAddr> = (0..20)
             .map(|n| {
                 let mut a = Allocator::new(
                     space(&["10.2.0.0-10.2.0.255"]),
                     Allocator::hint_for(&format!("node-{n}")),
                 );
-                aff_base(&a.take_affine(&affinity(&[], &all)).expect("free").0)
+                foreign.base_of(a.take_affine(&foreign).expect("free").0)
             })
             .collect();
         assert!(
