@@ -81,11 +81,12 @@ fn children_cpu() -> f64 {
     (ticks(13) + ticks(14)) / 100.0
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// A memory figure of process `pid` in MiB (`VmRSS:` now, `VmHWM:` the peak).
+fn mem_mib(pid: u32, key: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
@@ -172,18 +173,22 @@ fn agent(s: &KubeServer, dir: &Path, node: usize, blocks: &str) -> Agent {
     Agent::start(
         &dir.join(format!("node-{node}.sock")),
         &dir.join(format!("node-{node}.log")),
-        &[
-            "--node-name".into(),
-            format!("node-{node}"),
-            "--kube".into(),
-            "--kubeconfig".into(),
-            s.kubeconfig().to_string_lossy().into_owned(),
-            "--store".into(),
-            "kube".into(),
-            "--blocks".into(),
-            blocks.into(),
-        ],
+        &agent_args(s, node, blocks),
     )
+}
+
+fn agent_args(s: &KubeServer, node: usize, blocks: &str) -> Vec<String> {
+    vec![
+        "--node-name".into(),
+        format!("node-{node}"),
+        "--kube".into(),
+        "--kubeconfig".into(),
+        s.kubeconfig().to_string_lossy().into_owned(),
+        "--store".into(),
+        "kube".into(),
+        "--blocks".into(),
+        blocks.into(),
+    ]
 }
 
 struct Row {
@@ -301,9 +306,9 @@ fn run(s: &KubeServer, dir: &Path, n: usize, size: usize, mode: &'static str) ->
     }
 }
 
-/// 65,000 records in the blocks (written by a store in this process, as another node's agent
-/// would), then one agent's RSS once ready, its start and its restart after `kill -9`.
-fn memory_and_restart(rt: &tokio::runtime::Runtime, s: &KubeServer, dir: &Path) -> (f64, f64, f64) {
+/// 65,000 records in the blocks, written by a store in this process (as another node's agent
+/// would).
+fn prefill_65k(rt: &tokio::runtime::Runtime, s: &KubeServer) {
     use spiderpool_core::store::{Lease, LeaseStore, Outcome, Owner, Txn};
     let lease = |ip: &str, container: &str| Lease {
         ip: ip.parse().expect("ip"),
@@ -367,23 +372,53 @@ fn memory_and_restart(rt: &tokio::runtime::Runtime, s: &KubeServer, dir: &Path) 
             t.await.expect("task");
         }
     });
-    if std::env::var("BENCH_LOAD_BREAKDOWN").is_ok() {
-        load_breakdown(rt, s);
-    }
+}
+
+/// One agent started on the 65,000 records: RSS 3 s after it is ready and its peak, its start,
+/// its restart after `kill -9`, and the LISTs of blocks the API server answered for both.
+struct Memory {
+    rss: f64,
+    peak: f64,
+    start: f64,
+    restart: f64,
+    lists: f64,
+}
+
+fn memory_and_restart(s: &KubeServer, dir: &Path, bin: &Path) -> Memory {
+    let lists = |s: &KubeServer| {
+        requests(s)
+            .iter()
+            .filter(|(k, _)| k.starts_with("LIST spideripblocks"))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let l0 = lists(s);
     let t0 = Instant::now();
-    let mut a = agent(s, dir, 0, "owned");
+    let mut a = Agent::start_bin(
+        bin,
+        &dir.join("mem.sock"),
+        &dir.join("mem.log"),
+        &agent_args(s, 0, "owned"),
+    );
     let start = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
     let pid = a.child.as_ref().map(|c| c.id()).unwrap_or(0);
-    let rss = rss_mib(pid);
+    let (rss, peak) = (mem_mib(pid, "VmRSS:"), mem_mib(pid, "VmHWM:"));
     a.kill9();
     let t1 = Instant::now();
     a.start_again();
     let restart = t1.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(3));
     if std::env::var("BENCH_AGENT_LOG").is_ok() {
         eprintln!("{}", a.log_text());
     }
-    (rss, start, restart)
+    Memory {
+        rss,
+        peak,
+        start,
+        restart,
+        lists: lists(s) - l0,
+    }
 }
 
 /// Where an agent's start goes with 65,000 records: the blocks listed as JSON values, listed
@@ -507,7 +542,35 @@ fn main() {
         );
     }
     if pools.contains(&65_000) {
-        let (rss, start, restart) = memory_and_restart(&rt, &s, dir.path());
-        println!("\nOne agent with 65,000 records in the cluster: RSS {rss:.1} MiB once ready, start {start:.2} s, restart after kill -9 {restart:.2} s\n");
+        prefill_65k(&rt, &s);
+        if std::env::var("BENCH_LOAD_BREAKDOWN").is_ok() {
+            load_breakdown(&rt, &s);
+        }
+        let mut builds = vec![(
+            "this tree".to_string(),
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent")),
+        )];
+        if let Some(b) = std::env::var_os("BENCH_BASELINE_AGENT") {
+            builds.push((
+                format!("baseline {}", b.to_string_lossy()),
+                std::path::PathBuf::from(b),
+            ));
+        }
+        let mut lines = Vec::new();
+        for (label, bin) in &builds {
+            for _ in 0..2 {
+                let m = memory_and_restart(&s, dir.path(), bin);
+                lines.push(format!(
+                    "| {label} | {:.1} / {:.1} MiB | {:.2} s | {:.2} s | {:.0} |",
+                    m.rss, m.peak, m.start, m.restart, m.lists
+                ));
+            }
+        }
+        println!("\nOne agent with 65,000 records in the cluster (two runs per build)\n");
+        println!("| agent | RSS once ready / peak | start | restart after kill -9 | LISTs of blocks for both |");
+        println!("|---|---|---|---|---|");
+        for l in lines {
+            println!("{l}");
+        }
     }
 }

@@ -357,3 +357,96 @@ async fn a_request_client_gives_up_on_a_silent_api_server() {
         spiderpool_store::k8s::REQUEST_TIMEOUT
     );
 }
+
+/// LISTs of SpiderIPBlocks the API server has answered (its own `/metrics`).
+fn block_lists(s: &KubeServer) -> f64 {
+    s.get_raw("/metrics", "text/plain")
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains("verb=\"LIST\"")
+                && l.contains("resource=\"spideripblocks\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// The store reads the blocks once at start (its watch starts at that listing's version; kube's
+/// watcher listed everything a second time), and a watch whose version the server no longer
+/// has lists again, dropping what was deleted meanwhile and keeping what is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listing_at_start_and_a_new_one_when_the_watch_version_is_gone() {
+    use spiderpool_core::conformance::lease;
+    use spiderpool_core::store::{Filter, LeaseStore, Outcome, Txn};
+    use spiderpool_store::k8s::crd::{BlockRecord, Slot, SpiderIPBlock, SpiderIPBlockSpec};
+    let Some(s) = server() else { return };
+    let (ok, _, err) = s.kubectl(&["delete", "spideripblocks", "--all", "--wait=true"], "");
+    assert!(ok, "{err}");
+    let before = block_lists(&s);
+    let store = KubeStore::connect(client(&s).await, opts(&s))
+        .await
+        .expect("connect");
+    let out = store
+        .commit(Txn {
+            claims: vec![lease("10.40.0.1", "p", "c1", "eth0", "n1")],
+            releases: vec![],
+        })
+        .await
+        .expect("commit");
+    assert!(matches!(out, Outcome::Committed { .. }), "{out:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        block_lists(&s) - before,
+        1.0,
+        "the store listed the blocks more than once at start"
+    );
+    // A block the server does not have (deleted while the watch was away), in the mirror.
+    let mut phantom = SpiderIPBlock::new(
+        "v4-10-41-0-0",
+        SpiderIPBlockSpec {
+            allocations: [(
+                "10.41.0.1".to_string(),
+                Slot::Record(BlockRecord {
+                    pool: "p".into(),
+                    pod: "ns/gone".into(),
+                    container_id: "gone".into(),
+                    interface: "eth0".into(),
+                    node: "n1".into(),
+                    ..BlockRecord::default()
+                }),
+            )]
+            .into_iter()
+            .collect(),
+            ..SpiderIPBlockSpec::default()
+        },
+    );
+    phantom.metadata.resource_version = Some("2".into());
+    store.absorb(&phantom);
+    let ips = |store: &KubeStore| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<String> = store
+                .list(Filter::All)
+                .await
+                .expect("list")
+                .leases
+                .iter()
+                .map(|l| l.ip.to_string())
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(ips(&store).await, ["10.40.0.1", "10.41.0.1"]);
+    store.watch_from("1");
+    let t0 = std::time::Instant::now();
+    while ips(&store).await != ["10.40.0.1"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the expired watch did not list again: {:?}",
+            ips(&store).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(block_lists(&s) - before, 2.0, "one listing after the 410");
+}

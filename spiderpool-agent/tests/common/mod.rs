@@ -38,6 +38,8 @@ pub struct Agent {
     pub args: Vec<String>,
     /// Extra environment of the agent process.
     pub env: Vec<(String, String)>,
+    /// The agent binary (this workspace's unless a bench compares another build).
+    pub bin: PathBuf,
 }
 
 impl Agent {
@@ -50,6 +52,7 @@ impl Agent {
             log: log.to_path_buf(),
             args: args.to_vec(),
             env: Vec::new(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent")),
         };
         a.spawn();
         a
@@ -71,6 +74,21 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent")),
+        };
+        a.spawn();
+        a
+    }
+
+    /// Like [`Agent::start`], running the agent binary at `bin` (a benchmark's baseline build).
+    pub fn start_bin(bin: &Path, socket: &Path, log: &Path, args: &[String]) -> Agent {
+        let mut a = Agent {
+            child: None,
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+            args: args.to_vec(),
+            env: Vec::new(),
+            bin: bin.to_path_buf(),
         };
         a.spawn();
         a
@@ -82,7 +100,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_spiderpool-agent"))
+        let child = Command::new(&self.bin)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--socket")

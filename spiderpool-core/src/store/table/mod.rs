@@ -40,70 +40,106 @@ pub struct LeaseTable {
 }
 
 /// Interned names: one allocation per distinct pool, node, network, namespace or interface name,
-/// shared by every record that carries it. Bounded by the number of distinct names (never freed).
+/// shared by every record that carries it, which holds the name's number (4 bytes, not a
+/// 16-byte pointer per name). Bounded by the number of distinct names (never freed).
 #[derive(Debug, Clone, Default)]
-struct Names(
-    std::collections::HashSet<std::sync::Arc<str>, std::hash::BuildHasherDefault<AddrHasher>>,
-);
+struct Names {
+    ids: HashMap<std::sync::Arc<str>, u32, std::hash::BuildHasherDefault<AddrHasher>>,
+    by_id: Vec<std::sync::Arc<str>>,
+}
 
 impl Names {
-    fn intern(&mut self, s: &str) -> std::sync::Arc<str> {
-        if let Some(n) = self.0.get(s) {
-            return n.clone();
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
         }
         let n: std::sync::Arc<str> = std::sync::Arc::from(s);
-        self.0.insert(n.clone());
-        n
+        // More than 4 billion distinct names cannot be held in memory anyway.
+        let id = u32::try_from(self.by_id.len()).unwrap_or(u32::MAX);
+        self.by_id.push(n.clone());
+        self.ids.insert(n, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> &std::sync::Arc<str> {
+        &self.by_id[id as usize]
     }
 }
 
-/// A record as the table keeps it (the address is the key): shared names interned, the rest in
-/// exactly sized boxes. About half the memory of a [`Lease`] (measured: benchmarks.md).
+/// A record as the table keeps it (the address is the key), 64 bytes plus one exactly sized
+/// string: shared names by number, the pod name, pod UID and container id one after another.
+/// At 65,000 records about half the memory of one allocation per field (benchmarks.md).
 #[derive(Debug, Clone)]
 struct Stored {
-    pool: std::sync::Arc<str>,
-    pod_namespace: std::sync::Arc<str>,
-    pod_name: Box<str>,
-    pod_uid: Box<str>,
-    container_id: Box<str>,
-    ifname: std::sync::Arc<str>,
-    node: std::sync::Arc<str>,
-    network: std::sync::Arc<str>,
+    /// Pool, namespace, interface, node, network ([`Names`] numbers).
+    names: [u32; 5],
+    /// Pod name, pod UID and container id, concatenated.
+    own: Box<str>,
+    /// Byte lengths of the pod name and the pod UID in `own`.
+    lens: [u32; 2],
     created: u64,
     revision: u64,
     clean_gateway: bool,
 }
 
+const POOL: usize = 0;
+const NAMESPACE: usize = 1;
+const IFNAME: usize = 2;
+const NODE: usize = 3;
+const NETWORK: usize = 4;
+
 impl Stored {
-    /// Takes the record's own strings (no copy for the per-record ones).
     fn new(l: Lease, names: &mut Names) -> Stored {
+        let o = &l.owner;
+        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
         Stored {
-            pool: names.intern(&l.pool),
-            pod_namespace: names.intern(&l.owner.pod_namespace),
-            ifname: names.intern(&l.owner.ifname),
-            node: names.intern(&l.owner.node),
-            network: names.intern(&l.owner.network),
-            pod_name: l.owner.pod_name.into_boxed_str(),
-            pod_uid: l.owner.pod_uid.into_boxed_str(),
-            container_id: l.owner.container_id.into_boxed_str(),
-            created: l.owner.created,
+            names: [
+                names.intern(&l.pool),
+                names.intern(&o.pod_namespace),
+                names.intern(&o.ifname),
+                names.intern(&o.node),
+                names.intern(&o.network),
+            ],
+            own: [o.pod_name.as_str(), &o.pod_uid, &o.container_id]
+                .concat()
+                .into_boxed_str(),
+            lens: [len(&o.pod_name), len(&o.pod_uid)],
+            created: o.created,
             revision: l.revision,
             clean_gateway: l.clean_gateway,
         }
     }
 
-    fn lease(&self, ip: IpAddr) -> Lease {
+    /// Pod name, pod UID, container id.
+    fn own(&self) -> (&str, &str, &str) {
+        let (a, b) = (self.lens[0] as usize, self.lens[1] as usize);
+        let (name, rest) = self.own.split_at(a);
+        let (uid, container) = rest.split_at(b);
+        (name, uid, container)
+    }
+
+    fn container_id(&self) -> &str {
+        self.own().2
+    }
+
+    fn name<'a>(&self, names: &'a Names, which: usize) -> &'a std::sync::Arc<str> {
+        names.get(self.names[which])
+    }
+
+    fn lease(&self, ip: IpAddr, names: &Names) -> Lease {
+        let (pod_name, pod_uid, container_id) = self.own();
+        let name = |which| self.name(names, which).to_string();
         Lease {
             ip,
-            pool: self.pool.to_string(),
+            pool: name(POOL),
             owner: Owner {
-                pod_namespace: self.pod_namespace.to_string(),
-                pod_name: self.pod_name.to_string(),
-                pod_uid: self.pod_uid.to_string(),
-                container_id: self.container_id.to_string(),
-                ifname: self.ifname.to_string(),
-                node: self.node.to_string(),
-                network: self.network.to_string(),
+                pod_namespace: name(NAMESPACE),
+                pod_name: pod_name.to_string(),
+                pod_uid: pod_uid.to_string(),
+                container_id: container_id.to_string(),
+                ifname: name(IFNAME),
+                node: name(NODE),
+                network: name(NETWORK),
                 created: self.created,
             },
             clean_gateway: self.clean_gateway,
@@ -227,7 +263,7 @@ impl LeaseTable {
     /// Removes and unindexes the record at `ip`; returns its pool.
     fn remove(&mut self, ip: &IpAddr) -> Option<std::sync::Arc<str>> {
         let old = self.by_ip.remove(ip)?;
-        let key = container_key(&old.container_id);
+        let key = container_key(old.container_id());
         if self
             .by_container
             .get_mut(&key)
@@ -235,27 +271,32 @@ impl LeaseTable {
         {
             self.by_container.remove(&key);
         }
-        let pod = pod_key(&old.pod_namespace, &old.pod_name);
+        let pod = pod_key(old.name(&self.names, NAMESPACE), old.own().0);
         if self.by_pod.get_mut(&pod).is_some_and(|ips| ips.take(ip)) {
             self.by_pod.remove(&pod);
         }
         // Pools and nodes are few and long-lived: their (possibly empty) sets stay, so a pool that
         // empties and fills again does not reallocate its entry on every commit.
-        if let Some(set) = self.by_pool.get_mut(&*old.pool) {
+        let (pool, node) = (old.name(&self.names, POOL), old.name(&self.names, NODE));
+        if let Some(set) = self.by_pool.get_mut(&**pool) {
             set.remove(ip);
         }
-        if let Some(set) = self.by_node.get_mut(&*old.node) {
+        if let Some(set) = self.by_node.get_mut(&**node) {
             set.remove(ip);
         }
-        Some(old.pool)
+        Some(pool.clone())
     }
 
     /// Reads records, sorted by address; costs the records returned (every filter is indexed).
     pub fn list(&self, filter: Filter<'_>) -> Listing {
-        let get = |ip: &IpAddr| self.by_ip.get(ip).map(|s| s.lease(*ip));
+        let get = |ip: &IpAddr| self.by_ip.get(ip).map(|s| s.lease(*ip, &self.names));
         let leases: Vec<Lease> = match filter {
             Filter::All => {
-                let mut all: Vec<Lease> = self.by_ip.iter().map(|(ip, s)| s.lease(*ip)).collect();
+                let mut all: Vec<Lease> = self
+                    .by_ip
+                    .iter()
+                    .map(|(ip, s)| s.lease(*ip, &self.names))
+                    .collect();
                 all.sort_unstable_by_key(|l| l.ip);
                 all
             }
@@ -266,7 +307,7 @@ impl LeaseTable {
                     .map(Ips::as_slice)
                     .unwrap_or_default()
                     .iter()
-                    .filter(|ip| self.by_ip.get(*ip).is_some_and(|s| &*s.container_id == c))
+                    .filter(|ip| self.by_ip.get(*ip).is_some_and(|s| s.container_id() == c))
                     .collect();
                 ips.sort_unstable();
                 ips.into_iter().filter_map(get).collect()
@@ -279,9 +320,9 @@ impl LeaseTable {
                     .unwrap_or_default()
                     .iter()
                     .filter(|ip| {
-                        self.by_ip
-                            .get(*ip)
-                            .is_some_and(|s| &*s.pod_namespace == ns && &*s.pod_name == name)
+                        self.by_ip.get(*ip).is_some_and(|s| {
+                            &**s.name(&self.names, NAMESPACE) == ns && s.own().0 == name
+                        })
                     })
                     .collect();
                 ips.sort_unstable();
@@ -315,7 +356,10 @@ impl LeaseTable {
     fn current<'a>(&'a self, batch: &'a Batch, ip: &IpAddr) -> Option<Cow<'a, Lease>> {
         match batch.records.get(ip) {
             Some(planned) => planned.as_ref().map(Cow::Borrowed),
-            None => self.by_ip.get(ip).map(|s| Cow::Owned(s.lease(*ip))),
+            None => self
+                .by_ip
+                .get(ip)
+                .map(|s| Cow::Owned(s.lease(*ip, &self.names))),
         }
     }
 
@@ -461,7 +505,7 @@ impl LeaseTable {
 
     /// The record at `ip`.
     pub fn get(&self, ip: &IpAddr) -> Option<Lease> {
-        self.by_ip.get(ip).map(|s| s.lease(*ip))
+        self.by_ip.get(ip).map(|s| s.lease(*ip, &self.names))
     }
 
     /// Plans and applies `txn`.

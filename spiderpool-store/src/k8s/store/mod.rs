@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::Client;
 use spiderpool_core::store::{
     Affinity, Conflict, Filter, Lease, LeaseStore, Listing, Outcome, PoolAddresses, Release,
@@ -201,13 +201,13 @@ impl KubeStore {
             touched: Mutex::new(BTreeSet::new()),
             tasks: Mutex::new(Vec::new()),
         });
-        inner.load().await?;
+        let rv = inner.load().await?;
         // Once after a start: a change this agent made just before it died is projected too.
         let pools: BTreeSet<String> = inner.lock().table.pool_names();
         *inner.touched.lock().unwrap_or_else(|p| p.into_inner()) = pools;
         let store = KubeStore { inner };
         let w = Arc::downgrade(&store.inner);
-        let watch = tokio::spawn(watch_blocks(w, store.inner.blocks.clone()));
+        let watch = tokio::spawn(watch_blocks(w, rv));
         let mut tasks = vec![watch];
         if let Some(every) = store.inner.opts.status_interval {
             tasks.push(tokio::spawn(project_statuses(
@@ -239,6 +239,21 @@ impl KubeStore {
     pub async fn write_status(&self, pool: &str) -> Result<bool, StoreError> {
         self.inner.project(pool, None).await
     }
+
+    /// Tests: a second watch of the blocks from resourceVersion `rv` (an expired one makes it
+    /// list again, as after a long disconnection).
+    #[cfg(feature = "testing")]
+    pub fn watch_from(&self, rv: &str) {
+        let w = Arc::downgrade(&self.inner);
+        let t = tokio::spawn(watch_blocks(w, rv.to_string()));
+        self.inner.lock_tasks().push(t);
+    }
+
+    /// Tests: takes `block` into the mirror as if it had been read from the server.
+    #[cfg(feature = "testing")]
+    pub fn absorb(&self, block: &SpiderIPBlock) {
+        self.inner.lock().absorb(block);
+    }
 }
 
 impl Drop for Inner {
@@ -262,31 +277,22 @@ impl Inner {
         StoreError::unavailable(format!("{what} at {}", self.opts.server), e)
     }
 
-    async fn load(&self) -> Result<(), StoreError> {
+    /// The first read: every block into a fresh mirror; returns the listing's resourceVersion,
+    /// where the watch starts.
+    async fn load(&self) -> Result<String, StoreError> {
         let mut mirror = Mirror::new(self.opts.node.clone());
-        let mut lp = ListParams::default().limit(500);
-        let list_rv = loop {
-            let page = within(self.opts.request_timeout, self.blocks.list(&lp))
-                .await
-                .map_err(|e| self.unavailable("listing SpiderIPBlocks", e))?;
-            for o in &page.items {
+        let rv = watch::list_blocks(self, |page| {
+            for o in page {
                 mirror.absorb(o);
             }
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(c) => lp = lp.continue_token(&c),
-                None => {
-                    break page
-                        .metadata
-                        .resource_version
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0)
-                }
-            }
-        };
-        mirror.table.mirror(&[], Vec::new(), list_rv);
+        })
+        .await?;
+        mirror
+            .table
+            .mirror(&[], Vec::new(), rv.parse::<u64>().unwrap_or(0));
         mirror.table.loaded();
         *self.lock() = mirror;
-        Ok(())
+        Ok(rv)
     }
 
     async fn container_lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
