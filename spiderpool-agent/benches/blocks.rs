@@ -310,14 +310,15 @@ fn run(s: &KubeServer, dir: &Path, n: usize, size: usize, mode: &'static str) ->
 /// would).
 fn prefill_65k(rt: &tokio::runtime::Runtime, s: &KubeServer) {
     use spiderpool_core::store::{Lease, LeaseStore, Outcome, Owner, Txn};
-    let lease = |ip: &str, container: &str| Lease {
+    // Strings as long as a cluster's: a Deployment pod's name, a UID, a 64-hex container id.
+    let lease = |ip: &str, n: u32| Lease {
         ip: ip.parse().expect("ip"),
         pool: "bench-65k".into(),
         owner: Owner {
             pod_namespace: "default".into(),
-            pod_name: container.into(),
-            pod_uid: container.into(),
-            container_id: container.into(),
+            pod_name: format!("bench-app-7d9f8b6c5d-{n:05}"),
+            pod_uid: format!("{n:08x}-5c1e-4a7b-9d2f-{:012x}", u64::from(n) * 7919),
+            container_id: format!("{:032x}{n:032x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15),
             ifname: "eth0".into(),
             node: "prefill".into(),
             network: "bench".into(),
@@ -329,6 +330,8 @@ fn prefill_65k(rt: &tokio::runtime::Runtime, s: &KubeServer) {
     let (ok, _, err) = s.kubectl(&["delete", "spideripblocks", "--all", "--wait=true"], "");
     assert!(ok, "{err}");
     apply(s, "apiVersion: v1\nkind: Node\nmetadata: {name: prefill}\n");
+    // The pool exists, as in a cluster: the agent's status projection reads its records.
+    apply(s, "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata: {name: bench-65k}\nspec: {subnet: 10.101.0.0/16, ips: [10.101.0.1-10.101.255.254]}\n");
     rt.block_on(async {
         let kc = s.kubeconfig();
         let (client, _) = spiderpool_store::k8s::client(Some(&kc))
@@ -356,7 +359,7 @@ fn prefill_65k(rt: &tokio::runtime::Runtime, s: &KubeServer) {
                     .filter(|n| *n <= 65_000 && (n & 0xff) != 0)
                     .map(|n| {
                         let ip = std::net::Ipv4Addr::from(base + n).to_string();
-                        lease(&ip, &format!("pre{n}"))
+                        lease(&ip, n)
                     })
                     .collect();
                 let out = st

@@ -76,20 +76,22 @@ impl std::hash::Hasher for AddrHasher {
     }
 }
 
-/// The addresses of one container-index entry: almost always one, kept inline.
+/// The addresses of one container-index entry: almost always one, kept inline (24 bytes: the
+/// rare list is boxed, so it does not make every entry as large as a `Vec`).
 #[derive(Debug, Clone)]
+#[allow(clippy::box_collection)]
 pub(super) enum Ips {
     /// One address, inline.
     One(IpAddr),
     /// Several.
-    Many(Vec<IpAddr>),
+    Many(Box<Vec<IpAddr>>),
 }
 
 impl Ips {
     pub(super) fn put(&mut self, ip: IpAddr) {
         match self {
             Ips::One(x) if *x == ip => {}
-            Ips::One(x) => *self = Ips::Many(vec![*x, ip]),
+            Ips::One(x) => *self = Ips::Many(Box::new(vec![*x, ip])),
             Ips::Many(v) if v.is_empty() => *self = Ips::One(ip),
             Ips::Many(v) => {
                 if !v.contains(&ip) {
@@ -113,7 +115,7 @@ impl Ips {
     pub(super) fn as_slice(&self) -> &[IpAddr] {
         match self {
             Ips::One(x) => std::slice::from_ref(x),
-            Ips::Many(v) => v,
+            Ips::Many(v) => v.as_slice(),
         }
     }
 }

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use super::*;
 
 mod index;
+mod stored;
 use index::*;
+use stored::{Names, Stored, NAMESPACE, NODE, POOL};
 
 /// The state every single-node backend keeps: records by address, indexed by container, pool and
 /// node, so every [`Filter`] costs the records it returns. (An attachment slot is found through
@@ -37,115 +39,6 @@ pub struct LeaseTable {
     revision: u64,
     /// Records examined by `list` (evidence for the index tests).
     visited: Counter,
-}
-
-/// Interned names: one allocation per distinct pool, node, network, namespace or interface name,
-/// shared by every record that carries it, which holds the name's number (4 bytes, not a
-/// 16-byte pointer per name). Bounded by the number of distinct names (never freed).
-#[derive(Debug, Clone, Default)]
-struct Names {
-    ids: HashMap<std::sync::Arc<str>, u32, std::hash::BuildHasherDefault<AddrHasher>>,
-    by_id: Vec<std::sync::Arc<str>>,
-}
-
-impl Names {
-    fn intern(&mut self, s: &str) -> u32 {
-        if let Some(id) = self.ids.get(s) {
-            return *id;
-        }
-        let n: std::sync::Arc<str> = std::sync::Arc::from(s);
-        // More than 4 billion distinct names cannot be held in memory anyway.
-        let id = u32::try_from(self.by_id.len()).unwrap_or(u32::MAX);
-        self.by_id.push(n.clone());
-        self.ids.insert(n, id);
-        id
-    }
-
-    fn get(&self, id: u32) -> &std::sync::Arc<str> {
-        &self.by_id[id as usize]
-    }
-}
-
-/// A record as the table keeps it (the address is the key), 64 bytes plus one exactly sized
-/// string: shared names by number, the pod name, pod UID and container id one after another.
-/// At 65,000 records about half the memory of one allocation per field (benchmarks.md).
-#[derive(Debug, Clone)]
-struct Stored {
-    /// Pool, namespace, interface, node, network ([`Names`] numbers).
-    names: [u32; 5],
-    /// Pod name, pod UID and container id, concatenated.
-    own: Box<str>,
-    /// Byte lengths of the pod name and the pod UID in `own`.
-    lens: [u32; 2],
-    created: u64,
-    revision: u64,
-    clean_gateway: bool,
-}
-
-const POOL: usize = 0;
-const NAMESPACE: usize = 1;
-const IFNAME: usize = 2;
-const NODE: usize = 3;
-const NETWORK: usize = 4;
-
-impl Stored {
-    fn new(l: Lease, names: &mut Names) -> Stored {
-        let o = &l.owner;
-        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
-        Stored {
-            names: [
-                names.intern(&l.pool),
-                names.intern(&o.pod_namespace),
-                names.intern(&o.ifname),
-                names.intern(&o.node),
-                names.intern(&o.network),
-            ],
-            own: [o.pod_name.as_str(), &o.pod_uid, &o.container_id]
-                .concat()
-                .into_boxed_str(),
-            lens: [len(&o.pod_name), len(&o.pod_uid)],
-            created: o.created,
-            revision: l.revision,
-            clean_gateway: l.clean_gateway,
-        }
-    }
-
-    /// Pod name, pod UID, container id.
-    fn own(&self) -> (&str, &str, &str) {
-        let (a, b) = (self.lens[0] as usize, self.lens[1] as usize);
-        let (name, rest) = self.own.split_at(a);
-        let (uid, container) = rest.split_at(b);
-        (name, uid, container)
-    }
-
-    fn container_id(&self) -> &str {
-        self.own().2
-    }
-
-    fn name<'a>(&self, names: &'a Names, which: usize) -> &'a std::sync::Arc<str> {
-        names.get(self.names[which])
-    }
-
-    fn lease(&self, ip: IpAddr, names: &Names) -> Lease {
-        let (pod_name, pod_uid, container_id) = self.own();
-        let name = |which| self.name(names, which).to_string();
-        Lease {
-            ip,
-            pool: name(POOL),
-            owner: Owner {
-                pod_namespace: name(NAMESPACE),
-                pod_name: pod_name.to_string(),
-                pod_uid: pod_uid.to_string(),
-                container_id: container_id.to_string(),
-                ifname: name(IFNAME),
-                node: name(NODE),
-                network: name(NETWORK),
-                created: self.created,
-            },
-            clean_gateway: self.clean_gateway,
-            revision: self.revision,
-        }
-    }
 }
 
 /// Records that `pool` changed at `rev`, allocating its name only the first time.
@@ -263,7 +156,7 @@ impl LeaseTable {
     /// Removes and unindexes the record at `ip`; returns its pool.
     fn remove(&mut self, ip: &IpAddr) -> Option<std::sync::Arc<str>> {
         let old = self.by_ip.remove(ip)?;
-        let key = container_key(old.container_id());
+        let key = container_key(&old.container_id());
         if self
             .by_container
             .get_mut(&key)
@@ -271,7 +164,7 @@ impl LeaseTable {
         {
             self.by_container.remove(&key);
         }
-        let pod = pod_key(old.name(&self.names, NAMESPACE), old.own().0);
+        let pod = pod_key(old.name(&self.names, NAMESPACE), old.pod_name());
         if self.by_pod.get_mut(&pod).is_some_and(|ips| ips.take(ip)) {
             self.by_pod.remove(&pod);
         }
@@ -307,7 +200,7 @@ impl LeaseTable {
                     .map(Ips::as_slice)
                     .unwrap_or_default()
                     .iter()
-                    .filter(|ip| self.by_ip.get(*ip).is_some_and(|s| s.container_id() == c))
+                    .filter(|ip| self.by_ip.get(*ip).is_some_and(|s| s.container_is(c)))
                     .collect();
                 ips.sort_unstable();
                 ips.into_iter().filter_map(get).collect()
@@ -321,7 +214,7 @@ impl LeaseTable {
                     .iter()
                     .filter(|ip| {
                         self.by_ip.get(*ip).is_some_and(|s| {
-                            &**s.name(&self.names, NAMESPACE) == ns && s.own().0 == name
+                            &**s.name(&self.names, NAMESPACE) == ns && s.pod_name() == name
                         })
                     })
                     .collect();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kube::api::{Patch, PatchParams};
 use kube::ResourceExt;
 use serde::Serialize;
-use spiderpool_core::store::{Filter, Lease};
+use spiderpool_core::store::Filter;
 use spiderpool_core::types::IpPoolStatus;
 
 use super::{api_code, within, Inner, ALLOCATED_IPS_LIMIT};
@@ -102,14 +102,21 @@ impl Inner {
         else {
             return Ok(true);
         };
-        let (revision, leases) = {
+        // The records themselves only when `allocatedIPs` is written (a count otherwise: a
+        // 65,000-record pool is not copied out of the mirror once per projection).
+        let (revision, count, leases) = {
             let m = self.lock();
-            let l = m.table.list(Filter::Pool(pool));
-            (m.table.pool_revision(pool), l.leases)
+            let count = m.table.pool_addresses(pool).ips.len();
+            let leases = if count <= ALLOCATED_IPS_LIMIT {
+                m.table.list(Filter::Pool(pool)).leases
+            } else {
+                Vec::new()
+            };
+            (m.table.pool_revision(pool), count, leases)
         };
         let deleting = obj.metadata.deletion_timestamp.is_some();
         let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
-        if deleting && has_finalizer && leases.is_empty() {
+        if deleting && has_finalizer && count == 0 {
             self.drop_finalizer(&obj).await;
             return Ok(true);
         }
@@ -135,8 +142,9 @@ impl Inner {
         }
         let total = obj.spec.0.addresses().map(|a| a.count_i64());
         let status = IpPoolStatus {
-            allocated_ips: allocated_ips(&leases),
-            allocated_ip_count: Some(leases.len() as i64),
+            allocated_ips: (count <= ALLOCATED_IPS_LIMIT)
+                .then(|| spiderpool_core::migrate::format_allocated_ips(&leases)),
+            allocated_ip_count: Some(count as i64),
             total_ip_count: total.or(current.total_ip_count),
             allocated_revision: Some(rev),
             // The controller's; a merge patch leaves them as they are.
@@ -241,11 +249,6 @@ impl Inner {
 
 /// Spiderpool's `allocatedIPs` (v1.x: address -> `{interface, pod, podUid}`), while the pool
 /// holds at most [`ALLOCATED_IPS_LIMIT`] records.
-fn allocated_ips(leases: &[Lease]) -> Option<String> {
-    (leases.len() <= ALLOCATED_IPS_LIMIT)
-        .then(|| spiderpool_core::migrate::format_allocated_ips(leases))
-}
-
 #[derive(Debug, Serialize)]
 struct MarkPatch {
     metadata: FinalizersMeta,
