@@ -9,7 +9,9 @@
 //! processes as this process's waited-for children).
 //!
 //! Run: `cargo bench -p spiderpool-agent --bench blocks [-- AGENTS ...]` (default 1 10 50;
-//! `BENCH_POOLS=1000` to skip the 65,000-address pool; needs the envtest kube-apiserver).
+//! `BENCH_POOLS=1000` to skip the 65,000-address pool; `BENCH_MEMORY_ONLY=1` for the memory and
+//! restart part alone; `BENCH_BASELINE_AGENT=PATH` measures that agent binary too, on the same
+//! records; needs the envtest kube-apiserver).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
