@@ -30,6 +30,11 @@ pub fn testdata(name: &str) -> PathBuf {
         .collect()
 }
 
+/// This workspace's agent binary.
+fn this_agent() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent"))
+}
+
 /// A running agent process; killed (SIGKILL) on drop unless stopped.
 pub struct Agent {
     pub child: Option<Child>,
@@ -46,20 +51,26 @@ impl Agent {
     /// Starts `spiderpool-agent` with `args` (plus `--socket`, `--node-name` given by the caller
     /// in `args`), logging to `log`, and waits until it answers `/healthz`.
     pub fn start(socket: &Path, log: &Path, args: &[String]) -> Agent {
-        let mut a = Agent {
-            child: None,
-            socket: socket.to_path_buf(),
-            log: log.to_path_buf(),
-            args: args.to_vec(),
-            env: Vec::new(),
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent")),
-        };
-        a.spawn();
-        a
+        Self::start_bin_with_env(&this_agent(), socket, log, args, &[])
     }
 
     /// Like [`Agent::start`], with extra environment variables for the process.
     pub fn start_with_env(
+        socket: &Path,
+        log: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        Self::start_bin_with_env(&this_agent(), socket, log, args, env)
+    }
+
+    /// Like [`Agent::start`], running the agent binary at `bin` (a benchmark's baseline build).
+    pub fn start_bin(bin: &Path, socket: &Path, log: &Path, args: &[String]) -> Agent {
+        Self::start_bin_with_env(bin, socket, log, args, &[])
+    }
+
+    fn start_bin_with_env(
+        bin: &Path,
         socket: &Path,
         log: &Path,
         args: &[String],
@@ -74,20 +85,6 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_spiderpool-agent")),
-        };
-        a.spawn();
-        a
-    }
-
-    /// Like [`Agent::start`], running the agent binary at `bin` (a benchmark's baseline build).
-    pub fn start_bin(bin: &Path, socket: &Path, log: &Path, args: &[String]) -> Agent {
-        let mut a = Agent {
-            child: None,
-            socket: socket.to_path_buf(),
-            log: log.to_path_buf(),
-            args: args.to_vec(),
-            env: Vec::new(),
             bin: bin.to_path_buf(),
         };
         a.spawn();

@@ -85,6 +85,11 @@ impl LeaseTable {
             .collect()
     }
 
+    /// How many records `pool` holds (no copy of them).
+    pub fn pool_len(&self, pool: &str) -> usize {
+        self.by_pool.get(pool).map_or(0, |ips| ips.len())
+    }
+
     /// The addresses of `pool` (see [`LeaseStore::pool_addresses`]).
     pub fn pool_addresses(&self, pool: &str) -> PoolAddresses {
         let ips: Vec<IpAddr> = self
@@ -156,7 +161,7 @@ impl LeaseTable {
     /// Removes and unindexes the record at `ip`; returns its pool.
     fn remove(&mut self, ip: &IpAddr) -> Option<std::sync::Arc<str>> {
         let old = self.by_ip.remove(ip)?;
-        let key = container_key(&old.container_id());
+        let key = old.container_key();
         if self
             .by_container
             .get_mut(&key)

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::index::AddrHasher;
+use super::index::{container_key, AddrHasher};
 use crate::store::{Lease, Owner};
 
 /// Interned names: one allocation per distinct pool, node, network, namespace or interface name,
@@ -81,14 +81,16 @@ fn pack_hex(id: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn unpack_hex(bytes: &[u8]) -> String {
+/// The lowercase hex digits of `bytes`.
+fn hex_digits(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]])
+}
+
+fn unpack_hex(bytes: &[u8]) -> String {
+    hex_digits(bytes).map(char::from).collect()
 }
 
 impl Stored {
@@ -141,13 +143,27 @@ impl Stored {
         self.parts().0
     }
 
-    pub(super) fn container_id(&self) -> Cow<'_, str> {
+    fn container_id(&self) -> Cow<'_, str> {
         let c = self.parts().2;
         if self.hex {
             Cow::Owned(unpack_hex(c))
         } else {
             Cow::Borrowed(std::str::from_utf8(c).unwrap_or_default())
         }
+    }
+
+    /// The container-index key of the record's container id: a packed id of up to 64 bytes is
+    /// spelled out on the stack (a release costs no allocation for it).
+    pub(super) fn container_key(&self) -> u64 {
+        let c = self.parts().2;
+        let mut buf = [0u8; 128];
+        if !self.hex || c.len() * 2 > buf.len() {
+            return container_key(&self.container_id());
+        }
+        for (slot, d) in buf.iter_mut().zip(hex_digits(c)) {
+            *slot = d;
+        }
+        container_key(std::str::from_utf8(&buf[..c.len() * 2]).unwrap_or_default())
     }
 
     /// Whether the record's container id is `id` (without unpacking it).
@@ -226,6 +242,7 @@ mod tests {
             let s = Stored::new(l.clone(), &mut names);
             assert_eq!(s.lease(l.ip, &names), l, "{container:?}");
             assert!(s.container_is(container));
+            assert_eq!(s.container_key(), container_key(container));
             assert!(!s.container_is(&format!("{container}0")));
             assert_eq!(s.pod_name(), name);
         }

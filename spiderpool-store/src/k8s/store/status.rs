@@ -102,17 +102,14 @@ impl Inner {
         else {
             return Ok(true);
         };
-        // The records themselves only when `allocatedIPs` is written (a count otherwise: a
-        // 65,000-record pool is not copied out of the mirror once per projection).
-        let (revision, count, leases) = {
+        // Spiderpool's `allocatedIPs` only up to ALLOCATED_IPS_LIMIT records; a count otherwise
+        // (a 65,000-record pool is not copied out of the mirror once per projection).
+        let (revision, count, listed) = {
             let m = self.lock();
-            let count = m.table.pool_addresses(pool).ips.len();
-            let leases = if count <= ALLOCATED_IPS_LIMIT {
-                m.table.list(Filter::Pool(pool)).leases
-            } else {
-                Vec::new()
-            };
-            (m.table.pool_revision(pool), count, leases)
+            let count = m.table.pool_len(pool);
+            let listed =
+                (count <= ALLOCATED_IPS_LIMIT).then(|| m.table.list(Filter::Pool(pool)).leases);
+            (m.table.pool_revision(pool), count, listed)
         };
         let deleting = obj.metadata.deletion_timestamp.is_some();
         let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
@@ -142,8 +139,9 @@ impl Inner {
         }
         let total = obj.spec.0.addresses().map(|a| a.count_i64());
         let status = IpPoolStatus {
-            allocated_ips: (count <= ALLOCATED_IPS_LIMIT)
-                .then(|| spiderpool_core::migrate::format_allocated_ips(&leases)),
+            allocated_ips: listed
+                .as_deref()
+                .map(spiderpool_core::migrate::format_allocated_ips),
             allocated_ip_count: Some(count as i64),
             total_ip_count: total.or(current.total_ip_count),
             allocated_revision: Some(rev),
@@ -247,8 +245,6 @@ impl Inner {
     }
 }
 
-/// Spiderpool's `allocatedIPs` (v1.x: address -> `{interface, pod, podUid}`), while the pool
-/// holds at most [`ALLOCATED_IPS_LIMIT`] records.
 #[derive(Debug, Serialize)]
 struct MarkPatch {
     metadata: FinalizersMeta,
